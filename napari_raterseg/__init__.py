@@ -1,0 +1,1 @@
+"""napari-raterseg: napari plugin over the raterseg core."""

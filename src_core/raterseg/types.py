@@ -1,0 +1,241 @@
+"""Core data types: the validated rater stack, results, progress events and errors.
+
+Everything here is numpy-only so that readers, sample data and the CLI's
+argument parsing never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RaterSegError",
+    "TrainingEvent",
+    "FusionResult",
+    "RaterStack",
+    "as_rater_stack",
+    "check_image",
+    "MISSING",
+]
+
+#: Label value meaning "this rater did not annotate here".
+MISSING = -1
+
+
+class RaterSegError(ValueError):
+    """A user mistake: the message names the argument, what was expected and what came."""
+
+
+@dataclass
+class TrainingEvent:
+    """Progress of long work (EM iterations, training epochs).
+
+    ``step`` counts from 1 to ``total``; ``metrics`` holds numbers such as the
+    epoch's loss or the EM update size.
+    """
+
+    step: int
+    total: int
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FusionResult:
+    """What every method returns (numpy arrays on the CPU).
+
+    Shapes for one case with ``L`` classes, ``R`` raters and spatial shape ``S``;
+    ``predict`` on a batch adds a leading ``N`` to every array field except
+    ``rater_confusion``.
+
+    Attributes:
+        truth: int ``(*S)`` estimated true labels.
+        probabilities: float32 ``(L, *S)`` p(true class).
+        uncertainty: float32 ``(*S)`` entropy of ``probabilities`` divided by log(L), in [0, 1].
+        disagreement: float32 ``(*S)`` observed disagreement among the raters who
+            annotated the voxel: 1 - (share of the most common label); 0 where
+            fewer than two raters annotated or raters were not given.
+        rater_confusion: float32 ``(R, L, L)``, ``[r, i, j] = p(rater r says i | truth j)``
+            (columns sum to 1), or None where a method does not model raters.
+        rater_maps: float32 ``(R, *S)`` per-rater reliability in [0, 1], or None.
+        rater_estimates: float32 ``(R, L, *S)`` each rater's modelled segmentation, or None.
+        method: the method's registered name.
+        params: the method's full configuration.
+        history: one dict per EM iteration or epoch.
+    """
+
+    truth: np.ndarray
+    probabilities: np.ndarray
+    uncertainty: np.ndarray
+    disagreement: np.ndarray
+    rater_confusion: np.ndarray | None = None
+    rater_maps: np.ndarray | None = None
+    rater_estimates: np.ndarray | None = None
+    method: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probabilities.shape[-1 - self.truth.ndim])
+
+    def replace(self, **changes: Any) -> "FusionResult":
+        return dataclasses.replace(self, **changes)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return f"an array of shape {x.shape} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+@dataclass(frozen=True)
+class RaterStack:
+    """Validated rater labels.
+
+    Attributes:
+        labels: int16/int32 array ``(R, *S)`` (one case) or ``(N, R, *S)`` (a dataset);
+            ``-1`` marks voxels a rater did not annotate. Never aliases the caller's array.
+        num_classes: number of classes L (labels are ``0..L-1``).
+        batched: whether there is a leading case axis N.
+    """
+
+    labels: np.ndarray
+    num_classes: int
+    batched: bool = False
+
+    @property
+    def num_raters(self) -> int:
+        return int(self.labels.shape[1 if self.batched else 0])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape[2 if self.batched else 1 :])
+
+    @property
+    def annotated(self) -> np.ndarray:
+        """bool, same shape as ``labels``: where a rater gave a label."""
+        return self.labels >= 0
+
+    @property
+    def has_missing(self) -> bool:
+        return bool((self.labels < 0).any())
+
+
+def as_rater_stack(
+    raters: Any,
+    num_classes: int | None = None,
+    *,
+    batched: bool = False,
+    argname: str = "raters",
+) -> RaterStack:
+    """Check rater labels and return a :class:`RaterStack` (a copy; the input is untouched).
+
+    Args:
+        raters: int array-like ``(R, *S)`` (or ``(N, R, *S)`` with ``batched``), or a
+            sequence of R arrays of the same shape. Bool arrays count as labels 0/1.
+        num_classes: L; inferred as max label + 1 (at least 2) when None.
+
+    Raises:
+        RaterSegError: no raters, float labels, labels < -1 or >= ``num_classes``,
+            wrong number of dimensions, or a case where no rater annotated anything.
+    """
+    if raters is None:
+        raise RaterSegError(f"{argname}: expected one label map per rater, got None")
+    if isinstance(raters, (list, tuple)):
+        if len(raters) == 0:
+            raise RaterSegError(f"{argname}: expected at least one rater, got an empty list")
+        arrays = [np.asarray(a) for a in raters]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise RaterSegError(
+                f"{argname}: expected every rater's label map to have the same shape, "
+                f"got shapes {[a.shape for a in arrays]}"
+            )
+        arr = np.stack(arrays, axis=1 if batched else 0)
+    else:
+        arr = np.asarray(raters)
+    lead = 2 if batched else 1
+    layout = "(N, R, *S)" if batched else "(R, *S)"
+    if arr.ndim not in (lead + 2, lead + 3):
+        raise RaterSegError(
+            f"{argname}: expected an array {layout} with S 2D or 3D, got {_describe(arr)}"
+        )
+    if arr.shape[lead - 1] == 0:
+        raise RaterSegError(f"{argname}: expected at least one rater, got {_describe(arr)}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.int16)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise RaterSegError(
+            f"{argname}: expected integer class labels (0..L-1, -1 for missing), "
+            f"got {_describe(arr)}"
+        )
+    lo = int(arr.min()) if arr.size else 0
+    hi = int(arr.max()) if arr.size else 0
+    if lo < MISSING:
+        raise RaterSegError(
+            f"{argname}: expected labels >= -1 (-1 = rater did not annotate), got minimum {lo}"
+        )
+    if num_classes is None:
+        num_classes = max(hi + 1, 2)
+    else:
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+        num_classes = int(num_classes)
+        if hi >= num_classes:
+            raise RaterSegError(
+                f"{argname}: expected labels in 0..{num_classes - 1} (num_classes={num_classes}), "
+                f"got a label {hi}"
+            )
+    dtype = np.int16 if num_classes < 32000 else np.int32
+    labels = arr.astype(dtype, copy=True)
+    # A case needs at least one rater who annotated something.
+    case_axes = tuple(range(1, labels.ndim)) if batched else None
+    any_ann = (labels >= 0).any(axis=case_axes)
+    if not np.all(any_ann):
+        bad = np.flatnonzero(~np.atleast_1d(any_ann))
+        where = f"case(s) {bad.tolist()[:10]}" if batched else "this case"
+        raise RaterSegError(
+            f"{argname}: expected at least one rater to annotate each case, but every rater "
+            f"is -1 (missing) in {where}"
+        )
+    return RaterStack(labels=labels, num_classes=num_classes, batched=batched)
+
+
+def check_image(
+    image: Any,
+    spatial_shape: tuple[int, ...],
+    *,
+    batched: bool = False,
+    argname: str = "image",
+) -> np.ndarray:
+    """Return ``image`` as float32 ``(C, *S)`` (or ``(N, C, *S)``), a copy.
+
+    Accepts ``(*S)`` / ``(C, *S)`` (or ``(N, *S)`` / ``(N, C, *S)`` with ``batched``).
+
+    Raises:
+        RaterSegError: spatial shape differs from the raters', non-numeric data, NaN or inf.
+    """
+    if image is None:
+        raise RaterSegError(f"{argname}: expected an image array, got None")
+    arr = np.asarray(image)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise RaterSegError(f"{argname}: expected a numeric array, got {_describe(arr)}")
+    nsp = len(spatial_shape)
+    lead = 1 if batched else 0
+    if arr.shape[lead:] == tuple(spatial_shape):
+        arr = np.expand_dims(arr, lead)
+    if arr.ndim != lead + 1 + nsp or arr.shape[lead + 1 :] != tuple(spatial_shape):
+        want = ("(N, C, " if batched else "(C, ") + ", ".join(map(str, spatial_shape)) + ")"
+        raise RaterSegError(
+            f"{argname}: expected shape {want} or without the channel axis, matching the "
+            f"raters' spatial shape {tuple(spatial_shape)}, got {_describe(arr)}"
+        )
+    out = arr.astype(np.float32, copy=True)
+    if not np.isfinite(out).all():
+        raise RaterSegError(f"{argname}: contains NaN or infinite values")
+    return out

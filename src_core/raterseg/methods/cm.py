@@ -1,0 +1,155 @@
+"""``cm``: learned spatial confusion matrices (Zhang, Tanno et al., NeurIPS 2020).
+
+A segmentation network gives ``p(x)`` ``(L, *S)``; an annotator network gives each
+rater's confusion matrices ``A_r(x)`` with ``A_r[i, j] = p(rater r says i | true j)``
+(columns sum to 1). Rater r's labels are modelled as ``A_r · p`` (eq. 2) and both
+networks are trained with eq. (4): the negative log-likelihood of the labels of the
+raters who annotated plus λ times the trace of their CMs, which pushes the CMs to
+be as unreliable as the labels allow and so separates the raters' errors from the
+truth (section 3.4). Both networks share one U-Net with separate output heads
+(appendix B).
+
+Differences from the authors' code, on purpose: the NLL is taken on
+``log(A·p)`` (computed as a log-sum-exp), not by feeding probabilities to
+``CrossEntropyLoss`` (a second softmax); the trace term covers every rater, not only
+the last one in the loop; and the warm-up the paper describes (CMs driven towards
+identity first) is done: for ``warmup_epochs`` epochs the trace is maximised
+(the term's sign flipped) instead of minimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.backbones import MultiHeadUNet
+from ..nn.losses import cm_log_annotator_probs, cm_loss, low_rank_annotator_probs, low_rank_cm
+from ..types import RaterSegError
+from ._base import param
+from ._learned import LearnedMethod
+from ._registry import register_method
+
+
+class CMNetwork(nn.Module):
+    """Shared U-Net with a segmentation head ``seg`` ``(B, L, *s)`` and a CM head ``cm``
+    ``(B, R·K, *s)`` (K = L·L, or 2·L·rank for the low-rank form), pixel-wise, pooled
+    per image, or one learned matrix per rater broadcast everywhere (``global``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, features, num_classes: int,
+                 num_raters: int, level: str, rank: int) -> None:
+        super().__init__()
+        k = num_raters * (num_classes * num_classes if rank == 0 else 2 * num_classes * rank)
+        heads = {"seg": num_classes}
+        pooled = {}
+        if level == "pixel":
+            heads["cm"] = k
+        elif level == "image":
+            pooled["cm"] = k
+        self.unet = MultiHeadUNet(spatial_dims, in_channels, features, heads, pooled)
+        self.global_cm = nn.Parameter(torch.zeros(k)) if level == "global" else None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.unet(x)
+        if self.global_cm is not None:
+            g = self.global_cm.reshape(1, -1, *([1] * (x.ndim - 2)))
+            out["cm"] = g.expand(x.shape[0], -1, *x.shape[2:])
+        return out
+
+
+@register_method("cm", learned=True)
+class ConfusionMatrices(LearnedMethod):
+    """Segmentation network + annotator network of spatial confusion matrices.
+
+    ``probabilities`` = the segmentation network's p; ``rater_estimates`` = ``A_r·p``;
+    ``rater_maps`` = the probability that rater r gives the true label,
+    ``Σ_j p_j A_r[j, j]``; ``rater_confusion`` = the CMs averaged over the pixels,
+    column j weighted by ``p(true = j)`` there (so it is ``p(says i | true j)`` over the
+    image; a plain average would mix in the CM columns of classes absent at a pixel,
+    which the loss cannot identify).
+
+    Reference: L. Zhang, R. Tanno et al., "Disentangling Human Error from the Ground
+    Truth in Segmentation of Medical Images", NeurIPS 2020 (eqs. 2 and 4, appendix A.4
+    for ``rank``, appendix B for the network).
+
+    Examples:
+        >>> res = rs.fuse(raters, image=image, method="cm", epochs=30)
+        >>> res.rater_confusion[0]          # rater 0: p(says i | true j)
+    """
+
+    @dataclass(frozen=True)
+    class Config(LearnedMethod.Config):
+        trace_weight: float = param(0.7, "λ: weight of the CMs' trace in the loss (eq. 4)",
+                                    low=0.0)
+        cm_level: str = param("pixel", "confusion matrices per pixel, per image or one per rater",
+                              choices=("pixel", "image", "global"))
+        rank: int = param(0, "0: full CMs; l >= 2: low-rank CMs B1·B2ᵀ of rank l (appendix A.4)",
+                          low=0)
+        warmup_epochs: int = param(2, "first epochs that maximise the trace (CMs towards identity)",
+                                   low=0)
+
+    def check_config(self) -> None:
+        if self.config.rank == 1:
+            raise RaterSegError(
+                "rank: expected 0 (full) or at least 2, got 1 — a rank-1 CM with normalised "
+                "columns has identical columns, i.e. a rater whose labels ignore the truth"
+            )
+        if self.num_classes is not None and self.config.rank >= self.num_classes:
+            raise RaterSegError(
+                f"rank: expected 0 (full) or 2..{self.num_classes - 1} for {self.num_classes} "
+                f"classes, got {self.config.rank}"
+            )
+
+    def build_network(self, in_channels, num_classes, num_raters, spatial_dims):
+        rank = self.config.rank
+        if rank >= num_classes:
+            raise RaterSegError(
+                f"rank: expected 0 (full) or 2..{num_classes - 1} for {num_classes} classes, "
+                f"got {rank}"
+            )
+        return CMNetwork(spatial_dims, in_channels, self.config.features, num_classes,
+                         num_raters, self.config.cm_level, rank)
+
+    # -- the CMs from the network outputs ----------------------------------------------
+    def _split(self, outputs):
+        seg = outputs["seg"]
+        b, L = seg.shape[:2]
+        spatial = seg.shape[2:]
+        cm = outputs["cm"]
+        rank = self.config.rank
+        if rank == 0:
+            return seg, cm.reshape(b, -1, L, L, *spatial), None
+        f = cm.reshape(b, -1, 2, L, rank, *spatial)
+        return seg, f[:, :, 0], f[:, :, 1]
+
+    def matrices(self, outputs) -> torch.Tensor:
+        """Column-normalised CMs ``(B, R, L, L, *s)`` from network outputs."""
+        seg, a, b2 = self._split(outputs)
+        return torch.softmax(a, dim=2) if b2 is None else low_rank_cm(a, b2)
+
+    def loss(self, outputs, raters, annotated, state):
+        seg, a, b2 = self._split(outputs)
+        if b2 is None:
+            log_q, trace = cm_log_annotator_probs(seg, a)
+        else:
+            log_q, trace = low_rank_annotator_probs(seg, a, b2)
+        lam = self.config.trace_weight
+        if state.training and state.epoch < self.config.warmup_epochs:
+            lam = -lam
+        loss, nll, tr = cm_loss(log_q, trace, raters, annotated, lam)
+        return loss, {"nll": float(nll.detach()), "trace": float(tr.detach())}
+
+    def interpret(self, outputs):
+        p = torch.softmax(outputs["seg"], dim=1)  # (B, L, *s)
+        cm = self.matrices(outputs)  # (B, R, L, L, *s)
+        estimates = torch.einsum("brij...,bj...->bri...", cm, p)
+        maps = torch.einsum("brjj...,bj...->br...", cm, p)
+        # p(says i | true j) over the image: column j averaged with weights p_j.
+        b, r, L = cm.shape[:3]
+        flat_cm = cm.reshape(b, r, L, L, -1)
+        flat_p = p.reshape(b, 1, 1, L, -1)
+        weight = flat_p.sum(-1)  # (B, 1, 1, L)
+        confusion = (flat_cm * flat_p).sum(-1) / weight.clamp_min(1e-12)
+        return {"probabilities": p, "rater_estimates": estimates, "rater_maps": maps,
+                "rater_confusion": confusion, "confusion_weight": weight}

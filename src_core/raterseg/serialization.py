@@ -1,0 +1,139 @@
+"""Saving and loading trained models safely: one safetensors file, config as JSON metadata.
+
+A model file is a standard safetensors file (8-byte little-endian header length,
+a JSON header, raw tensor bytes). The header's ``__metadata__`` holds one entry,
+``"raterseg"``: a JSON object with the format name and version, the raterseg
+version, the method's registered name, its configuration, ``seed``, and the fitted
+facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``history``).
+Any safetensors reader can open it; ``python -m json.tool`` can show the config.
+
+Loading reads the header as JSON, checks it, and reads the tensors with
+``safetensors`` — nothing is unpickled and nothing in the file is executed, so a
+pickle (or anything else) named ``model.safetensors`` is refused with
+:class:`RaterSegError`. Writing goes to a temporary file next to the target, renamed
+into place once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .types import RaterSegError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_method", "load_method", "read_header"]
+
+FORMAT = "raterseg-model"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 2**20
+
+
+def save_method(method: Any, path: str | os.PathLike) -> Path:
+    """Write a trained learned method to ``path`` (any name; ``.safetensors`` is customary).
+
+    Raises:
+        RaterSegError: the method is not trained, or the folder does not exist.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    method._check_fitted("save")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RaterSegError(f"path: expected a file in an existing folder, got {str(path)!r}")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "raterseg_version": __version__,
+        "method": method.name,
+        "config": method.params_dict,
+        "seed": method.seed,
+        **method._fitted_meta(),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.network_.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"raterseg": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The raterseg metadata of a model file, read as JSON only.
+
+    Raises:
+        RaterSegError: missing file, or not a raterseg safetensors model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RaterSegError(f"path: expected a saved raterseg model file, got {str(path)!r} "
+                            "(no such file)")
+    not_model = (f"path: expected a raterseg model (a safetensors file written by "
+                 f"method.save), but {str(path)!r} is not one")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise RaterSegError(not_model + " (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or n > path.stat().st_size - 8:
+            raise RaterSegError(not_model + " (no safetensors header)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        meta = json.loads(header["__metadata__"]["raterseg"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise RaterSegError(not_model + " (no raterseg metadata)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RaterSegError(not_model + " (unknown format)")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise RaterSegError(
+            f"path: {str(path)!r} was written in model format {meta.get('format_version')} by "
+            f"raterseg {meta.get('raterseg_version')}; this raterseg reads format "
+            f"{FORMAT_VERSION} — update raterseg"
+        )
+    return meta
+
+
+def load_method(path: str | os.PathLike, method: str | None = None, device: Any = None):
+    """Load a model written by :func:`save_method`.
+
+    Args:
+        path: the model file.
+        method: when given, the method the file must hold (a checkpoint of another
+            method is refused).
+        device: where to predict; None: CUDA when available.
+
+    Raises:
+        RaterSegError: not a raterseg model, another method than ``method``, unknown
+            method or parameters, or weights that do not fit the configuration.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .methods._registry import get_method
+
+    meta = read_header(path)
+    name = meta.get("method")
+    if method is not None and name != method:
+        raise RaterSegError(f"path: expected a {method!r} model, but {str(path)!r} holds a "
+                            f"{name!r} model")
+    cls = get_method(name)
+    if not getattr(cls, "learned", False):
+        raise RaterSegError(f"path: method {name!r} in {str(path)!r} has no trained model")
+    config = dict(meta.get("config", {}))
+    obj = cls(device=device, seed=int(meta.get("seed", 0)), **config)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RaterSegError(f"path: {str(path)!r} holds damaged weights ({err})") from None
+    obj._restore(meta, tensors)
+    return obj

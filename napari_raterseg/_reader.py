@@ -1,0 +1,241 @@
+"""Readers: NIfTI, TIFF, NPY/NPZ, case folders and the LIDC-IDRI-slices layout.
+
+Thin wrappers over :mod:`raterseg.io` / :mod:`raterseg.datasets`: they turn the
+arrays into napari layer-data tuples, the file's voxel spacing into the layers'
+``scale``, and keep the file's geometry (NIfTI affine and header) in
+``metadata["raterseg_io"]`` so the writer can save results back in the same space.
+
+Each ``get_*_reader(path)`` returns a reader function for paths it handles and
+None otherwise, as npe2 expects. Reading never executes anything in a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+#: Where readers keep the file's meta (affine, header, spacing) in layer metadata.
+IO_META_KEY = "raterseg_io"
+
+#: File-name fragments that mark an integer file as a label map.
+_LABEL_HINTS = ("mask", "label", "seg", "rater", "truth", "annot", "manual")
+_MAX_LABELS = 32
+
+LayerData = tuple[Any, dict, str]
+ReaderFunction = Callable[[Any], list[LayerData]]
+
+_NIFTI = (".nii", ".nii.gz")
+_TIFF = (".tif", ".tiff")
+_NUMPY = (".npy", ".npz")
+
+
+def _single_path(path: Any) -> str | None:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def _paths(path: Any) -> list[str]:
+    return [os.fspath(p) for p in path] if isinstance(path, (list, tuple)) else [os.fspath(path)]
+
+
+def _all_end_with(path: Any, suffixes: Sequence[str]) -> bool:
+    if isinstance(path, (list, tuple)) and not path:
+        return False
+    try:
+        paths = _paths(path)
+    except TypeError:
+        return False
+    return all(p.lower().endswith(tuple(suffixes)) and not os.path.isdir(p) for p in paths)
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii", ".tiff", ".tif", ".npz", ".npy"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(path).stem
+
+
+def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
+    """Whether an array read from a file is a label map rather than an image.
+
+    Bool arrays are labels. Integer arrays with values in ``-1..255`` are labels when
+    the file name says so (``mask``, ``label``, ``seg``, ``rater``, …) or when they hold
+    at most 32 distinct values (a CT or an 8-bit photo holds many more).
+    """
+    if arr.dtype == bool:
+        return True
+    if not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
+        return False
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < -1 or hi > 255:
+        return False
+    if any(h in name.lower() for h in _LABEL_HINTS):
+        return True
+    step = max(1, arr.size // 1_000_000)  # a sample is enough to see many values
+    return np.unique(arr.reshape(-1)[::step]).size <= _MAX_LABELS
+
+
+def _scale(meta: dict, ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in (meta.get("spacing") or ()))
+    spacing = (1.0,) * max(0, ndim - len(spacing)) + spacing
+    return spacing[-ndim:] if ndim else ()
+
+
+def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
+    """One image or labels layer for an array read from a file."""
+    kwargs = {"name": name, "scale": _scale(meta, arr.ndim), "metadata": {IO_META_KEY: meta}}
+    if looks_like_labels(arr, name):
+        return (arr.astype(np.uint8) if arr.dtype == bool else arr), kwargs, "labels"
+    return arr, kwargs, "image"
+
+
+def read_files(path: Any) -> list[LayerData]:
+    """Read NIfTI / TIFF / NPY files (one layer each) and NPZ archives (see :func:`read_npz`).
+
+    Raises:
+        RaterSegError: a file that is not what its name says.
+    """
+    from raterseg.io import read_array
+
+    layers: list[LayerData] = []
+    for p in _paths(path):
+        if p.lower().endswith(".npz"):
+            layers.extend(read_npz(p))
+            continue
+        arr, meta = read_array(p)
+        layers.append(_array_layer(arr, meta, _stem(p)))
+    return layers
+
+
+def _rater_layers(raters: np.ndarray, names: Sequence[str], scale: tuple[float, ...],
+                  meta: dict) -> list[LayerData]:
+    """One Labels layer per rater, named after the rater; ``raters`` is ``(R, *S)``."""
+    return [(raters[r], {"name": str(names[r]), "scale": scale,
+                         "metadata": {IO_META_KEY: meta, "rater": str(names[r])}}, "labels")
+            for r in range(raters.shape[0])]
+
+
+def read_npz(path: str) -> list[LayerData]:
+    """An ``.npz``: a multi-rater archive becomes one image and one Labels layer per rater.
+
+    Rater arrays are ``raters`` or ``masks``: ``(R, *S)`` beside an ``image(s)`` of shape
+    ``S``, or ``(N, R, *S)`` beside ``images`` ``(N, *S)`` (a dataset such as LIDC's
+    ``lidc_dev.npz``; each rater layer is then ``(N, *S)``, cases stacked like slices).
+    Any other array becomes its own image or labels layer.
+    """
+    from raterseg.io import read_array
+
+    _, first = read_array(path)
+    keys = list(first.get("keys", []))
+    arrays = {k: read_array(path, key=k) for k in keys}
+    stem = _stem(path)
+    image_key = next((k for k in ("images", "image") if k in arrays), None)
+    rater_key = next((k for k in ("raters", "masks") if k in arrays), None)
+    layers: list[LayerData] = []
+    used: set[str] = set()
+    if rater_key is not None:
+        raters, meta = arrays[rater_key]
+        raters = raters.view(np.uint8) if raters.dtype == bool else raters
+        img = arrays[image_key][0] if image_key else None
+        if img is not None and raters.ndim == img.ndim + 1 and raters.shape[2:] == img.shape[1:] \
+                and raters.shape[0] == img.shape[0] and raters.shape[1:] != img.shape:
+            raters = np.moveaxis(raters, 1, 0)  # (N, R, *S) -> (R, N, *S)
+        if img is None or raters.shape[1:] == img.shape:
+            names = [f"{stem} rater {r}" for r in range(raters.shape[0])]
+            if "rater_names" in arrays and len(arrays["rater_names"][0]) == raters.shape[0]:
+                names = [str(n) for n in arrays["rater_names"][0]]
+                used.add("rater_names")
+            if img is not None:
+                layers.append((img, {"name": f"{stem} {image_key}",
+                                     "scale": _scale(meta, img.ndim)}, "image"))
+                used.add(image_key)
+            layers.extend(_rater_layers(raters, names, _scale(meta, raters.ndim - 1), meta))
+            used.add(rater_key)
+    for k in keys:
+        if k in used:
+            continue
+        arr, meta = arrays[k]
+        if np.issubdtype(arr.dtype, np.number) or arr.dtype == bool:
+            layers.append(_array_layer(arr, meta, f"{stem} {k}"))
+    return layers
+
+
+def read_case_folder(path: Any) -> list[LayerData]:
+    """A case folder or an LIDC nodule folder: the image (if any), then one Labels layer per
+    rater named after the rater. Voxel spacing becomes every layer's ``scale``.
+
+    Raises:
+        RaterSegError: see :func:`raterseg.io.read_case`.
+    """
+    from raterseg.io import read_case
+
+    case = read_case(_single_path(path))
+    nsp = case.raters.ndim - 1
+    meta = dict(case.meta)
+    scale = _scale(meta, nsp)
+    layers: list[LayerData] = []
+    name = case.name or Path(_single_path(path)).name
+    if case.image is not None:
+        img_scale = (1.0,) * (case.image.ndim - nsp) + scale
+        layers.append((case.image, {"name": name, "scale": img_scale,
+                                    "metadata": {IO_META_KEY: meta}}, "image"))
+    layers.extend(_rater_layers(case.raters, case.rater_names, scale, meta))
+    return layers
+
+
+def _is_lidc_nodule(p: Path) -> bool:
+    return (p / "images").is_dir() and any(e.is_dir() for e in p.glob("mask-*"))
+
+
+def is_lidc_folder(path: Any) -> bool:
+    """An LIDC-IDRI-slices nodule folder, or a patient folder with exactly one nodule."""
+    p = _single_path(path)
+    if p is None or not os.path.isdir(p):
+        return False
+    p = Path(p)
+    if _is_lidc_nodule(p):
+        return True
+    return sum(1 for e in p.iterdir() if e.is_dir() and _is_lidc_nodule(e)) == 1
+
+
+def is_case_folder(path: Any) -> bool:
+    """A folder holding ``rater*`` files or folders (and optionally an ``image.*``)."""
+    p = _single_path(path)
+    if p is None or not os.path.isdir(p):
+        return False
+    return any(e.name.lower().startswith("rater") for e in Path(p).iterdir())
+
+
+# -- npe2 reader contributions ---------------------------------------------------------
+
+
+def get_nifti_reader(path: Any) -> ReaderFunction | None:
+    """``.nii`` / ``.nii.gz`` files; the header's voxel size becomes the layer scale."""
+    return read_files if _all_end_with(path, _NIFTI) else None
+
+
+def get_tiff_reader(path: Any) -> ReaderFunction | None:
+    """``.tif`` / ``.tiff`` files (ImageJ z-spacing becomes the layer scale)."""
+    return read_files if _all_end_with(path, _TIFF) else None
+
+
+def get_numpy_reader(path: Any) -> ReaderFunction | None:
+    """``.npy`` (one array) and ``.npz`` (multi-rater archives, see :func:`read_npz`)."""
+    return read_files if _all_end_with(path, _NUMPY) else None
+
+
+def get_lidc_reader(path: Any) -> ReaderFunction | None:
+    """An LIDC-IDRI-slices nodule folder → a volume and one Labels layer per radiologist."""
+    return read_case_folder if is_lidc_folder(path) else None
+
+
+def get_case_reader(path: Any) -> ReaderFunction | None:
+    """A case folder (``image.*`` plus ``rater*.*`` files or ``rater*/`` folders)."""
+    return read_case_folder if is_case_folder(path) else None

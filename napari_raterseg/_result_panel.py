@@ -1,0 +1,125 @@
+"""The dock's result panel: a per-rater table and a confusion-matrix heatmap.
+
+Both are plain ``QTableWidget`` s (no matplotlib): the heatmap colours each cell
+``p(rater r says i | truth j)`` from white (0) to dark blue (1) and prints the value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from qtpy.QtGui import QBrush, QColor
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+#: Columns of the rater table: (key in raterseg.metrics.rater_table's dicts, header).
+RATER_COLUMNS = (("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
+                 ("dice", "Dice vs truth"))
+
+_LOW = np.array([255, 255, 255], float)
+_HIGH = np.array([8, 48, 107], float)
+
+
+def heat_color(value: float) -> tuple[QColor, QColor]:
+    """Background (white → dark blue) and a readable text colour for a value in [0, 1]."""
+    v = float(np.clip(value, 0.0, 1.0)) if np.isfinite(value) else 0.0
+    rgb = (_LOW + (_HIGH - _LOW) * v).round().astype(int)
+    text = QColor("white") if v > 0.5 else QColor("black")
+    return QColor(*rgb.tolist()), text
+
+
+def _item(text: str) -> QTableWidgetItem:
+    item = QTableWidgetItem(text)
+    item.setFlags(item.flags() & ~_editable_flag())
+    return item
+
+
+def _editable_flag():
+    from qtpy.QtCore import Qt
+
+    return Qt.ItemIsEditable
+
+
+def _fmt(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if not np.isfinite(v) else f"{v:.3f}"
+
+
+class ResultPanel(QWidget):
+    """Shows the last result: ``rater_table`` (a QTableWidget, one row per rater) and
+    ``confusion_table`` (a QTableWidget heatmap, rows "rater: says i", columns "truth j")."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.title = QLabel("No result yet")
+        self.rater_table = QTableWidget(0, len(RATER_COLUMNS))
+        self.rater_table.setHorizontalHeaderLabels([h for _, h in RATER_COLUMNS])
+        self.confusion_label = QLabel("Rater confusion p(rater says i | truth j)")
+        self.confusion_table = QTableWidget(0, 0)
+        for table in (self.rater_table, self.confusion_table):
+            table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+            table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        layout.addWidget(self.title)
+        layout.addWidget(self.rater_table)
+        layout.addWidget(self.confusion_label)
+        layout.addWidget(self.confusion_table)
+
+    def clear(self) -> None:
+        self.title.setText("No result yet")
+        self.rater_table.setRowCount(0)
+        self.confusion_table.setRowCount(0)
+        self.confusion_table.setColumnCount(0)
+
+    def show_result(self, title: str, rater_names: Sequence[str], rows: Sequence[dict],
+                    rater_confusion: np.ndarray | None) -> None:
+        """Fill both tables.
+
+        Args:
+            title: a line above the tables (method and image).
+            rater_names: one name per rater (the rater layers' names).
+            rows: one dict per rater with the keys of :data:`RATER_COLUMNS`.
+            rater_confusion: ``(R, L, L)``, ``[r, i, j] = p(rater r says i | truth j)``, or None.
+        """
+        self.title.setText(title)
+        self.rater_table.setRowCount(len(rows))
+        self.rater_table.setVerticalHeaderLabels(list(rater_names))
+        for r, row in enumerate(rows):
+            for c, (key, _) in enumerate(RATER_COLUMNS):
+                self.rater_table.setItem(r, c, _item(_fmt(row.get(key, float("nan")))))
+        self._show_confusion(rater_names, rater_confusion)
+
+    def _show_confusion(self, rater_names: Sequence[str], cm: np.ndarray | None) -> None:
+        table = self.confusion_table
+        if cm is None:
+            self.confusion_label.setText("This method does not model rater confusion")
+            table.setRowCount(0)
+            table.setColumnCount(0)
+            return
+        self.confusion_label.setText("Rater confusion p(rater says i | truth j)")
+        R, L, _ = cm.shape
+        table.setColumnCount(L)
+        table.setHorizontalHeaderLabels([f"truth {j}" for j in range(L)])
+        table.setRowCount(R * L)
+        table.setVerticalHeaderLabels([f"{rater_names[r]}: says {i}"
+                                       for r in range(R) for i in range(L)])
+        for r in range(R):
+            for i in range(L):
+                for j in range(L):
+                    item = _item(f"{cm[r, i, j]:.3f}")
+                    bg, fg = heat_color(cm[r, i, j])
+                    item.setBackground(QBrush(bg))
+                    item.setForeground(QBrush(fg))
+                    table.setItem(r * L + i, j, item)

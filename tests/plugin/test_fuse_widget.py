@@ -1,0 +1,189 @@
+"""The "Fuse raters" widget end to end, headless (pytest-xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import raterseg as rs
+from napari_raterseg._widget import FuseRatersWidget
+
+RATERS = ["rater 1 (good)", "rater 2 (over)", "rater 3 (under)", "rater 4 (wrong)"]
+SHAPE = (64, 128, 128)
+WAIT_MS = 60_000
+
+
+def _needs(method: str) -> None:
+    if method not in rs.available_methods():
+        pytest.skip(f"method {method!r} not registered yet")
+
+
+def _run(qtbot, widget: FuseRatersWidget):
+    """Press Run and wait for the job to end; returns its outcome."""
+    with qtbot.waitSignal(widget.controls.done, timeout=WAIT_MS) as blocker:
+        widget.controls.run_button.click()
+    return blocker.args[0]
+
+
+def test_widget_defaults_pick_image_and_all_rater_layers(sample_3d_viewer):
+    widget = FuseRatersWidget(sample_3d_viewer)
+    assert widget.image.value is sample_3d_viewer.layers["phantom 3d"]
+    assert [lyr.name for lyr in widget.raters.value] == RATERS
+    assert set(widget.method.choices) == set(rs.available_methods())
+    # A Labels layer added later is offered and selected as a rater by default.
+    extra = sample_3d_viewer.add_labels(np.zeros(SHAPE, np.int8), name="rater 5")
+    assert widget.raters.value[-1] is extra
+
+
+def test_staple_end_to_end_on_3d_sample(sample_3d_viewer, qtbot, layer_snapshot):
+    _needs("staple")
+    viewer = sample_3d_viewer
+    before = layer_snapshot(viewer)
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "staple"
+    outcome = _run(qtbot, widget)
+    assert outcome.error is None and not outcome.cancelled
+
+    truth = viewer.layers["phantom 3d truth [staple]"]
+    prob = viewer.layers["phantom 3d probability [staple]"]
+    unc = viewer.layers["phantom 3d uncertainty [staple]"]
+    assert truth._type_string == "labels" and truth.data.shape == SHAPE
+    assert prob._type_string == "image" and prob.data.shape == SHAPE
+    assert unc._type_string == "image" and unc.data.shape == SHAPE
+    assert unc.colormap.name == "magma"
+    # STAPLE models raters by confusion matrices only: no spatial rater maps layer.
+    assert "phantom 3d rater maps [staple]" not in viewer.layers
+    # The fused truth lies between the under- and over-segmenting raters.
+    vol = {n: int((viewer.layers[n].data > 0).sum()) for n in RATERS}
+    fused = int((truth.data > 0).sum())
+    assert vol["rater 3 (under)"] < fused <= vol["rater 2 (over)"]
+    # Probability and uncertainty agree: uncertainty = binary entropy of p / log 2, in [0, 1];
+    # it is 0 where all raters agree and highest where they do not.
+    p = np.clip(prob.data.astype(np.float64), 1e-12, 1 - 1e-12)
+    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)
+    np.testing.assert_allclose(unc.data, entropy, atol=1e-3)
+    data = np.stack([viewer.layers[n].data for n in RATERS])
+    agree = (data == data[:1]).all(0)
+    assert unc.data[agree].max() < 0.05 < unc.data[~agree].max()
+    # The dock shows one row per rater, matching raterseg.metrics against the fused truth,
+    # and a 2x2 confusion matrix per rater (columns sum to 1).
+    from raterseg.metrics import rater_table
+
+    table = widget.results.rater_table
+    assert table.rowCount() == 4
+    assert [table.verticalHeaderItem(r).text() for r in range(4)] == RATERS
+    for r, row in enumerate(rater_table(data, truth.data)):
+        for c, key in enumerate(("sensitivity", "specificity", "dice")):
+            assert float(table.item(r, c).text()) == pytest.approx(row[key], abs=6e-4)
+    cm_table = widget.results.confusion_table
+    assert (cm_table.rowCount(), cm_table.columnCount()) == (4 * 2, 2)
+    cm = np.array([[float(cm_table.item(i, j).text()) for j in range(2)] for i in range(8)])
+    np.testing.assert_allclose(cm.reshape(4, 2, 2).sum(1), 1.0, atol=2e-3)
+    # Input layers are untouched.
+    for name, data_before in before.items():
+        np.testing.assert_array_equal(viewer.layers[name].data, data_before)
+
+
+def test_rerun_replaces_layers_instead_of_adding(sample_3d_viewer, qtbot):
+    viewer = sample_3d_viewer
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "majority_vote"
+    _run(qtbot, widget)
+    names = [lyr.name for lyr in viewer.layers]
+    truth_layer = viewer.layers["phantom 3d truth [majority_vote]"]
+    first = np.array(truth_layer.data)
+    # Second run with fewer raters: same layers, new data.
+    widget.raters.value = [viewer.layers[RATERS[1]]]
+    _run(qtbot, widget)
+    assert [lyr.name for lyr in viewer.layers] == names
+    assert viewer.layers["phantom 3d truth [majority_vote]"] is truth_layer
+    np.testing.assert_array_equal(truth_layer.data, viewer.layers[RATERS[1]].data)
+    assert not np.array_equal(first, truth_layer.data)
+    # The fusion results are not offered as raters or image.
+    assert all("[" not in lyr.name for lyr in widget.raters.value)
+    assert all("[" not in name for name, _ in widget._image_choices())
+
+
+def test_bad_selection_is_a_notification_not_an_exception(sample_3d_viewer, notifications,
+                                                          qtbot):
+    viewer = sample_3d_viewer
+    odd = viewer.add_labels(np.zeros((32, 64, 64), np.int8), name="odd rater")
+    widget = FuseRatersWidget(viewer)
+    widget.raters.value = [viewer.layers[RATERS[0]], odd]
+    n_layers = len(viewer.layers)
+    widget.controls.run_button.click()  # must not raise
+    qtbot.wait(50)
+    assert not widget.controls.busy
+    assert len(viewer.layers) == n_layers
+    errors = [n for n in notifications if n.severity == "error"]
+    assert errors and "odd rater" in str(errors[-1].message)
+    assert "same shape" in str(errors[-1].message)
+
+
+def test_error_inside_the_core_is_a_notification(sample_3d_viewer, notifications, qtbot):
+    viewer = sample_3d_viewer
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "majority_vote"
+    widget.image.value = None
+    # A rater layer holding a label below -1 is refused by the core (in the worker thread).
+    bad = viewer.add_labels(np.full(SHAPE, -3, np.int8), name="broken rater")
+    widget.raters.value = [viewer.layers[RATERS[0]], bad]
+    n_layers = len(viewer.layers)
+    outcome = _run(qtbot, widget)
+    assert outcome.error is not None
+    assert len(viewer.layers) == n_layers
+    assert any("raters" in str(n.message) for n in notifications if n.severity == "error")
+
+
+def test_param_form_follows_method_and_reaches_the_core(sample_3d_viewer, qtbot):
+    viewer = sample_3d_viewer
+    widget = FuseRatersWidget(viewer)
+    for method in rs.available_methods():
+        widget.method.value = method
+        names = [p.name for p in rs.get_method(method).params()]
+        assert [w.name for w in widget.form.container] == names
+        assert widget.form.values().keys() <= set(names)
+    widget.method.value = "majority_vote"
+    widget.form["tie"].value = "undecided"
+    widget.raters.value = [viewer.layers[n] for n in RATERS[:2]]
+    job, _ = widget.make_job()
+    assert job.params == {"tie": "undecided"}
+    _run(qtbot, widget)
+    assert viewer.layers["phantom 3d truth [majority_vote]"].metadata["params"]["tie"] == \
+        "undecided"
+    # Two raters disagreeing leaves undecided (-1) voxels.
+    assert (viewer.layers["phantom 3d truth [majority_vote]"].data == -1).any()
+
+
+def test_cancel_during_learned_method_adds_nothing(make_napari_viewer, qtbot, layer_snapshot):
+    learned = [m for m in ("cm", "unet") if m in rs.available_methods(learned=True)]
+    learned = learned or rs.available_methods(learned=True)
+    if not learned:
+        pytest.skip("no learned method registered yet")
+    from raterseg.synth import sample_case
+
+    # A small case keeps the test short; 500 epochs make sure Cancel comes mid-training.
+    image, raters, _ = sample_case(dims=2, num_raters=2, seed=0, shape=(32, 32))
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="small")
+    for r in range(2):
+        viewer.add_labels(raters[r], name=f"rater {r}")
+    before = layer_snapshot(viewer)
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = learned[0]
+    names = [p.name for p in rs.get_method(learned[0]).params()]
+    if "epochs" in names:
+        widget.form["epochs"].value = 500
+    if "features" in names:
+        widget.form["features"].value = "4, 8, 16, 32, 64"
+    with qtbot.waitSignal(widget.controls.done, timeout=WAIT_MS) as blocker:
+        widget.controls.run_button.click()
+        # Cancel once the method has reported progress (it is then inside training).
+        qtbot.waitUntil(lambda: widget.controls.progress.maximum() > 0, timeout=WAIT_MS)
+        assert "epoch" in widget.controls.status.text()
+        widget.controls.cancel_button.click()
+    assert blocker.args[0].cancelled
+    assert [lyr.name for lyr in viewer.layers] == list(before)
+    assert widget.last_result is None
+    assert "Cancelled" in widget.controls.status.text()
+    assert widget.controls.run_button.isEnabled()

@@ -1,0 +1,65 @@
+"""The console API and the npe2 manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import raterseg as rs
+from napari_raterseg.api import fuse_layers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_manifest_is_valid_and_every_command_imports():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(REPO / "napari.yaml")
+    assert manifest.name == "napari-raterseg"
+    manifest.validate_imports()  # raises if any python_name does not resolve
+    contrib = manifest.contributions
+    assert len(contrib.readers) == 5 and len(contrib.writers) == 2
+    assert {s.key for s in contrib.sample_data} == {"phantom_2d", "phantom_3d"}
+    assert {w.display_name for w in contrib.widgets} == {"Fuse raters", "Apply model"}
+    # The package resource napari finds is the same file (a relative symlink).
+    link = REPO / "napari_raterseg" / "napari.yaml"
+    assert link.is_symlink() and link.resolve() == (REPO / "napari.yaml").resolve()
+
+
+def test_fuse_layers_matches_the_core_and_adds_layers(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-raterseg", "phantom_2d")
+    raters = [lyr.name for lyr in viewer.layers if lyr._type_string == "labels"]
+    res = fuse_layers(viewer, "phantom 2d", raters, "majority_vote", tie="undecided")
+    expect = rs.fuse(np.stack([viewer.layers[n].data for n in raters]),
+                     method="majority_vote", tie="undecided")
+    np.testing.assert_array_equal(res.truth, expect.truth)
+    np.testing.assert_array_equal(viewer.layers["phantom 2d truth [majority_vote]"].data,
+                                  expect.truth)
+    assert viewer.layers["phantom 2d uncertainty [majority_vote]"].colormap.name == "magma"
+    # Raters default to every Labels layer that is not a result; a re-run replaces.
+    n = len(viewer.layers)
+    fuse_layers(viewer, "phantom 2d", method="majority_vote")
+    assert len(viewer.layers) == n
+    with pytest.raises(rs.RaterSegError, match="no layer named 'nope'"):
+        fuse_layers(viewer, "nope", raters, "majority_vote")
+
+
+def test_fuse_layers_rater_maps_have_rater_axis_first(make_napari_viewer):
+    with_maps = [m for m in rs.available_methods(learned=False) if m == "spatial_staple"]
+    if not with_maps:
+        pytest.skip("spatial_staple (a classical method with rater maps) not registered yet")
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    truth = np.zeros((24, 24), np.int16)
+    truth[6:18, 6:18] = 1
+    for r in range(3):
+        noisy = np.where(rng.random(truth.shape) < 0.05, 1 - truth, truth)
+        viewer.add_labels(noisy.astype(np.int16), name=f"r{r}", scale=(2.0, 2.0))
+    fuse_layers(viewer, None, None, "spatial_staple", window=5)
+    maps = viewer.layers["raters rater maps [spatial_staple]"]
+    assert maps.data.shape == (3, 24, 24)
+    np.testing.assert_allclose(maps.scale, (1.0, 2.0, 2.0))
+    np.testing.assert_allclose(viewer.layers["raters truth [spatial_staple]"].scale, (2.0, 2.0))

@@ -1,0 +1,205 @@
+"""Readers on real files: the LIDC-IDRI-slices folder, NIfTI written by nibabel, TIFF,
+NPY/NPZ and a case folder; each returns None for paths it does not handle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+
+from napari_raterseg import _reader as rd
+
+
+def _blob(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100, 30, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[tuple(slice(s // 4, 3 * s // 4) for s in shape)] = 1
+    return img, lab
+
+
+def _layers_by_name(layers):
+    return {kw["name"]: (data, kw, kind) for data, kw, kind in layers}
+
+
+# -- LIDC-IDRI-slices ------------------------------------------------------------------
+
+
+def test_lidc_nodule_folder_gives_volume_and_four_raters(lidc_slices):
+    nodule = lidc_slices / "LIDC-IDRI-0003" / "nodule-1"
+    n_slices = len(list((nodule / "images").glob("slice-*.png")))
+    reader = rd.get_lidc_reader(str(nodule))
+    assert reader is not None
+    layers = reader(str(nodule))
+    assert [kind for *_, kind in layers] == ["image"] + ["labels"] * 4
+    image, kw, _ = layers[0]
+    assert image.shape == (n_slices, 128, 128) and kw["name"] == "LIDC-IDRI-0003/nodule-1"
+    assert [kw["name"] for _, kw, _ in layers[1:]] == ["mask-0", "mask-1", "mask-2", "mask-3"]
+    for data, kw, _ in layers[1:]:
+        assert data.shape == image.shape
+        assert set(np.unique(data)) <= {-1, 0, 1}  # 0/255 PNG masks became labels 0/1
+        assert kw["scale"] == (1.0, 1.0, 1.0)
+    # The radiologists marked a nodule, and not all in the same place.
+    masks = np.stack([d for d, _, _ in layers[1:]])
+    assert (masks == 1).any(axis=(1, 2, 3)).sum() >= 2
+    assert not (masks == masks[:1]).all()
+    # The image is the CT crop, not a mask.
+    assert np.unique(image).size > 50
+
+
+def test_lidc_reader_declines_other_folders(lidc_slices, tmp_path):
+    assert rd.get_lidc_reader(str(lidc_slices)) is None  # the collection, not a nodule
+    assert rd.get_lidc_reader(str(lidc_slices / "LIDC-IDRI-0003")) is None  # 4 nodules
+    assert rd.get_lidc_reader(str(lidc_slices / "LIDC-IDRI-0001")) is not None  # one nodule
+    assert rd.get_lidc_reader(str(tmp_path)) is None
+    png = next((lidc_slices / "LIDC-IDRI-0001").rglob("slice-0.png"))
+    assert rd.get_lidc_reader(str(png)) is None
+
+
+def test_viewer_opens_lidc_folder_through_the_plugin(make_napari_viewer, lidc_slices):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(lidc_slices / "LIDC-IDRI-0005" / "nodule-0"),
+                         plugin="napari-raterseg")
+    assert [lyr._type_string for lyr in layers] == ["image"] + ["labels"] * 4
+    assert [lyr.name for lyr in layers[1:]] == ["mask-0", "mask-1", "mask-2", "mask-3"]
+
+
+# -- NIfTI -----------------------------------------------------------------------------
+
+
+def test_nifti_image_and_labels_with_scale_from_header(tmp_path):
+    img, lab = _blob((10, 12, 14))  # numpy (x, y, z) as nibabel stores it
+    affine = np.diag([0.7, 0.5, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(img, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "mask.nii")
+    for name in ("ct.nii.gz", "mask.nii"):
+        assert rd.get_nifti_reader(str(tmp_path / name)) is not None
+    assert rd.get_nifti_reader(str(tmp_path / "ct.tif")) is None
+    assert rd.get_nifti_reader(str(tmp_path)) is None
+    layers = _layers_by_name(rd.get_nifti_reader([str(tmp_path / "ct.nii.gz")])(
+        [str(tmp_path / "ct.nii.gz")]) + rd.read_files(str(tmp_path / "mask.nii")))
+    data, kw, kind = layers["ct"]
+    assert kind == "image"
+    # Axes reversed to (D, H, W) = (z, y, x); the header's voxel size becomes the scale.
+    np.testing.assert_array_equal(data, img.T)
+    assert kw["scale"] == pytest.approx((2.5, 0.5, 0.7))
+    data, kw, kind = layers["mask"]
+    assert kind == "labels" and data.dtype.kind in "iu"
+    np.testing.assert_array_equal(data, lab.T)
+    assert kw["scale"] == pytest.approx((2.5, 0.5, 0.7))
+
+
+def test_viewer_opens_nifti_through_the_plugin(make_napari_viewer, tmp_path):
+    img, _ = _blob((8, 9, 10))
+    nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "vol.nii.gz")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "vol.nii.gz"), plugin="napari-raterseg")
+    assert layer._type_string == "image" and layer.data.shape == (10, 9, 8)
+    np.testing.assert_allclose(layer.scale, (3.0, 1.0, 1.0))
+
+
+# -- TIFF ------------------------------------------------------------------------------
+
+
+def test_tiff_image_and_labels(tmp_path):
+    img, lab = _blob((6, 20, 24))
+    tifffile.imwrite(tmp_path / "stack.tif", (img * 10).astype(np.uint16), imagej=True,
+                     metadata={"spacing": 4.0, "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "seg.tiff", lab)
+    assert rd.get_tiff_reader(str(tmp_path / "stack.nii")) is None
+    layers = _layers_by_name(rd.get_tiff_reader(str(tmp_path / "stack.tif"))(
+        str(tmp_path / "stack.tif")) + rd.read_files(str(tmp_path / "seg.tiff")))
+    data, kw, kind = layers["stack"]
+    assert kind == "image" and data.shape == (6, 20, 24)
+    assert kw["scale"] == pytest.approx((4.0, 1.0, 1.0))
+    data, kw, kind = layers["seg"]
+    assert kind == "labels"
+    np.testing.assert_array_equal(data, lab)
+
+
+# -- NPY / NPZ -------------------------------------------------------------------------
+
+
+def test_npy_and_multi_rater_npz(tmp_path):
+    img, lab = _blob((16, 16))
+    raters = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 1)]).astype(np.int16)
+    np.save(tmp_path / "picture.npy", img)
+    np.savez(tmp_path / "case.npz", image=img, raters=raters)
+    assert rd.get_numpy_reader(str(tmp_path / "picture.tif")) is None
+    ((data, kw, kind),) = rd.get_numpy_reader(str(tmp_path / "picture.npy"))(
+        str(tmp_path / "picture.npy"))
+    assert kind == "image" and kw["name"] == "picture"
+    np.testing.assert_array_equal(data, img)
+    layers = rd.read_files(str(tmp_path / "case.npz"))
+    assert [k for *_, k in layers] == ["image", "labels", "labels", "labels"]
+    assert [kw["name"] for _, kw, _ in layers] == ["case image"] + [
+        f"case rater {r}" for r in range(3)]
+    for r in range(3):
+        np.testing.assert_array_equal(layers[1 + r][0], raters[r])
+
+
+def test_npz_dataset_with_raters_second_becomes_one_layer_per_rater(tmp_path):
+    # The layout of lidc_dev.npz: images (N, H, W), masks bool (N, R, H, W).
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 8, 8), dtype=np.uint8)
+    masks = rng.random((5, 4, 8, 8)) > 0.5
+    np.savez(tmp_path / "lidc_like.npz", images=images, masks=masks,
+             ids=np.array([f"case-{i}" for i in range(5)]))
+    layers = rd.read_files(str(tmp_path / "lidc_like.npz"))
+    assert [k for *_, k in layers] == ["image"] + ["labels"] * 4
+    for r in range(4):
+        np.testing.assert_array_equal(layers[1 + r][0], masks[:, r])
+
+
+# -- case folders ----------------------------------------------------------------------
+
+
+def test_case_folder_gives_image_and_one_layer_per_rater(tmp_path):
+    img, lab = _blob((6, 10, 12))
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    case = tmp_path / "patient7"
+    case.mkdir()
+    nib.save(nib.Nifti1Image(img.T, affine), case / "image.nii.gz")
+    names = ["rater_alice", "rater_bob", "rater_carol"]
+    for i, n in enumerate(names):
+        nib.save(nib.Nifti1Image(np.roll(lab, i, 2).T, affine), case / f"{n}.nii.gz")
+    (case / "notes.txt").write_text("not a rater")
+    reader = rd.get_case_reader(str(case))
+    assert reader is not None
+    layers = reader(str(case))
+    assert [kw["name"] for _, kw, _ in layers] == ["patient7"] + names
+    assert [k for *_, k in layers] == ["image", "labels", "labels", "labels"]
+    np.testing.assert_allclose(layers[0][0], img)
+    for i, (data, kw, _) in enumerate(layers[1:]):
+        np.testing.assert_array_equal(data, np.roll(lab, i, 2))
+        assert kw["scale"] == pytest.approx((3.0, 0.8, 0.8))
+
+
+def test_case_reader_declines_files_and_plain_folders(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "image.npy").write_bytes(b"")
+    assert rd.get_case_reader(str(tmp_path / "plain")) is None
+    assert rd.get_case_reader(str(tmp_path / "plain" / "image.npy")) is None
+    assert rd.get_case_reader(["a", "b"]) is None
+
+
+def test_corrupt_file_raises_a_clear_error(tmp_path):
+    from raterseg import RaterSegError
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not nifti")
+    with pytest.raises(RaterSegError, match="broken.nii.gz"):
+        rd.get_nifti_reader(str(bad))(str(bad))
+
+
+def test_labels_heuristic():
+    assert rd.looks_like_labels(np.zeros((4, 4), bool))
+    assert rd.looks_like_labels(np.arange(16).reshape(4, 4) % 3)
+    assert not rd.looks_like_labels(np.arange(4096).reshape(64, 64).astype(np.int16))
+    assert not rd.looks_like_labels(np.zeros((4, 4), np.float32))
+    many = (np.arange(4096).reshape(64, 64) % 200).astype(np.uint8)
+    assert not rd.looks_like_labels(many, "ct")
+    assert rd.looks_like_labels(many, "liver_mask")

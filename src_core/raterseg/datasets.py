@@ -1,0 +1,450 @@
+"""Dataset layouts: case folders, the LIDC-IDRI slice layout, cohorts and ``.npz`` datasets.
+
+A **case folder** holds one image and its raters::
+
+    case/
+      image.nii.gz                 (optional; any ending in raterseg.io.SUFFIXES)
+      rater1.nii.gz  rater2.nii.gz (files named rater*.* / rater_*.*), or
+      rater1/ rater2/              (folders with one label file, or 2D slices
+                                    slice-0.png, slice-1.png, ... stacked along D)
+
+Raters are ordered naturally by name (``rater2`` before ``rater10``).
+
+The **LIDC-IDRI-slices** layout (Probabilistic U-Net line of work)::
+
+    LIDC-IDRI-0003/nodule-1/images/slice-K.png
+    LIDC-IDRI-0003/nodule-1/mask-0/slice-K.png ... mask-3/slice-K.png   (0/255)
+
+A **cohort** is a folder of case folders and/or LIDC patient folders.
+
+An **.npz dataset** holds ``images`` ``(N, C?, *S)`` and ``raters`` ``(N, R, *S)``, or
+LIDC's ``images`` uint8 ``(N, 128, 128)``, ``masks`` bool ``(N, 4, 128, 128)`` and ``ids``.
+
+Label files: bool and 0/255 PNG masks become 0/1; float files whose values are
+whole numbers become integers; JPEG labels are refused (lossy compression changes labels).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from .io import SUFFIXES, file_format, is_supported, read_array, read_npz
+from .types import RaterSegError
+
+__all__ = [
+    "Case",
+    "Dataset",
+    "read_case",
+    "read_labels",
+    "read_lidc_nodule",
+    "load_npz_dataset",
+    "split_by_patient",
+    "find_cases",
+    "iter_cohort",
+    "load_cohort",
+    "natural_key",
+]
+
+_IMAGE_STEMS = ("image", "images", "img")
+
+
+@dataclass
+class Case:
+    """One case read from disk.
+
+    Attributes:
+        image: float32 ``(*S)`` or ``(C, *S)``, or None when the folder has no image.
+        raters: int16 ``(R, *S)``; -1 where a rater did not annotate.
+        rater_names: R names (file or folder names without their ending).
+        meta: the image's (else the first rater's) ``meta`` from :func:`raterseg.io.read_array`,
+            plus ``rater_paths``; pass it to :func:`raterseg.io.write_result` to keep the geometry.
+        name: the case's name (folder name; ``patient/nodule-N`` for LIDC).
+    """
+
+    image: np.ndarray | None
+    raters: np.ndarray
+    rater_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+class Dataset(NamedTuple):
+    """Arrays of a dataset: ``images`` ``(N, C?, *S)``, ``raters`` int ``(N, R, *S)``,
+    ``ids`` (N,) strings or None."""
+
+    images: np.ndarray
+    raters: np.ndarray
+    ids: np.ndarray | None
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting ``rater2`` before ``rater10`` and ``slice-9`` before ``slice-10``."""
+    # separators are ignored so that rater_1, rater-2 and rater3 sort as one sequence
+    return [int(t) if t.isdigit() else re.sub(r"[_\-\s]", "", t.lower())
+            for t in re.split(r"(\d+)", str(name))]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    low = name.lower()
+    for suf in SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted((e for e in folder.iterdir() if not e.name.startswith(".")),
+                  key=lambda e: natural_key(e.name))
+
+
+def _check_folder(folder: str | os.PathLike, argname: str) -> Path:
+    p = Path(folder)
+    if not p.exists():
+        raise RaterSegError(f"{argname}: no such folder '{p}'")
+    if not p.is_dir():
+        raise RaterSegError(f"{argname}: expected a folder, got the file '{p}'")
+    return p
+
+
+# -- labels ----------------------------------------------------------------------------
+
+
+def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
+    """Rater labels as int16 (int32 for >= 32000 classes), with the conversions above."""
+    where = f"{argname} ('{meta.get('path', '?')}')"
+    fmt = meta.get("format")
+    if fmt == "jpeg":
+        raise RaterSegError(f"{where}: expected a lossless label file (PNG, TIFF, NIfTI, NPY); "
+                            "JPEG compression changes labels")
+    if arr.dtype == bool:
+        return arr.astype(np.int16)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))].flat[0]
+            raise RaterSegError(f"{where}: expected integer class labels, got the value {bad}")
+    elif arr.dtype.kind not in "iu":
+        raise RaterSegError(f"{where}: expected integer class labels, got dtype {arr.dtype}")
+    if fmt in ("png", "tiff") and arr.dtype == np.uint8 and arr.size:
+        vals = np.unique(arr)
+        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():  # a 0/255 binary mask
+            arr = arr // 255
+    hi = float(arr.max()) if arr.size else 0.0
+    lo = float(arr.min()) if arr.size else 0.0
+    if lo < -1:
+        raise RaterSegError(f"{where}: expected labels >= -1 (-1 = not annotated), got {lo:g}")
+    return arr.astype(np.int16 if hi < 32000 else np.int32)
+
+
+def _read_slices(files: list[Path], argname: str) -> tuple[np.ndarray, dict]:
+    arrays, metas = [], []
+    for f in files:
+        a, m = read_array(f, argname=argname)
+        if a.ndim != 2:
+            raise RaterSegError(f"{argname}: expected 2D slices in '{f.parent}', got shape "
+                                f"{a.shape} in '{f.name}'")
+        arrays.append(a)
+        metas.append(m)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise RaterSegError(f"{argname}: expected slices of one shape in '{files[0].parent}', "
+                            f"got shapes {sorted(shapes)}")
+    meta = dict(metas[0], path=str(files[0].parent), slices=[f.name for f in files],
+                spacing=(1.0, *metas[0]["spacing"]))
+    return np.stack(arrays), meta
+
+
+def _read_any(path: Path, argname: str) -> tuple[np.ndarray, dict]:
+    """A file, a folder holding one file, or a folder of 2D slices."""
+    if not path.is_dir():
+        return read_array(path, argname=argname)
+    files = [e for e in _entries(path) if e.is_file() and is_supported(e)]
+    if not files:
+        raise RaterSegError(f"{argname}: expected label or image files in the folder '{path}', "
+                            f"found none with an ending in {', '.join(SUFFIXES)}")
+    if len(files) == 1:
+        return read_array(files[0], argname=argname)
+    return _read_slices(files, argname)
+
+
+def read_labels(path: str | os.PathLike, argname: str = "raters") -> tuple[np.ndarray, dict]:
+    """One rater's label map from a file or a folder (one file, or 2D slices stacked along D).
+
+    Returns:
+        ``(labels, meta)``: int16 ``(*S)`` and the file's ``meta``.
+
+    Raises:
+        RaterSegError: unreadable file, non-integer labels, JPEG labels.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RaterSegError(f"{argname}: no such file or folder '{p}'")
+    arr, meta = _read_any(p, argname)
+    return _as_labels(arr, meta, argname), meta
+
+
+def read_image(path: str | os.PathLike, argname: str = "image") -> tuple[np.ndarray, dict]:
+    """An image as float32 from a file or a folder of 2D slices, with its ``meta``."""
+    p = Path(path)
+    if not p.exists():
+        raise RaterSegError(f"{argname}: no such file or folder '{p}'")
+    arr, meta = _read_any(p, argname)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise RaterSegError(f"{argname}: expected numeric data in '{p}', got dtype {arr.dtype}")
+    return arr.astype(np.float32), meta
+
+
+def _stack_raters(labels: list[np.ndarray], names: list[str], folder: Path) -> np.ndarray:
+    shapes = [a.shape for a in labels]
+    if len(set(shapes)) != 1:
+        listing = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        raise RaterSegError(f"raters: expected every rater in '{folder}' to have the same "
+                            f"shape, got {listing}")
+    dtype = np.int32 if any(a.dtype == np.int32 for a in labels) else np.int16
+    return np.stack(labels).astype(dtype, copy=False)
+
+
+def _check_image_shape(image: np.ndarray | None, raters: np.ndarray, where: str) -> None:
+    S = raters.shape[1:]
+    if image is not None and image.shape != S and image.shape[1:] != S:
+        raise RaterSegError(f"image ('{where}'): expected shape {S} or (C, *{S}) to match the "
+                            f"raters, got {image.shape}")
+
+
+# -- case folders ----------------------------------------------------------------------
+
+
+def _is_lidc_nodule(p: Path) -> bool:
+    return (p / "images").is_dir() and any(p.glob("mask-*"))
+
+
+def read_case(folder: str | os.PathLike) -> Case:
+    """Read a case folder (layout in the module docstring); an LIDC nodule folder works too.
+
+    Raises:
+        RaterSegError: no raters, several image files, raters or image of different
+            shapes, unreadable or non-label files.
+    """
+    p = _check_folder(folder, "folder")
+    if _is_lidc_nodule(p) or any(p.glob("nodule-*")):
+        return read_lidc_nodule(p)
+    entries = _entries(p)
+    image_paths = [e for e in entries if _stem(e).lower() in _IMAGE_STEMS
+                   and (e.is_dir() or is_supported(e))]
+    rater_paths = [e for e in entries if e.name.lower().startswith("rater")
+                   and (e.is_dir() or is_supported(e))]
+    if not rater_paths:
+        raise RaterSegError(
+            f"folder: expected rater files (rater*.nii.gz, rater_*.png, ...) or rater*/ folders "
+            f"in '{p}', found none among {[e.name for e in entries][:20]}"
+        )
+    if len(image_paths) > 1:
+        raise RaterSegError(f"folder: expected at most one image in '{p}', got "
+                            f"{[e.name for e in image_paths]}")
+    names = [_stem(e) for e in rater_paths]
+    if len(set(names)) != len(names):
+        raise RaterSegError(f"folder: two raters share a name in '{p}': {names}")
+    labels, metas = zip(*(read_labels(e) for e in rater_paths))
+    raters = _stack_raters(list(labels), names, p)
+    image, meta = None, dict(metas[0])
+    if image_paths:
+        image, meta = read_image(image_paths[0])
+        _check_image_shape(image, raters, str(image_paths[0]))
+    meta["rater_paths"] = [str(e) for e in rater_paths]
+    return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
+
+
+def _slice_number(path: Path) -> int:
+    nums = re.findall(r"\d+", _stem(path))
+    if not nums:
+        raise RaterSegError(f"folder: expected slice files named slice-K.png, got '{path}'")
+    return int(nums[-1])
+
+
+def read_lidc_nodule(folder: str | os.PathLike) -> Case:
+    """Read one nodule of the LIDC-IDRI-slices layout.
+
+    Args:
+        folder: ``<patient>/nodule-N`` (with ``images/`` and ``mask-0..mask-3/``), or a
+            patient folder holding exactly one nodule.
+
+    Returns:
+        :class:`Case` with ``image`` float32 ``(K, H, W)`` (slices sorted by K),
+        ``raters`` int16 ``(R, K, H, W)`` (0/1; -1 where a mask folder lacks a slice),
+        ``rater_names`` ``["mask-0", ...]``, ``name`` ``"<patient>/nodule-N"``.
+
+    Raises:
+        RaterSegError: not this layout, several nodules, no slices, unreadable PNGs.
+    """
+    p = _check_folder(folder, "folder")
+    if not _is_lidc_nodule(p):
+        nodules = [e for e in _entries(p) if e.is_dir() and _is_lidc_nodule(e)]
+        if len(nodules) != 1:
+            found = [e.name for e in nodules]
+            raise RaterSegError(
+                f"folder: expected an LIDC nodule folder (images/ and mask-*/) or a patient "
+                f"folder with one nodule, got '{p}' with {len(found)} nodules {found[:10]}"
+            )
+        p = nodules[0]
+    slices = sorted((e for e in (p / "images").iterdir()
+                     if e.is_file() and not e.name.startswith(".") and is_supported(e)),
+                    key=_slice_number)
+    if not slices:
+        raise RaterSegError(f"folder: expected slice-K.png files in '{p / 'images'}', found none")
+    image, meta = _read_slices(slices, "folder")
+    mask_dirs = sorted((e for e in p.glob("mask-*") if e.is_dir()), key=lambda e: natural_key(e.name))
+    raters = np.full((len(mask_dirs),) + image.shape, -1, dtype=np.int16)
+    for r, d in enumerate(mask_dirs):
+        for k, s in enumerate(slices):
+            f = d / s.name
+            if f.exists():
+                m, _ = read_array(f, argname="folder")
+                if m.shape != image.shape[1:]:
+                    raise RaterSegError(f"folder: expected {image.shape[1:]} masks, got "
+                                        f"{m.shape} in '{f}'")
+                raters[r, k] = m > 0
+    meta.update(format="lidc-slices", path=str(p), rater_paths=[str(d) for d in mask_dirs])
+    return Case(image=image.astype(np.float32), raters=raters,
+                rater_names=[d.name for d in mask_dirs], meta=meta,
+                name=f"{p.parent.name}/{p.name}")
+
+
+# -- cohorts ---------------------------------------------------------------------------
+
+
+def _looks_like_case(p: Path) -> bool:
+    return any(e.name.lower().startswith("rater") for e in p.iterdir())
+
+
+def find_cases(folder: str | os.PathLike) -> list[Path]:
+    """Case folders of a cohort, in natural order: case folders, LIDC nodule folders
+    (also inside patient folders), or ``folder`` itself when it is one case.
+
+    Raises:
+        RaterSegError: ``folder`` is missing or holds no case.
+    """
+    p = _check_folder(folder, "folder")
+    if _is_lidc_nodule(p) or _looks_like_case(p):
+        return [p]
+    found: list[Path] = []
+    for e in _entries(p):
+        if not e.is_dir():
+            continue
+        if _is_lidc_nodule(e) or _looks_like_case(e):
+            found.append(e)
+        else:
+            found.extend(n for n in _entries(e) if n.is_dir() and _is_lidc_nodule(n))
+    if not found:
+        raise RaterSegError(
+            f"folder: expected a cohort (folders each holding image.* and rater* files, or "
+            f"LIDC patient/nodule-N folders) in '{p}', found no case"
+        )
+    return found
+
+
+def iter_cohort(folder: str | os.PathLike) -> Iterator[Case]:
+    """Read the cases of a cohort one at a time (see :func:`find_cases`)."""
+    root = Path(folder)
+    for case_dir in find_cases(root):
+        case = read_case(case_dir)
+        if case.meta.get("format") != "lidc-slices":
+            case.name = str(case_dir.relative_to(root)) if case_dir != root else case_dir.name
+        yield case
+
+
+def load_cohort(folder: str | os.PathLike) -> list[Case]:
+    """Every case of a cohort as a list (see :func:`iter_cohort` to stream them)."""
+    return list(iter_cohort(folder))
+
+
+# -- .npz datasets ---------------------------------------------------------------------
+
+
+def load_npz_dataset(path: str | os.PathLike) -> Dataset:
+    """Read an ``.npz`` dataset (never unpickles).
+
+    Keys: ``images`` ``(N, C?, *S)`` and ``raters`` int ``(N, R, *S)`` (or LIDC's ``masks``
+    bool ``(N, R, *S)``, returned as int8 0/1 raters); ``ids`` optional. Images keep their
+    stored dtype (LIDC's uint8 uses a quarter of the memory of float32).
+
+    Raises:
+        RaterSegError: missing keys, N or spatial shapes that disagree, non-integer raters.
+    """
+    p = Path(path)
+    if file_format(p) != "npz":
+        raise RaterSegError(f"path: expected an .npz file, got '{p}'")
+    keys = list(read_npz(p))
+    img_key = next((k for k in ("images", "image") if k in keys), None)
+    rat_key = next((k for k in ("raters", "masks", "labels") if k in keys), None)
+    if img_key is None or rat_key is None:
+        raise RaterSegError(f"path: expected arrays 'images' and 'raters' (or 'masks') in "
+                            f"'{p}', got keys {keys}")
+    arrays = read_npz(p, [img_key, rat_key] + (["ids"] if "ids" in keys else []))
+    images, raters, ids = arrays[img_key], arrays[rat_key], arrays.get("ids")
+    if raters.dtype == bool:
+        raters = raters.astype(np.int8)
+    elif raters.dtype.kind not in "iu":
+        raise RaterSegError(f"path: expected integer labels under {rat_key!r} in '{p}', "
+                            f"got dtype {raters.dtype}")
+    n = raters.shape[0]
+    S = raters.shape[2:]
+    if raters.ndim not in (4, 5):
+        raise RaterSegError(f"path: expected {rat_key!r} of shape (N, R, *S) with S 2D or 3D "
+                            f"in '{p}', got {raters.shape}")
+    if images.shape[0] != n or (images.shape[1:] != S and images.shape[2:] != S):
+        raise RaterSegError(f"path: expected 'images' of shape ({n}, C?, *{S}) to match "
+                            f"{rat_key!r} {raters.shape} in '{p}', got {images.shape}")
+    if ids is not None and ids.shape != (n,):
+        raise RaterSegError(f"path: expected 'ids' of shape ({n},) in '{p}', got {ids.shape}")
+    return Dataset(images=images, raters=raters, ids=ids)
+
+
+def split_by_patient(ids: Sequence[str], fractions: Sequence[float] = (0.7, 0.1, 0.2),
+                     seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Split case indices so that no patient is in two parts.
+
+    The patient is the part of an id before the first "/" (LIDC:
+    ``"LIDC-IDRI-0001/nodule-0/slice-3.png"`` → ``"LIDC-IDRI-0001"``). Patients are
+    shuffled with ``seed`` and dealt out so each part gets its fraction of the
+    patients (largest remainders first, and at least one patient for every non-zero
+    fraction when there are enough patients).
+
+    Returns:
+        One sorted int index array per fraction (e.g. train, validation, test).
+
+    Raises:
+        RaterSegError: fractions negative or not summing to 1, no ids.
+    """
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.ndim != 1 or fr.size == 0 or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
+        raise RaterSegError(f"fractions: expected non-negative numbers summing to 1, "
+                            f"got {tuple(fractions)}")
+    ids = [str(i) for i in np.asarray(ids).reshape(-1)]
+    if not ids:
+        raise RaterSegError("ids: expected at least one id, got none")
+    patient_of = [i.split("/", 1)[0] for i in ids]
+    patients = sorted(set(patient_of), key=natural_key)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    P = len(patients)
+    counts = np.floor(fr * P).astype(int)
+    rest = P - counts.sum()
+    for j in np.argsort(-(fr * P - counts), kind="stable")[:rest]:
+        counts[j] += 1
+    for j in np.flatnonzero((fr > 0) & (counts == 0)):  # keep every wanted part non-empty
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[j] += 1
+    part_of_patient = {}
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    for part in range(len(fr)):
+        for k in order[bounds[part]:bounds[part + 1]]:
+            part_of_patient[patients[k]] = part
+    which = np.array([part_of_patient[pt] for pt in patient_of])
+    return tuple(np.flatnonzero(which == part) for part in range(len(fr)))

@@ -1,0 +1,466 @@
+"""File formats: read and write label maps, images and fusion results.
+
+Formats, chosen by the file name's ending:
+
+========================  ==============================================================
+``.nii``, ``.nii.gz``     NIfTI-1/2 (nibabel). Array axes are the **reverse** of the
+                          NIfTI axes: a volume stored as (x, y, z) reads as (D, H, W) =
+                          (z, y, x); a 4D (x, y, z, t) file reads as (t, z, y, x),
+                          channels first. This is the axis order of SimpleITK's
+                          ``GetArrayFromImage``, of TIFF stacks and of numpy, so a volume
+                          read from NIfTI and from TIFF agree. No reorientation: the voxels
+                          stay in the file's orientation; ``meta["affine"]`` and
+                          ``meta["header"]`` keep the geometry and ``write_array`` writes it
+                          back, so read → write → read is exact.
+``.tif``, ``.tiff``       TIFF (tifffile), axes as stored: (H, W), (D, H, W), ...
+``.npy``                  numpy, read with ``allow_pickle=False``.
+``.npz``                  numpy archive; the array under ``key``, else the first of
+                          ``images``, ``image``, ``raters``, ``labels``, else the first array.
+``.png``, ``.jpg``        2D images (scikit-image); colour images become channels first
+                          (3 or 4, H, W); RGB files whose channels are equal read as (H, W).
+========================  ==============================================================
+
+Reading never executes anything the file contains (no pickle). Writing goes to a
+temporary file in the target folder which is then renamed over the target, so a
+crash never leaves a half-written file under the final name. Every failure a
+user can cause raises :class:`~raterseg.types.RaterSegError` naming the path.
+
+Case folders and dataset layouts (:func:`read_case`, :func:`read_lidc_nodule`)
+live in :mod:`raterseg.datasets` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io as _pyio
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .types import FusionResult, RaterSegError
+
+__all__ = [
+    "SUFFIXES",
+    "file_format",
+    "is_supported",
+    "read_array",
+    "read_npz",
+    "write_array",
+    "write_result",
+    "read_case",
+    "read_lidc_nodule",
+    "Case",
+]
+
+#: File endings understood by :func:`read_array` / :func:`write_array`, and their format.
+SUFFIXES: dict[str, str] = {
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".tiff": "tiff",
+    ".tif": "tiff",
+    ".npy": "npy",
+    ".npz": "npz",
+    ".png": "png",
+    ".jpeg": "jpeg",
+    ".jpg": "jpeg",
+}
+_NPZ_KEYS = ("images", "image", "raters", "labels")
+
+
+def _suffix(path: str | os.PathLike) -> str | None:
+    name = Path(path).name.lower()
+    for suf in SUFFIXES:  # longest first: ".nii.gz" before ".nii"
+        if name.endswith(suf):
+            return suf
+    return None
+
+
+def is_supported(path: str | os.PathLike) -> bool:
+    """Whether ``path``'s ending is one of :data:`SUFFIXES`."""
+    return _suffix(path) is not None
+
+
+def file_format(path: str | os.PathLike, argname: str = "path") -> str:
+    """The format name ("nifti", "tiff", "npy", "npz", "png", "jpeg") for ``path``.
+
+    Raises:
+        RaterSegError: the ending is not one of :data:`SUFFIXES`.
+    """
+    suf = _suffix(path)
+    if suf is None:
+        raise RaterSegError(
+            f"{argname}: expected a file ending in one of {', '.join(SUFFIXES)}, got '{path}'"
+        )
+    return SUFFIXES[suf]
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def read_array(path: str | os.PathLike, *, key: str | None = None,
+               argname: str = "path") -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one array from a file.
+
+    Args:
+        path: a file whose ending is in :data:`SUFFIXES` (see the module docstring for
+            each format's axis order).
+        key: for ``.npz``, the array to read (default: see module docstring).
+
+    Returns:
+        ``(array, meta)``. ``meta`` is a dict with ``path``, ``format``, ``spacing`` (one
+        float per array axis, 1.0 where unknown) and, for NIfTI, ``affine`` (4×4) and
+        ``header`` (a nibabel header copy); for ``.npz`` the chosen ``key`` and all ``keys``.
+
+    Raises:
+        RaterSegError: missing file, unknown ending, or a file that is not what its name
+            says (corrupt, wrong format, pickled objects).
+    """
+    p = Path(path)
+    fmt = file_format(p, argname)
+    if not p.exists():
+        raise RaterSegError(f"{argname}: no such file '{p}'")
+    if p.is_dir():
+        raise RaterSegError(f"{argname}: expected a {fmt} file, got the folder '{p}'")
+    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "npy": _read_npy, "npz": _read_npz,
+              "png": _read_2d, "jpeg": _read_2d}[fmt]
+    try:
+        arr, meta = reader(p, key) if fmt == "npz" else reader(p)
+    except RaterSegError:
+        raise
+    except Exception as err:  # any parser failure means the file is not what its name says
+        raise RaterSegError(
+            f"{argname}: '{p}' is not a readable {fmt} file as its name says "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    meta = {"path": str(p), "format": fmt, **meta}
+    meta.setdefault("spacing", (1.0,) * arr.ndim)
+    return arr, meta
+
+
+def _read_nifti(p: Path):
+    import nibabel as nib
+
+    img = nib.load(str(p))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"nibabel reads it as {type(img).__name__}, not NIfTI")
+    data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter when set
+    arr = np.ascontiguousarray(data.T)  # (x, y, z, ...) -> (..., z, y, x)
+    zooms = tuple(float(z) for z in img.header.get_zooms())[: data.ndim]
+    zooms = zooms + (1.0,) * (data.ndim - len(zooms))
+    return arr, {"affine": np.array(img.affine, dtype=np.float64),
+                 "header": img.header.copy(), "spacing": tuple(reversed(zooms))}
+
+
+def _read_tiff(p: Path):
+    import tifffile
+
+    with tifffile.TiffFile(str(p)) as tif:
+        arr = tif.asarray()
+        meta: dict[str, Any] = {}
+        ij = tif.imagej_metadata or {}
+        if "spacing" in ij and arr.ndim >= 3:
+            spacing = [1.0] * arr.ndim
+            spacing[-3] = float(ij["spacing"])
+            meta["spacing"] = tuple(spacing)
+    return np.asarray(arr), meta
+
+
+def _read_npy(p: Path):
+    try:
+        arr = np.load(str(p), allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise RaterSegError(
+                f"path: '{p}' holds Python objects (pickle); expected a plain numeric array "
+                "(raterseg never unpickles files)"
+            ) from None
+        raise
+    return arr, {}
+
+
+def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
+             argname: str = "path") -> dict[str, np.ndarray]:
+    """Several arrays of an ``.npz`` archive in one pass (never unpickles).
+
+    Args:
+        keys: names to read; None lists the archive's names and reads nothing
+            (the dict then maps each name to None).
+
+    Raises:
+        RaterSegError: missing file, not a valid archive, an unknown key, pickled objects.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RaterSegError(f"{argname}: no such file '{p}'")
+    try:
+        with np.load(str(p), allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            names = list(z.files)
+            if keys is None:
+                return dict.fromkeys(names)
+            for k in keys:
+                if k not in names:
+                    from .methods._registry import suggest
+
+                    raise RaterSegError(f"key: expected one of {names} in '{p}', got {k!r}"
+                                        f"{suggest(k, names)}")
+            return {k: z[k] for k in keys}
+    except RaterSegError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise RaterSegError(
+                f"{argname}: '{p}' holds Python objects (pickle); expected plain numeric "
+                "arrays (raterseg never unpickles files)"
+            ) from None
+        raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
+                            f"({type(err).__name__}: {err})") from None
+    except Exception as err:
+        raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
+                            f"({type(err).__name__}: {err})") from None
+
+
+def _read_npz(p: Path, key: str | None):
+    keys = list(read_npz(p))
+    if not keys:
+        raise RaterSegError(f"path: expected at least one array in '{p}', got none")
+    if key is None:
+        key = next((k for k in _NPZ_KEYS if k in keys), keys[0])
+    return read_npz(p, [key])[key], {"key": key, "keys": keys}
+
+
+def _read_2d(p: Path):
+    import skimage.io
+
+    arr = np.asarray(skimage.io.imread(str(p)))
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        opaque = arr.shape[-1] == 3 or bool((arr[..., 3] == arr[..., 3].max()).all())
+        if opaque and (rgb == rgb[..., :1]).all():
+            return np.ascontiguousarray(rgb[..., 0]), {"gray_from_rgb": True}
+        return np.ascontiguousarray(np.moveaxis(arr, -1, 0)), {"channels_moved_first": True}
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2D image, got shape {arr.shape}")
+    return arr, {}
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same ending); rename it over ``path`` on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suf = _suffix(path) or path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suf}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _storable(arr: np.ndarray) -> np.ndarray:
+    """Labels stay integers: bool -> uint8; int64/uint64 -> the smallest int type that fits."""
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8:
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        for t in (np.uint8, np.int16, np.int32):
+            if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+                return arr.astype(t)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize == 2:
+        return arr.astype(np.float32)
+    return arr
+
+
+def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *,
+                argname: str = "path") -> Path:
+    """Write ``array`` to ``path`` atomically; the format follows the file's ending.
+
+    Args:
+        path: target file (its folder is created if needed).
+        array: numeric array, axes as :func:`read_array` returns them (NIfTI: reversed).
+        meta: the ``meta`` of a file read with :func:`read_array`; NIfTI output keeps its
+            affine and header (with the data type set to ``array``'s, so labels stay
+            integers). Without it NIfTI gets a diagonal affine from ``meta["spacing"]``
+            if given, else the identity.
+
+    Returns:
+        The written path.
+
+    Raises:
+        RaterSegError: unknown ending, an array the format cannot hold, or a failed write.
+    """
+    p = Path(path)
+    fmt = file_format(p, argname)
+    arr = np.asarray(array)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise RaterSegError(f"array: expected a numeric array, got dtype {arr.dtype}")
+    arr = _storable(arr)
+    meta = meta or {}
+    try:
+        with _atomic(p) as tmp:
+            if fmt == "nifti":
+                _write_nifti(tmp, arr, meta)
+            elif fmt == "tiff":
+                import tifffile
+
+                tifffile.imwrite(str(tmp), arr)
+            elif fmt == "npy":
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
+            elif fmt == "npz":
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, **{meta.get("key") or "array": arr})
+            else:
+                _write_2d(tmp, arr, fmt)
+    except RaterSegError:
+        raise
+    except Exception as err:  # disk full, permissions, a dtype the format cannot hold
+        raise RaterSegError(
+            f"{argname}: could not write '{p}' ({type(err).__name__}: {err})"
+        ) from None
+    return p
+
+
+def _write_nifti(tmp: Path, arr: np.ndarray, meta: dict) -> None:
+    import nibabel as nib
+
+    data = arr.T  # (..., z, y, x) -> (x, y, z, ...)
+    header = meta.get("header")
+    affine = meta.get("affine")
+    if affine is None:
+        sp = list(reversed(meta.get("spacing") or ()))[:3]
+        affine = np.diag([*(float(s) for s in sp), *([1.0] * (3 - len(sp))), 1.0])
+    if header is not None and not isinstance(header, (nib.Nifti1Header, nib.Nifti2Header)):
+        header = None
+    header = header.copy() if header is not None else nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = cls(data, np.asarray(affine, dtype=np.float64), header=header)
+    img.header.set_data_dtype(data.dtype)
+    nib.save(img, str(tmp))
+
+
+def _write_2d(tmp: Path, arr: np.ndarray, fmt: str) -> None:
+    import skimage.io
+
+    if arr.ndim == 3 and arr.shape[0] in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    elif arr.ndim != 2:
+        raise RaterSegError(f"array: a {fmt} file holds (H, W) or (3|4, H, W), got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise RaterSegError(f"array: a {fmt} file holds values 0..65535, got {lo}..{hi}")
+        arr = arr.astype(np.uint8 if hi <= 255 else np.uint16)
+    skimage.io.imsave(str(tmp), arr, check_contrast=False)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | None = None,
+                 prefix: str = "", *, rater_names: list[str] | None = None,
+                 suffix: str = ".nii.gz") -> dict[str, Path]:
+    """Write a one-case :class:`FusionResult` into ``outdir`` (each file atomically).
+
+    Files (``<prefix><name><suffix>``; arrays in :func:`write_array`'s axis convention):
+    ``truth`` int16 ``(*S)``, ``probabilities`` float32 ``(L, *S)``, ``uncertainty`` and
+    ``disagreement`` float32 ``(*S)``, ``rater_maps`` ``(R, *S)`` and ``rater_estimates``
+    ``(R, L, *S)`` when the method gives them, ``rater_confusion.csv`` (rater, said, true,
+    p(said | true)) and ``summary.json`` (method, parameters, shapes, class volumes,
+    rater confusion matrices, history).
+
+    Args:
+        meta: ``meta`` of the input (e.g. the image or a rater file) so that NIfTI
+            outputs keep its affine and header.
+        rater_names: names for the CSV and JSON (default ``rater0``, ``rater1``, ...).
+        suffix: file ending of the arrays (any in :data:`SUFFIXES` that holds their shape).
+
+    Returns:
+        ``{name: path}`` of every file written.
+    """
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise RaterSegError(f"outdir: expected a folder, got the file '{out}'")
+    written: dict[str, Path] = {}
+    fields = ("truth", "probabilities", "uncertainty", "disagreement", "rater_maps",
+              "rater_estimates")
+    for name in fields:
+        arr = getattr(result, name)
+        if arr is not None:
+            written[name] = write_array(out / f"{prefix}{name}{suffix}", arr, meta,
+                                        argname="outdir")
+    cm = result.rater_confusion
+    n_r = 0 if cm is None else cm.shape[0]
+    names = list(rater_names) if rater_names is not None else [f"rater{r}" for r in range(n_r)]
+    if cm is not None:
+        buf = _pyio.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["rater", "said", "true", "probability"])
+        for r in range(n_r):
+            for i in range(cm.shape[1]):
+                for j in range(cm.shape[2]):
+                    w.writerow([names[r], i, j, f"{float(cm[r, i, j]):.6g}"])
+        written["rater_confusion"] = out / f"{prefix}rater_confusion.csv"
+        _write_text(written["rater_confusion"], buf.getvalue())
+    truth = np.asarray(result.truth)
+    labels, counts = np.unique(truth, return_counts=True)
+    summary = {
+        "method": result.method,
+        "params": result.params,
+        "num_classes": int(result.probabilities.shape[0]),
+        "spatial_shape": list(truth.shape),
+        "spacing": (meta or {}).get("spacing"),
+        "class_voxels": {int(k): int(v) for k, v in zip(labels, counts)},
+        "rater_names": names,
+        "rater_confusion": cm,
+        "history": result.history,
+        "files": {k: v.name for k, v in written.items()},
+    }
+    written["summary"] = out / f"{prefix}summary.json"
+    _write_text(written["summary"], json.dumps(_jsonable(summary), indent=2) + "\n")
+    return written
+
+
+_FROM_DATASETS = ("Case", "read_case", "read_lidc_nodule")
+
+
+def __getattr__(name: str) -> Any:
+    # Dataset layouts live in raterseg.datasets (which imports this module's readers);
+    # ``raterseg.io.read_case`` etc. resolve lazily to avoid a circular import.
+    if name in _FROM_DATASETS:
+        from . import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,372 @@
+"""raterseg.io and raterseg.datasets: formats, axis order, atomic writes, layouts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import skimage.io
+
+import raterseg as rs
+from raterseg import datasets as ds
+from raterseg import io as rio
+from raterseg.types import RaterSegError
+
+
+def _nifti(path: Path, data: np.ndarray, zooms=(0.7, 0.8, 2.5)) -> None:
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = (-10.0, 5.0, 3.0)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms(zooms + (1.0,) * (data.ndim - 3))
+    nib.save(img, str(path))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# -- read_array / write_array ----------------------------------------------------------
+
+
+def test_nifti_axes_are_reversed_and_geometry_is_kept(tmp_path, rng):
+    data = rng.random((4, 5, 6)).astype(np.float32)  # NIfTI (x, y, z)
+    _nifti(tmp_path / "a.nii.gz", data)
+    arr, meta = rio.read_array(tmp_path / "a.nii.gz")
+    assert arr.shape == (6, 5, 4)  # (D, H, W) = (z, y, x)
+    assert arr[2, 3, 1] == data[1, 3, 2]
+    assert meta["spacing"] == pytest.approx((2.5, 0.8, 0.7))
+    assert meta["affine"][:3, 3] == pytest.approx((-10.0, 5.0, 3.0))
+
+
+def test_nifti_round_trip_is_exact_and_labels_stay_integer(tmp_path, rng):
+    image = (rng.random((4, 5, 6)) * 100).astype(np.float32)
+    _nifti(tmp_path / "image.nii.gz", image)
+    arr, meta = rio.read_array(tmp_path / "image.nii.gz")
+    rio.write_array(tmp_path / "copy.nii", arr, meta)
+    back, meta2 = rio.read_array(tmp_path / "copy.nii")
+    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_array_equal(meta2["affine"], meta["affine"])
+    assert meta2["spacing"] == meta["spacing"]
+    # labels written with the float image's header stay integer labels
+    labels = (arr > 50).astype(np.int16) - (arr < 5)
+    rio.write_array(tmp_path / "labels.nii.gz", labels, meta)
+    lab, lmeta = rio.read_array(tmp_path / "labels.nii.gz")
+    assert lab.dtype.kind == "i" and lab.dtype.itemsize <= 2
+    np.testing.assert_array_equal(lab, labels)
+    np.testing.assert_array_equal(lmeta["affine"], meta["affine"])
+    assert nib.load(str(tmp_path / "labels.nii.gz")).get_data_dtype().kind == "i"
+
+
+def test_nifti_4d_round_trip_channels_first(tmp_path, rng):
+    prob = rng.random((3, 4, 5, 6)).astype(np.float32)  # (L, D, H, W)
+    rio.write_array(tmp_path / "p.nii.gz", prob, {"spacing": (1.0, 2.0, 3.0, 4.0)})
+    assert nib.load(str(tmp_path / "p.nii.gz")).shape == (6, 5, 4, 3)
+    back, meta = rio.read_array(tmp_path / "p.nii.gz")
+    np.testing.assert_array_equal(back, prob)
+    assert meta["spacing"][1:] == pytest.approx((2.0, 3.0, 4.0))
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.tiff", "a.npy", "a.npz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_round_trip_other_formats(tmp_path, rng, name, dtype):
+    arr = (rng.random((3, 7, 9)) * 50).astype(dtype)
+    rio.write_array(tmp_path / name, arr)
+    back, meta = rio.read_array(tmp_path / name)
+    assert back.dtype == arr.dtype
+    np.testing.assert_array_equal(back, arr)
+    assert meta["format"] == rio.file_format(name)
+    assert _leftovers(tmp_path) == []
+
+
+def test_bool_and_int64_are_stored_as_small_integers(tmp_path):
+    mask = np.zeros((2, 4, 4), bool)
+    mask[0, 1:3, 1:3] = True
+    rio.write_array(tmp_path / "m.nii.gz", mask)
+    back, _ = rio.read_array(tmp_path / "m.nii.gz")
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, mask)
+    labels = np.array([[[-1, 0], [2, 300]]], dtype=np.int64)
+    rio.write_array(tmp_path / "l.nii.gz", labels)
+    back, _ = rio.read_array(tmp_path / "l.nii.gz")
+    assert back.dtype == np.int16
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_npz_key_selection(tmp_path, rng):
+    a, b, c = rng.random((2, 3)), rng.integers(0, 2, (2, 3)), rng.random((4,))
+    np.savez(tmp_path / "r.npz", zeta=c, raters=b, images=a)
+    arr, meta = rio.read_array(tmp_path / "r.npz")
+    np.testing.assert_array_equal(arr, a)  # "images" before "raters"
+    assert meta["key"] == "images" and set(meta["keys"]) == {"zeta", "raters", "images"}
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "r.npz", key="raters")[0], b)
+    np.savez(tmp_path / "s.npz", zeta=c, alpha=a)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "s.npz")[0], c)  # first array
+    with pytest.raises(RaterSegError, match=r"key: .*did you mean 'raters'"):
+        rio.read_array(tmp_path / "r.npz", key="rater")
+
+
+def test_png_gray_rgb_and_colour(tmp_path, rng):
+    gray = rng.integers(0, 256, (6, 8)).astype(np.uint8)
+    skimage.io.imsave(tmp_path / "g.png", gray, check_contrast=False)
+    skimage.io.imsave(tmp_path / "rgb_gray.png", np.stack([gray] * 3, -1), check_contrast=False)
+    colour = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    skimage.io.imsave(tmp_path / "c.png", colour, check_contrast=False)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "g.png")[0], gray)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "rgb_gray.png")[0], gray)
+    back, _ = rio.read_array(tmp_path / "c.png")
+    np.testing.assert_array_equal(back, np.moveaxis(colour, -1, 0))  # channels first
+    rio.write_array(tmp_path / "c2.png", back)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "c2.png")[0], back)
+
+
+def test_pickled_npy_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    np.save(tmp_path / "evil.npy", np.array([Evil()], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "evil.npz", images=np.array([Evil()], dtype=object))
+    for name in ("evil.npy", "evil.npz"):
+        with pytest.raises(RaterSegError, match="pickle"):
+            rio.read_array(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_write_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "truth.nii.gz"
+    rio.write_array(target, np.ones((2, 3, 4), np.int16))
+    before = target.read_bytes()
+
+    def broken_save(img, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(RaterSegError, match=r"path: could not write .*truth.nii.gz.*disk full"):
+        rio.write_array(target, np.zeros((2, 3, 4), np.int16))
+    assert target.read_bytes() == before  # the old file is intact
+    assert _leftovers(tmp_path) == []  # and no temporary file is left behind
+
+
+def test_write_array_rejects_unknown_ending_and_bad_png(tmp_path):
+    with pytest.raises(RaterSegError, match=r"path: expected a file ending in .*\.nii\.gz.*a\.mha"):
+        rio.write_array(tmp_path / "a.mha", np.zeros((2, 2)))
+    with pytest.raises(RaterSegError, match="array: a png file holds"):
+        rio.write_array(tmp_path / "a.png", np.zeros((2, 3, 4, 5), np.uint8))
+    assert not any(tmp_path.iterdir())
+
+
+def test_write_result_files_geometry_and_summary(tmp_path, rng):
+    raters = np.zeros((3, 4, 6, 8), np.int16)
+    raters[:, 1:3, 2:5, 2:6] = 1
+    raters[2, 0, 0, 0] = 1
+    _nifti(tmp_path / "rater1.nii.gz", raters[0].T)
+    _, meta = rio.read_array(tmp_path / "rater1.nii.gz")
+    res = rs.fuse(raters, method="majority_vote")
+    written = rio.write_result(tmp_path / "out", res, meta, prefix="case1_",
+                               rater_names=["a", "b", "c"])
+    assert {p.name for p in written.values()} == {
+        "case1_truth.nii.gz", "case1_probabilities.nii.gz", "case1_uncertainty.nii.gz",
+        "case1_disagreement.nii.gz", "case1_rater_confusion.csv", "case1_summary.json"}
+    truth, tmeta = rio.read_array(written["truth"])
+    np.testing.assert_array_equal(truth, res.truth)
+    np.testing.assert_array_equal(tmeta["affine"], meta["affine"])
+    prob, _ = rio.read_array(written["probabilities"])
+    np.testing.assert_array_equal(prob, res.probabilities)
+    summary = json.loads(written["summary"].read_text())
+    assert summary["method"] == "majority_vote" and summary["rater_names"] == ["a", "b", "c"]
+    np.testing.assert_allclose(summary["rater_confusion"], res.rater_confusion, rtol=1e-6)
+    assert summary["class_voxels"] == {"0": int((res.truth == 0).sum()),
+                                       "1": int((res.truth == 1).sum())}
+    lines = written["rater_confusion"].read_text().splitlines()
+    assert lines[0] == "rater,said,true,probability" and len(lines) == 1 + 3 * 2 * 2
+    assert _leftovers(tmp_path / "out") == []
+
+
+# -- case folders ----------------------------------------------------------------------
+
+
+def _labels(shape, seed):
+    return np.random.default_rng(seed).integers(0, 3, shape).astype(np.int16)
+
+
+def test_read_case_files_in_natural_order_with_image(tmp_path, rng):
+    shape = (3, 5, 7)
+    raters = {name: _labels(shape, i) for i, name in enumerate(["rater10", "rater2", "rater_1"])}
+    for name, lab in raters.items():
+        rio.write_array(tmp_path / f"{name}.nii.gz", lab)
+    image = rng.random(shape).astype(np.float32)
+    rio.write_array(tmp_path / "image.nii.gz", image)
+    (tmp_path / "notes.txt").write_text("not a rater")
+    case = rio.read_case(tmp_path)
+    assert case.rater_names == ["rater_1", "rater2", "rater10"]
+    np.testing.assert_array_equal(case.raters, np.stack([raters[n] for n in case.rater_names]))
+    assert case.raters.dtype == np.int16
+    np.testing.assert_array_equal(case.image, image)
+    assert case.meta["format"] == "nifti" and len(case.meta["rater_paths"]) == 3
+
+
+def test_read_case_rater_folders_of_png_slices_and_float_labels(tmp_path):
+    truth = np.zeros((12, 6, 6), np.uint8)
+    truth[:, 2:4, 1:5] = 1
+    truth[3] = 0  # slice 3 differs, so a wrong slice order would show
+    for r in range(2):
+        d = tmp_path / f"rater{r + 1}"
+        d.mkdir()
+        for k in range(12):  # 0/255 masks named slice-0 .. slice-11
+            skimage.io.imsave(d / f"slice-{k}.png", truth[k] * 255, check_contrast=False)
+    d = tmp_path / "rater3"
+    d.mkdir()
+    rio.write_array(d / "labels.nii.gz", truth.astype(np.float32))  # float but whole numbers
+    case = rio.read_case(tmp_path)
+    assert case.image is None and case.rater_names == ["rater1", "rater2", "rater3"]
+    np.testing.assert_array_equal(case.raters, np.stack([truth] * 3))
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("shapes", r"raters: expected every rater .* same shape, got rater1 \(4, 5\), rater2 \(4, 6\)"),
+    ("image", r"image \('.*image.npy'\): expected shape \(4, 5\)"),
+    ("none", r"folder: expected rater files"),
+    ("two_images", r"folder: expected at most one image"),
+    ("jpeg", r"raters \('.*rater2.jpg'\): expected a lossless label file"),
+    ("fraction", r"raters \('.*rater2.npy'\): expected integer class labels, got the value 0.5"),
+])
+def test_read_case_errors(tmp_path, problem, match):
+    rio.write_array(tmp_path / "rater1.npy", np.zeros((4, 5), np.int16))
+    if problem == "shapes":
+        rio.write_array(tmp_path / "rater2.npy", np.zeros((4, 6), np.int16))
+    elif problem == "image":
+        rio.write_array(tmp_path / "image.npy", np.zeros((4, 6), np.float32))
+    elif problem == "none":
+        (tmp_path / "rater1.npy").rename(tmp_path / "labels.npy")
+    elif problem == "two_images":
+        rio.write_array(tmp_path / "image.npy", np.zeros((4, 5)))
+        rio.write_array(tmp_path / "image.tif", np.zeros((4, 5)))
+    elif problem == "jpeg":
+        skimage.io.imsave(tmp_path / "rater2.jpg", np.zeros((4, 5), np.uint8), check_contrast=False)
+    elif problem == "fraction":
+        rio.write_array(tmp_path / "rater2.npy", np.full((4, 5), 0.5))
+    with pytest.raises(RaterSegError, match=match):
+        rio.read_case(tmp_path)
+
+
+# -- LIDC layout -----------------------------------------------------------------------
+
+
+def _fake_lidc_nodule(folder: Path, k: int, missing: tuple[int, int] | None = None) -> np.ndarray:
+    vol = (np.arange(k)[:, None, None] * 10 + np.zeros((k, 5, 5))).astype(np.uint8)
+    (folder / "images").mkdir(parents=True)
+    for s in range(k):
+        skimage.io.imsave(folder / "images" / f"slice-{s}.png", vol[s], check_contrast=False)
+    for r in range(4):
+        (folder / f"mask-{r}").mkdir()
+        for s in range(k):
+            if missing != (r, s):
+                m = np.zeros((5, 5), np.uint8)
+                m[: s % 5 + 1, r] = 255
+                skimage.io.imsave(folder / f"mask-{r}" / f"slice-{s}.png", m, check_contrast=False)
+    return vol
+
+
+def test_lidc_layout_numeric_slice_order_and_missing_mask(tmp_path):
+    nodule = tmp_path / "LIDC-IDRI-0042" / "nodule-0"
+    vol = _fake_lidc_nodule(nodule, 12, missing=(2, 11))
+    case = rio.read_lidc_nodule(tmp_path / "LIDC-IDRI-0042")  # a patient with one nodule
+    assert case.name == "LIDC-IDRI-0042/nodule-0"
+    assert case.image.dtype == np.float32 and case.image.shape == (12, 5, 5)
+    np.testing.assert_array_equal(case.image, vol)  # slice-10 after slice-9
+    assert case.raters.shape == (4, 12, 5, 5) and case.rater_names == [f"mask-{r}" for r in range(4)]
+    assert (case.raters[2, 11] == -1).all()  # that rater has no mask for slice 11
+    assert case.raters[1, 10, :1, 1].all() and case.raters[1, 10].sum() == 1
+    _fake_lidc_nodule(tmp_path / "LIDC-IDRI-0042" / "nodule-1", 2)
+    with pytest.raises(RaterSegError, match="folder: expected an LIDC nodule folder .* 2 nodules"):
+        rio.read_lidc_nodule(tmp_path / "LIDC-IDRI-0042")
+
+
+def test_lidc_slices_match_the_npz_dataset(shared_dir):
+    lidc = shared_dir / "data" / "lidc"
+    case = rio.read_lidc_nodule(lidc / "LIDC-IDRI-slices" / "LIDC-IDRI-0003" / "nodule-1")
+    assert case.image.shape[0] == case.raters.shape[1] == 10
+    assert set(np.unique(case.raters)) <= {0, 1}
+    data = ds.load_npz_dataset(lidc / "lidc_dev.npz")
+    assert data.images.dtype == np.uint8 and data.raters.shape[1:] == (4, 128, 128)
+    index = {str(i): n for n, i in enumerate(data.ids)}
+    rows = [index[f"LIDC-IDRI-0003/nodule-1/slice-{k}.png"] for k in range(10)]
+    np.testing.assert_array_equal(case.image, data.images[rows])
+    np.testing.assert_array_equal(case.raters, data.raters[rows].transpose(1, 0, 2, 3))
+    cohort = ds.load_cohort(lidc / "LIDC-IDRI-slices")
+    assert [c.name for c in cohort][:2] == ["LIDC-IDRI-0001/nodule-0", "LIDC-IDRI-0003/nodule-0"]
+    assert len(cohort) == 8
+
+
+# -- datasets --------------------------------------------------------------------------
+
+
+def test_load_npz_dataset_raters_and_lidc_masks(tmp_path, rng):
+    images = rng.random((5, 2, 6, 6)).astype(np.float32)
+    raters = rng.integers(-1, 3, (5, 3, 6, 6)).astype(np.int16)
+    np.savez(tmp_path / "d.npz", images=images, raters=raters)
+    d = ds.load_npz_dataset(tmp_path / "d.npz")
+    np.testing.assert_array_equal(d.images, images)
+    np.testing.assert_array_equal(d.raters, raters)
+    assert d.ids is None
+    masks = rng.random((5, 4, 6, 6)) > 0.5
+    ids = np.array([f"LIDC-IDRI-000{i}/nodule-0/slice-0.png" for i in range(5)])
+    np.savez_compressed(tmp_path / "lidc.npz", images=(images[:, 0] * 255).astype(np.uint8),
+                        masks=masks, ids=ids)
+    images2, raters2, ids2 = ds.load_npz_dataset(tmp_path / "lidc.npz")
+    assert raters2.dtype.kind == "i"
+    np.testing.assert_array_equal(raters2, masks)
+    np.testing.assert_array_equal(ids2, ids)
+    np.savez(tmp_path / "bad.npz", images=images[:4], raters=raters)
+    with pytest.raises(RaterSegError, match=r"path: expected 'images' of shape \(5, C\?"):
+        ds.load_npz_dataset(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nokey.npz", images=images)
+    with pytest.raises(RaterSegError, match="path: expected arrays 'images' and 'raters'"):
+        ds.load_npz_dataset(tmp_path / "nokey.npz")
+
+
+def test_split_by_patient_keeps_patients_whole():
+    ids = [f"LIDC-IDRI-{p:04d}/nodule-{n}/slice-{k}.png"
+           for p in range(1, 21) for n in range(p % 3 + 1) for k in range(p % 4 + 1)]
+    parts = ds.split_by_patient(ids, (0.7, 0.1, 0.2), seed=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(ids)))
+    patients = [{ids[i].split("/")[0] for i in part} for part in parts]
+    assert [len(p) for p in patients] == [14, 2, 4]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    again = ds.split_by_patient(ids, (0.7, 0.1, 0.2), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = ds.split_by_patient(ids, (0.7, 0.1, 0.2), seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    tiny = ds.split_by_patient(["a/1", "b/1", "c/1"], (0.9, 0.05, 0.05))
+    assert [len(t) for t in tiny] == [1, 1, 1]
+    with pytest.raises(RaterSegError, match="fractions: expected non-negative numbers summing to 1"):
+        ds.split_by_patient(ids, (0.5, 0.2))
+
+
+def test_cohort_of_case_folders_and_lidc_patients(tmp_path):
+    for name in ("case10", "case2"):
+        for r in range(2):
+            rio.write_array(tmp_path / name / f"rater{r}.npy", _labels((4, 4), r))
+    _fake_lidc_nodule(tmp_path / "LIDC-IDRI-0007" / "nodule-3", 2)
+    (tmp_path / "outputs").mkdir()  # not a case: ignored
+    cases = ds.load_cohort(tmp_path)
+    assert [c.name for c in cases] == ["case2", "case10", "LIDC-IDRI-0007/nodule-3"]
+    assert cases[0].raters.shape == (2, 4, 4) and cases[2].raters.shape == (4, 2, 5, 5)
+    with pytest.raises(RaterSegError, match="folder: expected a cohort"):
+        ds.load_cohort(tmp_path / "outputs")
+
+
+def test_io_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys, raterseg.io, raterseg.datasets, raterseg.cli; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

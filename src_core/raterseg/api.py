@@ -6,7 +6,7 @@ from typing import Any
 
 from .methods._base import FusionMethod, Progress
 from .methods._registry import get_method
-from .types import FusionResult, RaterSegError, as_rater_stack
+from .types import FusionResult, RaterSegError, as_rater_stack, check_image
 
 
 def create(method: str, num_classes: int | None = None, num_raters: int | None = None, *,
@@ -51,6 +51,8 @@ def fuse(raters: Any, image: Any = None, method: str = "staple", num_classes: in
     """
     m = create(method, num_classes=num_classes, device=device, seed=seed, **params)
     stack = as_rater_stack(raters, num_classes)
+    if image is not None:  # shape, NaN and dtype mistakes fail here even for classical methods
+        check_image(image, stack.spatial_shape)
     if m.learned and image is None:
         raise RaterSegError(f"image: method {method!r} is learned and needs the image, got None")
     return m.fuse_case(stack.labels, image, progress)

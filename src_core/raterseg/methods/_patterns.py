@@ -1,0 +1,157 @@
+"""Rater-label patterns: the histogram that classical methods with a global model run on.
+
+Without a spatial term, majority voting and STAPLE's E-step see a voxel only through
+its *pattern*: the tuple of labels its R raters gave (-1 = missing). A volume of N
+voxels holds at most min(N, (L+1)^R) distinct patterns, usually a few hundred. So a
+method can work on the histogram of patterns (one pass over the data to build it),
+compute a per-pattern table, and map the table back to voxels with one gather.
+
+Each voxel's pattern is encoded as an integer in base L+1 (digit = label + 1, so 0 =
+missing). When (L+1)^R is small the histogram is a ``bincount`` over those codes (no
+sort); otherwise ``torch.unique`` compresses the codes to pattern indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Voxels per chunk when encoding: bounds temporaries, keeps them cache-friendly.
+CHUNK = 1 << 20
+_INT64_LIMIT = 1 << 62
+
+
+@dataclass
+class PatternHistogram:
+    """Distinct rater-label patterns of one case and how often each occurs.
+
+    Attributes:
+        labels: int64 torch ``(R, P)``: the P distinct patterns, -1 = missing.
+        counts: int64 torch ``(P,)``: voxels showing each pattern (exact at any size).
+        index: torch ``(N,)``: each voxel's code (``slot`` is not None: the raw base-(L+1)
+            code, int16/int32/int64) or its pattern number (``slot`` None).
+        slot: int64 torch ``(B,)`` mapping raw codes to pattern numbers (-1 = unseen),
+            or None when ``index`` already holds pattern numbers.
+    """
+
+    labels: object
+    counts: object
+    index: object
+    slot: object | None
+
+    @property
+    def num_patterns(self) -> int:
+        return int(self.counts.shape[0])
+
+    def to_voxels(self, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Map a per-pattern ``table`` ``(K, P)`` (or ``(P,)``) to voxels: ``(K, N)`` (or ``(N,)``).
+
+        Runs on the histogram's device; returns a numpy array on the CPU.
+        """
+        import torch
+
+        table = np.asarray(table)
+        squeeze = table.ndim == 1
+        table2 = table.reshape(-1, table.shape[-1])
+        if self.slot is not None:  # expand to one entry per raw code
+            slot = self.slot.cpu().numpy()
+            full = np.zeros((table2.shape[0], slot.shape[0]), table2.dtype)
+            seen = slot >= 0
+            full[:, seen] = table2[:, slot[seen]]
+            table2 = full
+        n = int(self.index.shape[0])
+        if out is None:
+            out = np.empty((table2.shape[0], n), table2.dtype)
+        out2 = out.reshape(table2.shape[0], n)
+        if self.index.device.type == "cpu":
+            # numpy fancy indexing of a 1-D table is the fastest CPU gather and, in chunks,
+            # needs no index conversion to intp for the whole volume.
+            idx = self.index.numpy()
+            for k in range(table2.shape[0]):
+                row = table2[k]
+                for s in range(0, n, CHUNK):
+                    out2[k, s : s + CHUNK] = row[idx[s : s + CHUNK]]
+        else:
+            idx = self.index if self.index.dtype in (torch.int32, torch.int64) else self.index.int()
+            tab = torch.as_tensor(table2, device=idx.device)
+            for k in range(table2.shape[0]):
+                out2[k] = tab[k].index_select(0, idx).cpu().numpy()
+        return out2[0] if squeeze else out2
+
+
+def _code_dtype(bins: int):
+    import torch
+
+    if bins <= np.iinfo(np.int16).max:
+        return torch.int16
+    if bins <= np.iinfo(np.int32).max:
+        return torch.int32
+    return torch.int64
+
+
+def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) -> PatternHistogram:
+    """Histogram of the rater-label patterns of one case.
+
+    Args:
+        labels: int torch tensor ``(R, N)`` (int16/int32), -1 = missing, on any device.
+        num_classes: L.
+        max_bins: largest code space counted with ``bincount`` (default: max(N, 2^16));
+            larger code spaces go through ``torch.unique``.
+
+    Returns:
+        :class:`PatternHistogram`.
+    """
+    import torch
+
+    R, n = labels.shape
+    base = num_classes + 1
+    bins = base**R
+    if max_bins is None:
+        max_bins = max(n, 1 << 16)
+    dev = labels.device
+    if bins <= max_bins:
+        dt = _code_dtype(bins)
+        offset = sum(base**k for k in range(R))  # shifts every digit from label to label + 1
+        codes = torch.empty(n, dtype=dt, device=dev)
+        counts = torch.zeros(bins, dtype=torch.int64, device=dev)
+        for s in range(0, n, CHUNK):
+            c = _horner(labels[:, s : s + CHUNK], base, dt)
+            c.add_(offset)
+            codes[s : s + CHUNK] = c
+            counts += torch.bincount(c, minlength=bins)
+        seen = torch.nonzero(counts).squeeze(1)
+        slot = torch.full((bins,), -1, dtype=torch.int64, device=dev)
+        slot[seen] = torch.arange(seen.shape[0], device=dev)
+        digits = []
+        rest = seen.clone()
+        for _ in range(R):  # least significant digit = last rater
+            digits.append(rest % base - 1)
+            rest = rest // base
+        pat = torch.stack(digits[::-1])
+        return PatternHistogram(pat, counts[seen], codes, slot)
+
+    # Large code space: encode in int64, compressing with unique before it could overflow.
+    code = None
+    span = 1
+    for r in range(R):
+        if code is not None and span * base >= _INT64_LIMIT:
+            _, code = torch.unique(code, return_inverse=True)
+            span = int(code.max()) + 1
+        d = labels[r].to(torch.int64) + 1
+        code = d if code is None else code.mul_(base).add_(d)
+        span *= base
+    uniq, inverse, counts = torch.unique(code, return_inverse=True, return_counts=True)
+    del code, uniq
+    rep = torch.empty(counts.shape[0], dtype=torch.int64, device=dev)
+    rep.scatter_(0, inverse, torch.arange(n, device=dev))  # any voxel of each pattern
+    pat = labels[:, rep].to(torch.int64)
+    return PatternHistogram(pat, counts, inverse, None)
+
+
+def _horner(chunk, base: int, dt):
+    """Σ_r label_r · base^(R-1-r) of a ``(R, n)`` chunk in dtype ``dt`` (can be negative)."""
+    c = chunk[0].to(dt, copy=True)
+    for r in range(1, chunk.shape[0]):
+        c.mul_(base).add_(chunk[r] if chunk.dtype == dt else chunk[r].to(dt))
+    return c

@@ -16,7 +16,7 @@ Formats, chosen by the file name's ending:
 ``.npy``                  numpy, read with ``allow_pickle=False``.
 ``.npz``                  numpy archive; the array under ``key``, else the first of
                           ``images``, ``image``, ``raters``, ``labels``, else the first array.
-``.png``, ``.jpg``        2D images (scikit-image); colour images become channels first
+``.png``, ``.jpg``        2D images (Pillow); colour images become channels first
                           (3 or 4, H, W); RGB files whose channels are equal read as (H, W).
 ========================  ==============================================================
 
@@ -134,12 +134,24 @@ def read_array(path: str | os.PathLike, *, key: str | None = None,
         raise
     except Exception as err:  # any parser failure means the file is not what its name says
         raise RaterSegError(
-            f"{argname}: '{p}' is not a readable {fmt} file as its name says "
-            f"({type(err).__name__}: {err})"
+            f"{argname}: '{p}' is not a readable {fmt} file as its name says ({_reason(err)})"
         ) from None
     meta = {"path": str(p), "format": fmt, **meta}
     meta.setdefault("spacing", (1.0,) * arr.ndim)
     return arr, meta
+
+
+def _reason(err: BaseException) -> str:
+    """One line describing a library's exception (some span many lines)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _check_magic(p: Path, magics: tuple[bytes, ...], what: str) -> None:
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if not head.startswith(magics):
+        raise ValueError(f"it does not start like {what} (first bytes {head!r})")
 
 
 def _read_nifti(p: Path):
@@ -171,6 +183,7 @@ def _read_tiff(p: Path):
 
 
 def _read_npy(p: Path):
+    _check_magic(p, (b"\x93NUMPY",), "an .npy file")
     try:
         arr = np.load(str(p), allow_pickle=False)
     except ValueError as err:
@@ -198,6 +211,7 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
     if not p.is_file():
         raise RaterSegError(f"{argname}: no such file '{p}'")
     try:
+        _check_magic(p, (b"PK\x03\x04", b"PK\x05\x06"), "an .npz (zip) archive")
         with np.load(str(p), allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("a single .npy array, not an .npz archive")
@@ -220,10 +234,10 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
                 "arrays (raterseg never unpickles files)"
             ) from None
         raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
-                            f"({type(err).__name__}: {err})") from None
+                            f"({_reason(err)})") from None
     except Exception as err:
         raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
-                            f"({type(err).__name__}: {err})") from None
+                            f"({_reason(err)})") from None
 
 
 def _read_npz(p: Path, key: str | None):
@@ -235,16 +249,25 @@ def _read_npz(p: Path, key: str | None):
     return read_npz(p, [key])[key], {"key": key, "keys": keys}
 
 
-def _read_2d(p: Path):
-    import skimage.io
+_PIL_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO")}
 
-    arr = np.asarray(skimage.io.imread(str(p)))
+
+def _read_2d(p: Path):
+    from PIL import Image
+
+    with Image.open(p) as img:
+        wanted = _PIL_FORMATS[_suffix(p) or ""]
+        if img.format not in wanted:
+            raise ValueError(f"it holds a {img.format} image, not {wanted[0]}")
+        arr = np.array(img)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
         opaque = arr.shape[-1] == 3 or bool((arr[..., 3] == arr[..., 3].max()).all())
         if opaque and (rgb == rgb[..., :1]).all():
             return np.ascontiguousarray(rgb[..., 0]), {"gray_from_rgb": True}
         return np.ascontiguousarray(np.moveaxis(arr, -1, 0)), {"channels_moved_first": True}
+    if arr.ndim == 3 and arr.shape[-1] == 2:  # gray + alpha
+        arr = np.ascontiguousarray(arr[..., 0])
     if arr.ndim != 2:
         raise ValueError(f"expected a 2D image, got shape {arr.shape}")
     return arr, {}
@@ -328,9 +351,7 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
     except RaterSegError:
         raise
     except Exception as err:  # disk full, permissions, a dtype the format cannot hold
-        raise RaterSegError(
-            f"{argname}: could not write '{p}' ({type(err).__name__}: {err})"
-        ) from None
+        raise RaterSegError(f"{argname}: could not write '{p}' ({_reason(err)})") from None
     return p
 
 
@@ -354,7 +375,7 @@ def _write_nifti(tmp: Path, arr: np.ndarray, meta: dict) -> None:
 
 
 def _write_2d(tmp: Path, arr: np.ndarray, fmt: str) -> None:
-    import skimage.io
+    from PIL import Image
 
     if arr.ndim == 3 and arr.shape[0] in (3, 4):
         arr = np.moveaxis(arr, 0, -1)
@@ -362,10 +383,16 @@ def _write_2d(tmp: Path, arr: np.ndarray, fmt: str) -> None:
         raise RaterSegError(f"array: a {fmt} file holds (H, W) or (3|4, H, W), got shape {arr.shape}")
     if arr.dtype.kind in "iu":
         lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-        if lo < 0 or hi > 65535:
-            raise RaterSegError(f"array: a {fmt} file holds values 0..65535, got {lo}..{hi}")
-        arr = arr.astype(np.uint8 if hi <= 255 else np.uint16)
-    skimage.io.imsave(str(tmp), arr, check_contrast=False)
+        top = 255 if fmt == "jpeg" else 65535
+        if lo < 0 or hi > top:
+            raise RaterSegError(f"array: a {fmt} file holds values 0..{top}, got {lo}..{hi}")
+        arr = arr.astype(np.uint8 if hi <= 255 or fmt == "jpeg" else np.uint16)
+    elif arr.dtype != np.uint8:
+        raise RaterSegError(f"array: a {fmt} file holds integers, got dtype {arr.dtype}; "
+                            "use .tif, .npy or .nii.gz for floating-point data")
+    if arr.dtype == np.uint16 and arr.ndim == 3:
+        raise RaterSegError(f"array: a colour {fmt} file holds 8-bit values, got up to {hi}")
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG" if fmt == "png" else "JPEG")
 
 
 def _jsonable(x: Any) -> Any:

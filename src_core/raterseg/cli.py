@@ -1,0 +1,377 @@
+"""The ``raterseg`` command (also ``python -m raterseg``).
+
+Subcommands, one ``_add_<name>`` (arguments) and one ``_run_<name>`` (work) each,
+listed in :data:`SUBCOMMANDS`; adding one means writing those two functions and
+appending the adder::
+
+    raterseg fuse RATER... [--image IMG] --method M [--set k=v ...] -o OUTDIR
+    raterseg methods [--format text|markdown]
+    raterseg demo [-o demo-output]
+
+Bad input gives exit code 2 and one line ``raterseg: error: <message>`` on stderr;
+progress goes to stderr, results and tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import numpy as np
+
+from .types import RaterSegError, TrainingEvent
+
+__all__ = ["main", "build_parser", "TextProgress", "SUBCOMMANDS"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(2, f"raterseg: error: {message} (see '{self.prog} --help')\n")
+
+
+class TextProgress:
+    """A text progress bar on ``stream`` fed with :class:`TrainingEvent`s.
+
+    On a terminal the bar redraws in place; otherwise (logs, pipes) it writes a line
+    at every tenth of the work, so logs stay short.
+    """
+
+    def __init__(self, label: str = "", stream: TextIO | None = None, width: int = 30,
+                 quiet: bool = False) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.quiet = quiet
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_tenth = -1
+
+    def __call__(self, event: TrainingEvent) -> None:
+        if self.quiet:
+            return
+        total = max(int(event.total), 1)
+        step = min(max(int(event.step), 0), total)
+        tenth = step * 10 // total
+        if not self._tty and tenth == self._last_tenth and step != total:
+            return
+        self._last_tenth = tenth
+        filled = self.width * step // total
+        bar = "#" * filled + "-" * (self.width - filled)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
+                           if isinstance(v, (int, float)))
+        text = f"{self.label} [{bar}] {step}/{total} {event.message} {metrics}".rstrip()
+        if self._tty:
+            self.stream.write("\r" + text[:150].ljust(80) + ("\n" if step == total else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _info(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RaterSegError(f"--set: expected key=value, got {item!r}")
+        params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _rater_rows(raters: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
+    """Per-rater sensitivity, specificity and Dice against ``truth`` (foreground = label > 0)."""
+    from .metrics import rater_table
+
+    return rater_table(raters, truth)
+
+
+def _fmt(x: float) -> str:
+    return "  n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+# -- fuse ------------------------------------------------------------------------------
+
+
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="fuse one case's raters and write the results",
+                       description="Fuse one case: rater label files (or one case folder "
+                                   "holding image.* and rater* files, or an LIDC nodule "
+                                   "folder) into truth, probabilities, uncertainty and "
+                                   "rater confusion matrices.")
+    p.add_argument("raters", nargs="+", metavar="RATER",
+                   help="one label file (or folder of 2D slices) per rater, or one case folder")
+    p.add_argument("--image", help="the image (needed by learned methods)")
+    p.add_argument("--method", "-m", default="staple", help="fusion method (default: staple; "
+                   "see 'raterseg methods')")
+    p.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE",
+                   help="a method parameter, repeatable (see 'raterseg methods')")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: max label + 1)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_fuse)
+
+
+def _read_inputs(paths: list[str], image_path: str | None):
+    """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
+    from .datasets import _stem, read_case, read_image, read_labels
+
+    first = Path(paths[0])
+    if len(paths) == 1 and first.is_dir() and (
+            any(e.name.lower().startswith(("rater", "nodule-", "mask-", "images"))
+                for e in first.iterdir())):
+        case = read_case(first)
+        raters, names, image, meta = case.raters, case.rater_names, case.image, case.meta
+    else:
+        labels, metas = zip(*(read_labels(p) for p in paths))
+        shapes = [a.shape for a in labels]
+        if len(set(shapes)) != 1:
+            listing = ", ".join(f"'{p}' {s}" for p, s in zip(paths, shapes))
+            raise RaterSegError(f"raters: expected every rater's labels to have the same shape, "
+                                f"got {listing}")
+        raters, image, meta = np.stack(labels), None, metas[0]
+        names = [_stem(Path(p)) for p in paths]
+    if image_path is not None:
+        image, meta = read_image(image_path)
+    return raters, names, image, meta
+
+
+def _run_fuse(args: argparse.Namespace) -> int:
+    import raterseg as rs
+
+    from .io import write_result
+
+    from ._device import resolve_device
+    from .types import as_rater_stack, check_image
+
+    params = _parse_sets(args.params)
+    # every mistake is reported before any work starts (and before any progress output)
+    method = rs.create(args.method, num_classes=args.num_classes, seed=args.seed, **params)
+    resolve_device(args.device)
+    raters, names, image, meta = _read_inputs(args.raters, args.image)
+    stack = as_rater_stack(raters, args.num_classes)
+    if image is not None:
+        check_image(image, stack.spatial_shape)
+    elif method.learned:
+        raise RaterSegError(f"--image: method {args.method!r} is learned and needs the image")
+    _info(f"raterseg fuse: {len(names)} rater{'s' * (len(names) != 1)}, shape "
+          f"{stack.spatial_shape}, {stack.num_classes} classes, method {args.method}", args.quiet)
+    progress = TextProgress(args.method, quiet=args.quiet)
+    t0 = time.perf_counter()
+    res = rs.fuse(raters, image=image, method=args.method, num_classes=args.num_classes,
+                  device=args.device, seed=args.seed, progress=progress, **params)
+    seconds = time.perf_counter() - t0
+    written = write_result(args.output, res, meta, rater_names=names)
+    rows = []
+    for name, row in zip(names, _rater_rows(raters, res.truth)):
+        rows.append([name, _fmt(row.get("sensitivity")), _fmt(row.get("specificity")),
+                     _fmt(row.get("dice"))])
+    print(f"{args.method}: fused {len(names)} raters ({res.num_classes} classes, shape "
+          f"{tuple(res.truth.shape)}) in {seconds:.2f} s")
+    print("Each rater against the fused truth (foreground = any label > 0):")
+    print(_table(rows, ["rater", "sensitivity", "specificity", "Dice"]))
+    print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.output)}/")
+    return 0
+
+
+# -- methods ---------------------------------------------------------------------------
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="list the fusion methods and their parameters",
+                       description="Every registered method with its parameters (name, type, "
+                                   "default, help), as accepted by --set KEY=VALUE.")
+    p.add_argument("--format", choices=("text", "markdown"), default="text")
+    p.set_defaults(func=_run_methods)
+
+
+def _describe_param(info) -> tuple[str, str, str, str]:
+    t = getattr(info.type, "__name__", str(info.type))
+    default = ",".join(map(str, info.default)) if isinstance(info.default, tuple) else str(info.default)
+    extra = []
+    if info.choices is not None:
+        extra.append("one of " + "|".join(map(str, info.choices)))
+    if info.low is not None or info.high is not None:
+        lo = "" if info.low is None else f"{info.low:g} <= "
+        hi = "" if info.high is None else f" <= {info.high:g}"
+        extra.append(f"{lo}x{hi}")
+    help_ = info.help + (f" ({'; '.join(extra)})" if extra else "")
+    return info.name, t, default, help_
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    import raterseg as rs
+
+    out = []
+    for name in rs.available_methods():
+        cls = rs.get_method(name)
+        kind = "learned" if cls.learned else "classical"
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows = [_describe_param(i) for i in cls.params()]
+        if args.format == "markdown":
+            out.append(f"### `{name}` ({kind})\n\n{doc[0] if doc else ''}\n")
+            if rows:
+                out.append("| parameter | type | default | help |\n| --- | --- | --- | --- |")
+                out.extend(f"| `{a}` | {b} | `{c}` | {d} |" for a, b, c, d in rows)
+            else:
+                out.append("No parameters.")
+            out.append("")
+        else:
+            out.append(f"{name} ({kind}){': ' + doc[0] if doc else ''}")
+            if rows:
+                out.append("\n".join("    " + ln for ln in
+                                     _table([list(r) for r in rows],
+                                            ["parameter", "type", "default", "help"]).splitlines()))
+            else:
+                out.append("    (no parameters)")
+            out.append("")
+    print("\n".join(out).rstrip())
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="fuse a simulated 3D phantom with every classical method",
+                       description="Simulate raters of known quality on a 3D phantom, fuse "
+                                   "them with every classical method, write NIfTI results "
+                                   "and print how each rater and method compares with the "
+                                   "known truth.")
+    p.add_argument("--output", "-o", default="demo-output", help="output folder "
+                   "(default: demo-output)")
+    p.add_argument("--raters", type=int, default=5, help="number of simulated raters (default 5)")
+    p.add_argument("--shape", default="64,128,128", help="phantom size D,H,W (default 64,128,128)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_demo)
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 8:
+        raise RaterSegError(f"--shape: expected three sizes >= 8 like 64,128,128, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import raterseg as rs
+
+    from . import synth
+    from ._device import resolve_device
+    from .io import write_array, write_result
+    from .metrics import dice
+
+    shape = _parse_shape(args.shape)
+    out = Path(args.output)
+    device = resolve_device(args.device)  # imports torch once, before any timing
+    _info(f"raterseg demo: simulating {args.raters} raters on a {'x'.join(map(str, shape))} "
+          f"phantom (seed {args.seed})", args.quiet)
+    image, raters, truth = synth.sample_case(dims=3, num_raters=args.raters, seed=args.seed,
+                                             shape=shape)
+    kinds = [synth.SAMPLE_KINDS[r % len(synth.SAMPLE_KINDS)] for r in range(args.raters)]
+    names = [f"rater{r + 1}" for r in range(args.raters)]
+    write_array(out / "image.nii.gz", image)
+    write_array(out / "known_truth.nii.gz", truth)
+    for name, lab in zip(names, raters):
+        write_array(out / f"{name}.nii.gz", lab)
+
+    methods = rs.available_methods(learned=False)
+    results, seconds = {}, {}
+    for m in methods:
+        progress = TextProgress(f"  {m}", quiet=args.quiet)
+        _info(f"fusing with {m} ...", args.quiet)
+        t0 = time.perf_counter()
+        results[m] = rs.fuse(raters, image=image, method=m, device=device, seed=args.seed,
+                             progress=progress)
+        seconds[m] = time.perf_counter() - t0
+        write_result(out / m, results[m], rater_names=names)
+
+    rows = []
+    for name, kind, row in zip(names, kinds, _rater_rows(raters, truth)):
+        rows.append([name, kind, _fmt(row.get("sensitivity")), _fmt(row.get("specificity")),
+                     _fmt(row.get("dice"))])
+    print(f"raterseg demo: 3D phantom {'x'.join(map(str, shape))}, {args.raters} simulated "
+          f"raters, device {device}")
+    print("\nEach rater against the known truth:")
+    print(_table(rows, ["rater", "kind", "sensitivity", "specificity", "Dice"]))
+
+    print("\nEach method's fused truth against the known truth:")
+    mrows = [[m, _fmt(float(dice(results[m].truth, truth))), f"{seconds[m]:.3f}"]
+             for m in methods]
+    print(_table(mrows, ["method", "Dice", "time (s)"]))
+
+    est = [m for m in methods if results[m].rater_confusion is not None]
+    if est:
+        print("\nRater sensitivity / specificity as each method estimates them "
+              "(from rater_confusion):")
+        erows = []
+        for r, name in enumerate(names):
+            row = [name]
+            for m in est:
+                cm = results[m].rater_confusion[r]
+                row.append(f"{cm[1, 1]:.3f} / {cm[0, 0]:.3f}")
+            erows.append(row)
+        print(_table(erows, ["rater", *est]))
+    print(f"\nWrote image.nii.gz, known_truth.nii.gz, rater*.nii.gz and one folder per method "
+          f"({', '.join(methods)}) to {out}/")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------
+
+#: Functions adding one subcommand each (its parser and its ``func``), in help order.
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_fuse, _add_methods, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="raterseg", description="Fuse several raters' segmentations into "
+                     "a truth estimate, rater models and uncertainty maps.")
+    parser.add_argument("--version", action="version", version=f"raterseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``raterseg`` command; returns the exit code (2 on bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error (already printed)
+        return int(stop.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except RaterSegError as err:
+        print(f"raterseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raterseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

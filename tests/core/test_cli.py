@@ -1,0 +1,219 @@
+"""The ``raterseg`` command: methods, fuse, demo, progress and bad input (exit 2, one line)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import raterseg as rs
+from raterseg import io as rio
+from raterseg import metrics
+from raterseg.cli import TextProgress, main
+from raterseg.types import TrainingEvent
+
+SPACING = (2.0, 0.5, 0.75)
+
+
+@pytest.fixture
+def case_dir(tmp_path):
+    """Three raters and an image as NIfTI files; rater2 misses slice 1, rater3 over-segments."""
+    raters = np.zeros((3, 5, 9, 11), np.int16)
+    raters[:, 1:4, 2:7, 3:9] = 1
+    raters[1, 1] = 0
+    raters[2, :, 1:8, 2:10] = 1
+    rng = np.random.default_rng(0)
+    for r in range(3):
+        rio.write_array(tmp_path / f"rater{r + 1}.nii.gz", raters[r], {"spacing": SPACING})
+    rio.write_array(tmp_path / "image.nii.gz", rng.random((5, 9, 11)).astype(np.float32),
+                    {"spacing": SPACING})
+    return tmp_path, raters
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("raterseg: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_methods_lists_every_method_and_parameter(capsys):
+    code, out, _ = _run(["methods"], capsys)
+    assert code == 0
+    blocks = {b.split()[0]: b for b in out.split("\n\n")}
+    assert list(blocks) == rs.available_methods()
+    for name, block in blocks.items():
+        cls = rs.get_method(name)
+        assert block.startswith(f"{name} ({'learned' if cls.learned else 'classical'})")
+        for info in cls.params():
+            line = next((ln for ln in block.splitlines() if ln.split()[:1] == [info.name]), None)
+            assert line is not None, (name, info.name)
+            assert info.help[:40] in line
+            assert line.split()[1] == getattr(info.type, "__name__", str(info.type))
+    assert "one of lowest|undecided" in out
+    code, md, _ = _run(["methods", "--format", "markdown"], capsys)
+    assert code == 0 and "### `majority_vote` (classical)" in md
+    assert "| `tie` | str | `lowest` |" in md
+
+
+@pytest.mark.parametrize("method, params", [("majority_vote", {"tie": "undecided"}),
+                                            ("mean", {})])
+def test_fuse_files_matches_the_api(case_dir, capsys, method, params):
+    folder, raters = case_dir
+    sets = [a for k, v in params.items() for a in ("--set", f"{k}={v}")]
+    argv = ["fuse", *(folder / f"rater{r}.nii.gz" for r in (1, 2, 3)), "--image",
+            folder / "image.nii.gz", "--method", method, *sets, "-o", folder / "out", "-q"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    want = rs.fuse(raters, method=method, **params)
+    truth, meta = rio.read_array(folder / "out" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, want.truth)
+    prob, _ = rio.read_array(folder / "out" / "probabilities.nii.gz")
+    np.testing.assert_allclose(prob, want.probabilities)
+    assert meta["spacing"] == pytest.approx(SPACING)  # geometry of the inputs kept
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["rater_names"] == ["rater1", "rater2", "rater3"]
+    assert summary["params"] == {**want.params}
+    # the printed table compares each rater with the fused truth
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines()
+            if re.match(r"rater\d ", ln)}
+    assert set(rows) == {"rater1", "rater2", "rater3"}
+    table = metrics.rater_table(raters, want.truth)
+    assert float(rows["rater2"][0]) == pytest.approx(table[1]["sensitivity"], abs=1e-3)
+    assert float(rows["rater3"][2]) == pytest.approx(table[2]["dice"], abs=1e-3)
+    assert err == ""  # -q: no progress output
+
+
+def test_fuse_case_folder_and_python_m(case_dir):
+    folder, raters = case_dir
+    out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(folder), "-m",
+                          "majority_vote", "-o", str(folder / "res")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    truth, _ = rio.read_array(folder / "res" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, rs.fuse(raters, method="majority_vote").truth)
+    assert "raterseg fuse: 3 raters" in out.stderr
+
+
+@pytest.mark.parametrize("method", rs.available_methods(learned=False))
+def test_fuse_every_classical_method(tmp_path, capsys, method):
+    raters = np.zeros((3, 12, 12), np.int16)
+    raters[:, 3:9, 3:9] = 1
+    raters[0, 3:9, 8] = 0
+    raters[2, 0:2, 0:2] = 1
+    for r in range(3):
+        rio.write_array(tmp_path / f"r{r}.png", raters[r] * 255)  # 0/255 masks read as 0/1
+    code, _, err = _run(["fuse", *(tmp_path / f"r{r}.png" for r in range(3)), "-m", method,
+                         "--device", "cpu", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    truth, _ = rio.read_array(tmp_path / "out" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, rs.fuse(raters, method=method, device="cpu").truth)
+
+
+@pytest.mark.parametrize("make_argv, match", [
+    (lambda d: ["fuse", d / "rater1.nii.gz", d / "absent.nii.gz", "-o", d / "o"],
+     "raters: no such file or folder"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "maen", "-o", d / "o"],
+     "method: .*did you mean 'mean'"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "majority_vote", "--set", "ties=lowest",
+                "-o", d / "o"], "ties: not a parameter .*did you mean 'tie'"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "majority_vote", "--set", "tie",
+                "-o", d / "o"], "--set: expected key=value"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "--image", d / "small.npy", "-m", "mean",
+                "-o", d / "o"], r"image: expected shape .*\(5, 9, 11\).*\(4, 4\)"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", d / "small.npy", "-m", "mean", "-o", d / "o"],
+     "raters: expected every rater's labels to have the same shape"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "mean", "--num-classes", "1", "-o", d / "o"],
+     "num_classes: expected an integer >= 2"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "mean", "--device", "tpu", "-o", d / "o"],
+     "device: expected"),
+    (lambda d: ["fuse", d / "notes.txt", "-m", "mean", "-o", d / "o"],
+     "raters: expected a file ending in"),
+    (lambda d: ["fuse", d / "fake.nii.gz", "-m", "mean", "-o", d / "o"],
+     "is not a readable nifti file"),
+    (lambda d: ["fuse", d / "rater1.nii.gz", "-o", d / "o", "--seed", "x"],
+     "argument --seed: invalid int value"),
+    (lambda d: ["fuse", d / "rater1.nii.gz"], "required: --output"),
+    (lambda d: ["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_exit_2_one_line(case_dir, capsys, make_argv, match):
+    folder, _ = case_dir
+    rio.write_array(folder / "small.npy", np.zeros((4, 4), np.int16))
+    (folder / "notes.txt").write_text("hello")
+    (folder / "fake.nii.gz").write_text("not nifti")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, out, err = _run(make_argv(folder), capsys)
+    line = _one_error_line(code, err)
+    assert re.search(match, line), line
+    assert out == ""
+    assert not (folder / "o").exists()  # nothing written on bad input
+    assert before == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_bad_input_through_the_installed_entry_point(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(tmp_path / "x.nii.gz"),
+                          "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"raterseg: error: raters: no such file or folder '{tmp_path / 'x.nii.gz'}'"]
+
+
+def test_demo_small_phantom(tmp_path, capsys):
+    outdir = tmp_path / "demo"
+    code, out, err = _run(["demo", "-o", outdir, "--shape", "12,24,24", "--raters", "3",
+                           "--device", "cpu"], capsys)
+    assert code == 0, err
+    methods = rs.available_methods(learned=False)
+    # the written raters and image form a case folder; fusing it again gives the same truth
+    case = rio.read_case(outdir)
+    assert case.rater_names == ["rater1", "rater2", "rater3"] and case.image.shape == (12, 24, 24)
+    known, _ = rio.read_array(outdir / "known_truth.nii.gz")
+    for m in methods:
+        truth, _ = rio.read_array(outdir / m / "truth.nii.gz")
+        np.testing.assert_array_equal(truth, rs.fuse(case.raters, method=m, device="cpu").truth)
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [m])
+        dice = metrics.dice(truth, known)
+        assert float(line.split()[1]) == pytest.approx(dice, abs=1e-3)
+    table = metrics.rater_table(case.raters, known)
+    for r, row in enumerate(table):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"rater{r + 1} "))
+        assert [float(v) for v in line.split()[2:5]] == pytest.approx(
+            [row["sensitivity"], row["specificity"], row["dice"]], abs=1e-3)
+    assert "fusing with" in err
+
+
+def test_text_progress_is_short_in_logs_and_draws_in_place_on_a_terminal():
+    log = io.StringIO()
+    bar = TextProgress("staple", stream=log, width=10)
+    for i in range(1, 101):
+        bar(TrainingEvent(i, 100, f"iteration {i}", {"change": 1.0 / i}))
+    lines = log.getvalue().splitlines()
+    assert 10 <= len(lines) <= 11
+    assert lines[-1].startswith("staple [##########] 100/100 iteration 100 change=0.01")
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = TextProgress("cm", stream=tty, width=4)
+    for i in range(1, 5):
+        bar(TrainingEvent(i, 4, "epoch"))
+    text = tty.getvalue()
+    assert text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 1
+    quiet = io.StringIO()
+    TextProgress(stream=quiet, quiet=True)(TrainingEvent(1, 1))
+    assert quiet.getvalue() == ""

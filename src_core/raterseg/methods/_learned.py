@@ -152,14 +152,23 @@ class LearnedMethod(FusionMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             network = self.build_network(C, L, R, cfg.spatial_dims)
-        history = yield from train.iter_train(
-            self, network, samples, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            val_fraction=cfg.val_fraction, patience=cfg.patience, device=device, seed=self.seed)
+        history = yield from self._run_training(network, samples, device)
         # Reached only when training ran to its end: commit the fitted state at once.
         self.num_classes, self.num_raters = L, R
         self.in_channels_, self.data_ndim_ = C, len(stack.spatial_shape)
         self.history_ = history
         self.network_ = network
+
+    def _run_training(self, network, samples, device) -> Generator[TrainingEvent, None, list[dict]]:
+        """Train ``network`` in place: yields a :class:`TrainingEvent` per epoch and returns the
+        history. Default: one run of :func:`raterseg.train.iter_train`; a method trained in
+        stages (``avap``) overrides it to run the engine once per stage."""
+        from .. import train
+
+        cfg = self.config
+        return (yield from train.iter_train(
+            self, network, samples, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            val_fraction=cfg.val_fraction, patience=cfg.patience, device=device, seed=self.seed))
 
     # -- prediction ---------------------------------------------------------------------
     def _outputs(self, imgs: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,215 @@
+"""TGCE (Lotero Londoño 2025, ch. 2): the loss on hand-worked cases (Λ = 1 is GCE, Λ = 0
+the uniform constant, q → 0 cross entropy), missing raters, the outputs derived from Λ
+and f, the network layouts, and — trained — that Λ tells a blank rater from a good one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import raterseg as rs
+from raterseg import metrics, synth
+from raterseg.nn.tgce_loss import gce_per_pixel, tgce_loss, uniform_gce
+from raterseg.train import TrainState
+
+torch.set_num_threads(2)
+
+# One image of two pixels (H=1, W=2), two classes, two raters.
+F = np.array([[0.2, 0.6], [0.8, 0.4]])  # f[k, pixel]: pixel a = (0.2, 0.8), b = (0.6, 0.4)
+# Rater 0 says 1 at a and 0 at b; rater 1 says 0 at a and did not annotate b.
+LABELS = np.array([[[1, 0]], [[0, -1]]])
+
+
+def _seg(f=F):
+    return torch.tensor(np.log(f), dtype=torch.float64).reshape(1, f.shape[0], 1, -1)
+
+
+def _lam(values):
+    """Λ ``(1, R, 1, 2)`` from per-rater, per-pixel values."""
+    return torch.tensor(np.asarray(values, dtype=np.float64)).reshape(1, -1, 1, 2)
+
+
+def _y(labels=LABELS):
+    y = torch.tensor(labels)[None]
+    return y.clamp_min(0), y >= 0
+
+
+def _state(epoch=5, training=True):
+    return TrainState(epoch=epoch, epochs=10, step=0, training=training,
+                      generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------- the loss by hand
+def test_reliability_one_is_gce():
+    # q = 1/2: (1 − f_y^q)/q = 2(1 − √f_y) for rater 0 at a (f_y = 0.8), rater 0 at b (0.6),
+    # rater 1 at a (0.2): 0.2111456, 0.4508067, 1.1055728; mean over the 3 annotated pairs.
+    expected = (0.21114562 + 0.45080666 + 1.10557281) / 3  # 0.5891750
+    loss, parts = tgce_loss(_seg(), _lam([[1, 1], [1, 1]]), *_y(), q=0.5)
+    assert float(loss) == pytest.approx(expected, abs=1e-7)
+    assert float(parts["gce"]) == pytest.approx(expected, abs=1e-7)
+    gce = gce_per_pixel(_seg(), _y()[0], 0.5)
+    assert float(gce[0, 1, 0, 0]) == pytest.approx(2 * (1 - math.sqrt(0.2)), abs=1e-12)
+
+
+def test_reliability_zero_is_the_uniform_constant():
+    # (1 − (1/L)^q)/q = 2(1 − √½) = 0.5857864 for L = 2, q = ½, whatever f and the labels
+    loss, _ = tgce_loss(_seg(), _lam([[0, 0], [0, 0]]), *_y(), q=0.5)
+    assert float(loss) == pytest.approx(0.58578644, abs=1e-7)
+    assert uniform_gce(2, 0.5) == pytest.approx(0.58578644, abs=1e-7)
+    # ... which is the GCE of a uniform prediction
+    flat = np.full((3, 2), 1 / 3)
+    y3 = torch.tensor([[[2, 1]], [[0, 0]]])[None]
+    loss3, _ = tgce_loss(_seg(flat), _lam([[1, 1], [1, 1]]), y3, y3 >= 0, q=0.7)
+    assert float(loss3) == pytest.approx(uniform_gce(3, 0.7), abs=1e-12)
+
+
+def test_mixed_reliability_by_hand():
+    # Λ_0 = 0.9, Λ_1 = 0.25:  0.9·0.2111456 + 0.1·0.5857864 = 0.2486097 (rater 0, a)
+    #                          0.9·0.4508067 + 0.1·0.5857864 = 0.4643046 (rater 0, b)
+    #                          0.25·1.1055728 + 0.75·0.5857864 = 0.7157330 (rater 1, a)
+    loss, parts = tgce_loss(_seg(), _lam([[0.9, 0.9], [0.25, 0.7]]), *_y(), q=0.5)
+    assert float(loss) == pytest.approx((0.2486097 + 0.4643046 + 0.7157330) / 3, abs=1e-6)
+    assert float(parts["reliability"]) == pytest.approx((0.9 + 0.9 + 0.25) / 3)
+
+
+def test_small_q_approaches_cross_entropy_and_q_one_is_mae():
+    ce = (-math.log(0.8) - math.log(0.6) - math.log(0.2)) / 3  # 0.7811357
+    for q, tol in ((1e-2, 2e-2), (1e-4, 2e-4), (1e-6, 2e-6)):
+        loss, _ = tgce_loss(_seg(), _lam([[1, 1], [1, 1]]), *_y(), q=q)
+        assert float(loss) == pytest.approx(ce, rel=tol)
+        assert uniform_gce(2, q) == pytest.approx(math.log(2), rel=tol)
+    loss, _ = tgce_loss(_seg(), _lam([[1, 1], [1, 1]]), *_y(), q=1.0)
+    assert float(loss) == pytest.approx((0.2 + 0.4 + 0.8) / 3, abs=1e-12)
+
+
+def test_missing_raters_add_neither_a_term_nor_a_gradient():
+    # Rater 1 missing everywhere vs rater 1 absent from the stack: the same loss and f-gradient;
+    # rater 1's Λ gets exactly zero gradient.
+    lab = np.array([[[1, 0]], [[-1, -1]]])
+    seg = _seg().requires_grad_(True)
+    lam = _lam([[0.6, 0.3], [0.1, 0.9]]).requires_grad_(True)
+    loss, _ = tgce_loss(seg, lam, *_y(lab), q=0.7)
+    loss.backward()
+    seg1 = _seg().requires_grad_(True)
+    lam1 = _lam([[0.6, 0.3]]).requires_grad_(True)
+    loss1, _ = tgce_loss(seg1, lam1, *_y(lab[:1]), q=0.7)
+    loss1.backward()
+    assert float(loss) == pytest.approx(float(loss1), abs=1e-15)
+    assert torch.equal(lam.grad[:, 1], torch.zeros_like(lam.grad[:, 1]))
+    assert torch.allclose(seg.grad, seg1.grad, atol=1e-15)
+    assert torch.allclose(lam.grad[:, :1], lam1.grad, atol=1e-15)
+
+
+def test_images_are_averaged_after_their_pixels_and_raters():
+    # eq. 2-7: the mean over images of each image's mean over annotated (rater, pixel) pairs;
+    # an image nobody annotated is left out.
+    seg = torch.cat([_seg(), _seg(), _seg()])
+    lab = torch.tensor(np.stack([LABELS, np.array([[[1, 1]], [[-1, -1]]]), np.full((2, 1, 2), -1)]))
+    lam = torch.full((3, 2, 1, 2), 0.5, dtype=torch.float64)
+    loss, _ = tgce_loss(seg, lam, lab.clamp_min(0), lab >= 0, q=0.5)
+    c = 0.58578644
+    img0 = 0.5 * (0.21114562 + 0.45080666 + 1.10557281) / 3 + 0.5 * c
+    img1 = 0.5 * (0.21114562 + 2 * (1 - math.sqrt(0.4))) / 2 + 0.5 * c
+    assert float(loss) == pytest.approx((img0 + img1) / 2, abs=1e-7)
+
+
+def test_reliability_gradient_sign_follows_gce_minus_constant():
+    # ∂ℓ/∂Λ = GCE − const: negative (Λ rises) where f_y > 1/L, positive where f_y < 1/L
+    lam = _lam([[0.5, 0.5], [0.5, 0.5]]).requires_grad_(True)
+    loss, _ = tgce_loss(_seg(), lam, *_y(), q=0.5)
+    loss.backward()
+    g = lam.grad[0, :, 0]
+    assert g[0, 0] < 0 and g[0, 1] < 0  # rater 0 agrees with f at a (0.8) and b (0.6)
+    assert g[1, 0] > 0  # rater 1 says 0 at a where f_0 = 0.2 < ½
+    assert g[1, 0] == pytest.approx((1.10557281 - 0.58578644) / 3, abs=1e-7)
+
+
+def test_warmup_fits_f_to_every_rater_and_trains_lambda_against_it():
+    seg = _seg().requires_grad_(True)
+    lam = _lam([[0.9, 0.9], [0.25, 0.7]]).requires_grad_(True)
+    tgce_loss(seg, lam, *_y(), q=0.5, warmup=True)[0].backward()
+    seg_ref = _seg().requires_grad_(True)
+    lam_ref = lam.detach().clone().requires_grad_(True)
+    tgce_loss(seg_ref, torch.ones_like(lam_ref), *_y(), q=0.5)[0].backward()  # f as if Λ = 1
+    tgce_loss(_seg(), lam_ref, *_y(), q=0.5)[0].backward()  # Λ as in eq. 2-6
+    assert torch.allclose(seg.grad, seg_ref.grad, atol=1e-12)
+    assert torch.allclose(lam.grad, lam_ref.grad, atol=1e-12)
+    # the method uses it only in the first `warmup_epochs` training epochs
+    m = rs.create("tgce", q=0.5, warmup_epochs=2)
+    out = {"seg": _seg(), "rel": torch.logit(_lam([[0.9, 0.9], [0.25, 0.7]]))}
+    real = float(tgce_loss(_seg(), _lam([[0.9, 0.9], [0.25, 0.7]]), *_y(), q=0.5)[0])
+    assert float(m.loss(out, *_y(), _state(epoch=2))[0]) == pytest.approx(real)
+    assert float(m.loss(out, *_y(), _state(epoch=0, training=False))[0]) == pytest.approx(real)
+    assert float(m.loss(out, *_y(), _state(epoch=1))[0]) != pytest.approx(real)
+
+
+# ---------------------------------------------------------------- outputs from Λ and f
+def test_interpret_by_hand():
+    m = rs.create("tgce")
+    lam = _lam([[0.9, 0.5], [0.0, 1.0]])
+    res = m.interpret({"seg": _seg().float(), "rel": torch.logit(lam).float()})
+    assert torch.allclose(res["probabilities"][0, :, 0].double(), torch.tensor(F), atol=1e-6)
+    assert torch.allclose(res["rater_maps"].double(), lam, atol=1e-6)
+    # rater 0 at a: Λ f + (1 − Λ)(1 − f) = (0.9·0.2 + 0.1·0.8, 0.9·0.8 + 0.1·0.2) = (0.26, 0.74)
+    assert np.allclose(res["rater_estimates"][0, 0, :, 0, 0].numpy(), [0.26, 0.74], atol=1e-6)
+    # rater 1 (Λ = 0 at a) is modelled as saying the other class: (0.8, 0.2)
+    assert np.allclose(res["rater_estimates"][0, 1, :, 0, 0].numpy(), [0.8, 0.2], atol=1e-6)
+    # rater 0, column j: Λ averaged with weights f_j: j=0 (0.2·0.9 + 0.6·0.5)/0.8 = 0.6,
+    # j=1 (0.8·0.9 + 0.4·0.5)/1.2 = 0.76667
+    cm = res["rater_confusion"][0, 0].numpy()
+    assert np.allclose(cm, [[0.6, 1 - 0.766667], [0.4, 0.766667]], atol=1e-5)
+    assert np.allclose(res["confusion_weight"][0, 0, 0].numpy(), [0.8, 1.2], atol=1e-6)
+
+
+def test_interpret_multiclass_distributions():
+    m = rs.create("tgce", num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    out = {"seg": torch.randn(2, 3, 5, 6, generator=g), "rel": torch.randn(2, 4, 5, 6, generator=g)}
+    res = m.interpret(out)
+    assert res["rater_estimates"].shape == (2, 4, 3, 5, 6)
+    assert torch.allclose(res["rater_estimates"].sum(2), torch.ones(2, 4, 5, 6), atol=1e-6)
+    cm = res["rater_confusion"]
+    assert cm.shape == (2, 4, 3, 3)
+    assert torch.allclose(cm.sum(2), torch.ones(2, 4, 3), atol=1e-6)  # columns sum to 1
+    # off-diagonal mass split evenly over the other classes
+    off = cm[:, :, 0, 1], cm[:, :, 2, 1]
+    assert torch.allclose(*off)
+
+
+@pytest.mark.parametrize("level", ["pixel", "image", "global"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_network_layouts_and_finite_gradients(level, dims):
+    m = rs.create("tgce", num_classes=3, features=(4, 4, 4, 4, 4), reliability=level,
+                  spatial_dims=dims)
+    net = m.build_network(1, 3, 2, dims)
+    s = (6,) * dims
+    x = torch.randn(2, 1, *s) * 50
+    with torch.no_grad():  # saturate: huge logits everywhere
+        for prm in net.parameters():
+            prm.mul_(40)
+    out = net(x)
+    assert out["seg"].shape == (2, 3, *s) and out["rel"].shape == (2, 2, *s)
+    if level != "pixel":  # one Λ per rater and image
+        flat = out["rel"].reshape(2, 2, -1)
+        assert torch.equal(flat, flat[..., :1].expand_as(flat))
+    if level == "global":
+        assert torch.equal(out["rel"][0], out["rel"][1])
+    y = torch.randint(0, 3, (2, 2, *s))
+    y[:, 1, :3] = -1
+    loss, _ = m.loss(out, y.clamp_min(0), y >= 0, _state())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(rs.RaterSegError, match="q"):
+        rs.create("tgce", q=0.0)
+    with pytest.raises(rs.RaterSegError, match="q"):
+        rs.create("tgce", q=1.5)
+    with pytest.raises(rs.RaterSegError, match="reliability"):
+        rs.create("tgce", reliability="voxel")

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
-
 import raterseg as rs
 from raterseg.methods._patterns import pattern_histogram
 from raterseg.methods.staple import staple_em
+from scipy import ndimage as ndi
 
 sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
@@ -289,7 +290,7 @@ def test_unique_path_and_int64_overflow_equal_bincount_path():
     h1 = pattern_histogram(small, 2)
     h2 = pattern_histogram(small, 2, max_bins=1)  # force torch.unique
     assert h1.slot is not None and h2.slot is None
-    key = lambda h: sorted(zip(map(tuple, h.labels.T.tolist()), h.counts.tolist()))  # noqa: E731
+    key = lambda h: sorted(zip(map(tuple, h.labels.T.tolist()), h.counts.tolist()))
     assert key(h1) == key(h2)
     # every voxel gets its own pattern's entry, on both paths
     for h in (h1, h2):
@@ -367,7 +368,7 @@ def test_inputs_unchanged_progress_and_history():
     assert [e.step for e in events] == list(range(1, len(events) + 1))
     assert "max_update" in events[-1].metrics and res.history[-1]["converged"]
     ll = [h["log_likelihood"] for h in res.history]
-    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(ll, ll[1:]))  # EM never decreases it
+    assert all(b >= a - 1e-9 * abs(a) for a, b in itertools.pairwise(ll))  # EM never decreases it
 
 
 def test_given_prior_and_tolerance():

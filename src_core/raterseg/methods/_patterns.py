@@ -113,13 +113,19 @@ def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) 
     if bins <= max_bins:
         dt = _code_dtype(bins)
         offset = sum(base**k for k in range(R))  # shifts every digit from label to label + 1
-        codes = torch.empty(n, dtype=dt, device=dev)
-        counts = torch.zeros(bins, dtype=torch.int64, device=dev)
-        for s in range(0, n, CHUNK):
-            c = _horner(labels[:, s : s + CHUNK], base, dt)
-            c.add_(offset)
-            codes[s : s + CHUNK] = c
-            counts += torch.bincount(c, minlength=bins)
+        if dev.type == "cpu":
+            # numpy: single-threaded element-wise work never waits on a busy OpenMP pool
+            codes_np, counts_np = _encode_numpy(labels.numpy(), base, offset, bins,
+                                                torch.empty((), dtype=dt).numpy().dtype)
+            codes, counts = torch.from_numpy(codes_np), torch.from_numpy(counts_np)
+        else:
+            codes = torch.empty(n, dtype=dt, device=dev)
+            counts = torch.zeros(bins, dtype=torch.int64, device=dev)
+            for s in range(0, n, CHUNK):
+                c = _horner(labels[:, s : s + CHUNK], base, dt)
+                c.add_(offset)
+                codes[s : s + CHUNK] = c
+                counts += torch.bincount(c, minlength=bins)
         seen = torch.nonzero(counts).squeeze(1)
         slot = torch.full((bins,), -1, dtype=torch.int64, device=dev)
         slot[seen] = torch.arange(seen.shape[0], device=dev)
@@ -149,9 +155,85 @@ def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) 
     return PatternHistogram(pat, counts, inverse, None)
 
 
+def _encode_numpy(lab: np.ndarray, base: int, offset: int, bins: int, dt):
+    """Codes ``(N,)`` of dtype ``dt`` and their histogram ``(bins,)`` int64 (numpy)."""
+    n = lab.shape[1]
+    codes = np.empty(n, dt)
+    counts = np.zeros(bins, np.int64)
+    for s in range(0, n, CHUNK):
+        c = lab[0, s : s + CHUNK].astype(dt)
+        for r in range(1, lab.shape[0]):
+            c *= base
+            c += lab[r, s : s + CHUNK]
+        c += offset
+        codes[s : s + CHUNK] = c
+        counts += np.bincount(c, minlength=bins)
+    return codes, counts
+
+
 def _horner(chunk, base: int, dt):
     """Σ_r label_r · base^(R-1-r) of a ``(R, n)`` chunk in dtype ``dt`` (can be negative)."""
     c = chunk[0].to(dt, copy=True)
     for r in range(1, chunk.shape[0]):
         c.mul_(base).add_(chunk[r] if chunk.dtype == dt else chunk[r].to(dt))
     return c
+
+
+def pattern_votes(hist: PatternHistogram, num_classes: int) -> np.ndarray:
+    """Votes per class of each pattern, int32 numpy ``(L, P)`` (-1 never counts)."""
+    pat = hist.labels.cpu().numpy()
+    return np.stack([(pat == c).sum(0, dtype=np.int32) for c in range(num_classes)])
+
+
+def pattern_confusion(hist: PatternHistogram, truth_table: np.ndarray) -> np.ndarray:
+    """:func:`~raterseg.methods._base.empirical_confusion` from per-pattern truth ``(L, P)``.
+
+    ``[r, i, j] = Σ_voxels [rater r says i]·truth[j] / Σ_voxels [r annotated]·truth[j]``,
+    float32 ``(R, L, L)``; columns with no mass become the identity column.
+    """
+    pat = hist.labels.cpu().numpy()
+    counts = hist.counts.cpu().numpy().astype(np.float64)
+    L = truth_table.shape[0]
+    weighted = truth_table.astype(np.float64) * counts  # (L, P) voxel-weighted truth
+    cm = np.zeros((pat.shape[0], L, L))
+    for r in range(pat.shape[0]):
+        for i in range(L):
+            cm[r, i] = weighted[:, pat[r] == i].sum(axis=1)
+    col = cm.sum(axis=1, keepdims=True)
+    eye = np.broadcast_to(np.eye(L), cm.shape)
+    return np.where(col > 0, cm / np.where(col > 0, col, 1), eye).astype(np.float32)
+
+
+def result_from_patterns(hist: PatternHistogram, prob_table: np.ndarray, shape: tuple[int, ...],
+                         method: str, params: dict, *, truth_table: np.ndarray | None = None,
+                         **extra):
+    """A one-case :class:`FusionResult` from per-pattern tables.
+
+    Every per-voxel field is a function of the voxel's pattern, so computing it per
+    pattern and gathering gives exactly what :func:`~raterseg.methods._base.finish_result`
+    computes voxel by voxel, with one gather per output row.
+
+    Args:
+        prob_table: float32 ``(L, P)`` probabilities of each pattern.
+        shape: spatial shape S.
+        truth_table: int ``(P,)``; default argmax of ``prob_table`` (lowest label on ties).
+        **extra: further FusionResult fields (rater_confusion, history, ...).
+    """
+    from ..types import FusionResult
+    from ._base import normalized_entropy, observed_disagreement
+
+    prob_table = np.ascontiguousarray(prob_table, dtype=np.float32)
+    L = prob_table.shape[0]
+    if truth_table is None:
+        truth_table = prob_table.argmax(axis=0)
+    truth_table = truth_table.astype(np.int16 if L < 32000 else np.int32)
+    pat = hist.labels.cpu().numpy().astype(np.int32)
+    return FusionResult(
+        truth=hist.to_voxels(truth_table).reshape(shape),
+        probabilities=hist.to_voxels(prob_table).reshape((L,) + tuple(shape)),
+        uncertainty=hist.to_voxels(normalized_entropy(prob_table)).reshape(shape),
+        disagreement=hist.to_voxels(observed_disagreement(pat, L)).reshape(shape),
+        method=method,
+        params=params,
+        **extra,
+    )

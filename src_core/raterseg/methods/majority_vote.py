@@ -1,7 +1,9 @@
 """Voting: ``majority_vote`` (hard) and ``mean`` (soft labels).
 
 Both count, per voxel, the raters who gave each label, leaving out raters marked
--1 there. They run in torch on the chosen device (CPU or CUDA).
+-1 there. Every output is a function of the voxel's pattern of rater labels, so both
+work on the histogram of patterns (:mod:`._patterns`, built in one pass on the chosen
+device, CPU or CUDA) and gather the per-pattern results back to the voxels.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import numpy as np
 
 from .._device import resolve_device
 from ..types import FusionResult, RaterStack
-from ._base import FusionMethod, Progress, empirical_confusion, finish_result, param
+from ._base import FusionMethod, Progress, param
+from ._patterns import pattern_confusion, pattern_histogram, pattern_votes, result_from_patterns
 from ._registry import register_method
 
 #: Label given to voxels whose vote is tied (``tie="undecided"``) or that no rater annotated.
@@ -34,6 +37,21 @@ def vote_fractions(stack: RaterStack, device=None):
     return frac, counts, total
 
 
+def _pattern_fractions(stack: RaterStack, device):
+    """Histogram of the case's rater patterns, their votes ``(L, P)`` and vote shares
+    ``(L, P)`` float32 (uniform where nobody annotated), computed as :func:`vote_fractions`."""
+    import torch
+
+    dev = resolve_device(device)
+    R, L = stack.num_raters, stack.num_classes
+    hist = pattern_histogram(torch.as_tensor(stack.labels.reshape(R, -1), device=dev), L)
+    counts = pattern_votes(hist, L)
+    total = counts.sum(0)
+    frac = counts.astype(np.float32) / np.maximum(total, 1).astype(np.float32)
+    frac = np.where(total > 0, frac, np.float32(1.0 / L)).astype(np.float32)
+    return hist, counts, total, frac
+
+
 @register_method("majority_vote")
 class MajorityVote(FusionMethod):
     """Majority vote over the raters who annotated each voxel.
@@ -53,19 +71,15 @@ class MajorityVote(FusionMethod):
                          choices=("lowest", "undecided"))
 
     def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
-        frac, counts, total = vote_fractions(stack, self.device)
-        top = counts.max(0).values
+        hist, counts, total, frac = _pattern_fractions(stack, self.device)
+        L = stack.num_classes
         truth = counts.argmax(0)  # first maximum = lowest tied label
         if self.config.tie == "undecided":
-            n_top = (counts == top).sum(0)
-            truth = truth.masked_fill((n_top > 1) | (total == 0), UNDECIDED)
-        truth = truth.cpu().numpy().astype(np.int16)
-        prob = frac.cpu().numpy()
-        hard = np.zeros_like(prob)
-        for c in range(stack.num_classes):
-            hard[c] = truth == c
-        return finish_result(prob, stack, self.name, self.params_dict, truth=truth,
-                             rater_confusion=empirical_confusion(stack.labels, hard))
+            n_top = (counts == counts.max(0)).sum(0)
+            truth = np.where((n_top > 1) | (total == 0), UNDECIDED, truth)
+        hard = (truth[None] == np.arange(L)[:, None]).astype(np.float32)
+        return result_from_patterns(hist, frac, stack.spatial_shape, self.name, self.params_dict,
+                                    truth_table=truth, rater_confusion=pattern_confusion(hist, hard))
 
 
 @register_method("mean")
@@ -81,7 +95,6 @@ class MeanVote(FusionMethod):
         pass
 
     def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
-        frac, _, _ = vote_fractions(stack, self.device)
-        prob = frac.cpu().numpy()
-        return finish_result(prob, stack, self.name, self.params_dict,
-                             rater_confusion=empirical_confusion(stack.labels, prob))
+        hist, _, _, frac = _pattern_fractions(stack, self.device)
+        return result_from_patterns(hist, frac, stack.spatial_shape, self.name, self.params_dict,
+                                    rater_confusion=pattern_confusion(hist, frac))

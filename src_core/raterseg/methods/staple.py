@@ -32,8 +32,13 @@ import numpy as np
 
 from .._device import resolve_device
 from ..types import FusionResult, RaterSegError, RaterStack, TrainingEvent
-from ._base import FusionMethod, Progress, finish_result, normalized_entropy, observed_disagreement, param
-from ._patterns import pattern_histogram
+from ._base import (
+    FusionMethod,
+    Progress,
+    finish_result,
+    param,
+)
+from ._patterns import pattern_histogram, result_from_patterns
 from ._registry import register_method
 
 #: STAPLEImageFilter's rule: converged when every (Δp)² and (Δq)² ≤ 1e-14.
@@ -235,7 +240,7 @@ def staple_em(labels, num_classes: int, *, init: str = "mean_vote", prior=None,
     import torch
 
     dev = labels.device
-    R, n = labels.shape
+    R = labels.shape[0]
     L = num_classes
     hist = None
     if patterns:
@@ -373,26 +378,5 @@ class Staple(FusionMethod):
         if fit.probabilities is not None:
             return finish_result(fit.probabilities.reshape((L,) + shape), stack, self.name,
                                  self.params_dict, rater_confusion=cm, history=fit.history)
-        return _result_from_patterns(fit, stack, self.name, self.params_dict, cm)
-
-
-def _result_from_patterns(fit: StapleFit, stack: RaterStack, method: str, params: dict,
-                          cm: np.ndarray) -> FusionResult:
-    """Per-voxel fields from per-pattern tables: the same values :func:`finish_result`
-    computes voxel by voxel (every field is a function of the voxel's pattern)."""
-    hist, table = fit.hist, fit.table
-    L = table.shape[0]
-    shape = stack.spatial_shape
-    pat = hist.labels.cpu().numpy().astype(stack.labels.dtype)
-    truth_dtype = np.int16 if L < 32000 else np.int32
-    prob = hist.to_voxels(table).reshape((L,) + shape)
-    return FusionResult(
-        truth=hist.to_voxels(table.argmax(0).astype(truth_dtype)).reshape(shape),
-        probabilities=prob,
-        uncertainty=hist.to_voxels(normalized_entropy(table)).reshape(shape),
-        disagreement=hist.to_voxels(observed_disagreement(pat, L)).reshape(shape),
-        rater_confusion=cm,
-        method=method,
-        params=params,
-        history=fit.history,
-    )
+        return result_from_patterns(fit.hist, fit.table, shape, self.name, self.params_dict,
+                                    rater_confusion=cm, history=fit.history)

@@ -1,0 +1,100 @@
+"""majority_vote and mean (run on the pattern histogram) against plain per-voxel numpy
+definitions and SimpleITK's LabelVotingImageFilter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import raterseg as rs
+from raterseg.methods._base import empirical_confusion, normalized_entropy, observed_disagreement
+
+
+def _dense_votes(raters, L):
+    """Per-voxel vote counts, shares (uniform where nobody annotated) and totals."""
+    counts = np.stack([(raters == c).sum(0) for c in range(L)])
+    total = counts.sum(0)
+    frac = counts.astype(np.float32) / np.maximum(total, 1).astype(np.float32)
+    frac = np.where(total > 0, frac, np.float32(1 / L)).astype(np.float32)
+    return counts, frac, total
+
+
+def _random_raters(seed):
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(2, 6))
+    R = int(rng.integers(1, 8))
+    shape = [(17, 23), (5, 9, 11)][seed % 2]
+    raters = rng.integers(-1 if seed % 3 else 0, L, (R,) + shape)
+    raters[:, :2] = -1  # some voxels nobody annotated
+    raters.reshape(R, -1)[:, -1] = 0  # at least one annotation
+    if seed % 4 == 0 and R > 1:
+        raters[0] = -1  # a rater missing on the whole case
+    return raters, L
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("tie", ["lowest", "undecided"])
+def test_majority_vote_equals_per_voxel_definition(seed, tie):
+    raters, L = _random_raters(seed)
+    before = raters.copy()
+    res = rs.fuse(raters, method="majority_vote", num_classes=L, tie=tie, device="cpu")
+    np.testing.assert_array_equal(raters, before)
+    counts, frac, total = _dense_votes(raters, L)
+    truth = counts.argmax(0)
+    if tie == "undecided":
+        n_top = (counts == counts.max(0)).sum(0)
+        truth = np.where((n_top > 1) | (total == 0), -1, truth)
+    np.testing.assert_array_equal(res.truth, truth)
+    assert res.truth.dtype == np.int16
+    np.testing.assert_array_equal(res.probabilities, frac)
+    np.testing.assert_array_equal(res.uncertainty, normalized_entropy(frac))
+    np.testing.assert_array_equal(res.disagreement, observed_disagreement(raters, L))
+    hard = (truth[None] == np.arange(L).reshape((L,) + (1,) * truth.ndim)).astype(np.float32)
+    np.testing.assert_allclose(res.rater_confusion, empirical_confusion(raters, hard), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mean_equals_per_voxel_definition(seed):
+    raters, L = _random_raters(100 + seed)
+    res = rs.fuse(raters, method="mean", num_classes=L, device="cpu")
+    _, frac, _ = _dense_votes(raters, L)
+    np.testing.assert_array_equal(res.probabilities, frac)
+    np.testing.assert_array_equal(res.truth, frac.argmax(0))
+    np.testing.assert_array_equal(res.uncertainty, normalized_entropy(frac))
+    np.testing.assert_allclose(res.rater_confusion, empirical_confusion(raters, frac), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_majority_vote_matches_simpleitk_label_voting(seed):
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(seed)
+    L = 2 + seed
+    raters = rng.integers(0, L, (5, 12, 20, 24)).astype(np.uint8)
+    lab = sitk.GetArrayFromImage(sitk.LabelVoting([sitk.GetImageFromArray(r) for r in raters]))
+    res = rs.fuse(raters, method="majority_vote", tie="undecided", device="cpu")
+    undecided = lab == L  # SimpleITK's max+1
+    np.testing.assert_array_equal(res.truth[~undecided], lab[~undecided])
+    np.testing.assert_array_equal(res.truth[undecided], -1)
+
+
+def test_many_raters_use_the_unique_path():
+    # 30 raters, 4 classes: 5^30 codes, far more than voxels
+    rng = np.random.default_rng(3)
+    raters = rng.integers(-1, 4, (30, 16, 18))
+    res = rs.fuse(raters, method="majority_vote", num_classes=4, device="cpu")
+    counts, frac, _ = _dense_votes(raters, 4)
+    np.testing.assert_array_equal(res.probabilities, frac)
+    np.testing.assert_array_equal(res.truth, counts.argmax(0))
+
+
+@pytest.mark.gpu
+def test_gpu_equals_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    raters, L = _random_raters(5)
+    for method in ("majority_vote", "mean"):
+        a = rs.fuse(raters, method=method, num_classes=L, device="cpu")
+        b = rs.fuse(raters, method=method, num_classes=L, device="cuda")
+        for f in ("truth", "probabilities", "uncertainty", "disagreement"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+        np.testing.assert_allclose(a.rater_confusion, b.rater_confusion, atol=1e-6)

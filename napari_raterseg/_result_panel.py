@@ -21,8 +21,8 @@ from qtpy.QtWidgets import (
 )
 
 #: Columns of the rater table: (key in raterseg.metrics.rater_table's dicts, header).
-RATER_COLUMNS = (("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
-                 ("dice", "Dice vs truth"))
+RATER_COLUMNS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                 ("dice", "Dice"))
 
 _LOW = np.array([255, 255, 255], float)
 _HIGH = np.array([8, 48, 107], float)
@@ -37,15 +37,7 @@ def heat_color(value: float) -> tuple[QColor, QColor]:
 
 
 def _item(text: str) -> QTableWidgetItem:
-    item = QTableWidgetItem(text)
-    item.setFlags(item.flags() & ~_editable_flag())
-    return item
-
-
-def _editable_flag():
-    from qtpy.QtCore import Qt
-
-    return Qt.ItemIsEditable
+    return QTableWidgetItem(text)
 
 
 def _fmt(value: Any) -> str:
@@ -54,6 +46,14 @@ def _fmt(value: Any) -> str:
     except (TypeError, ValueError):
         return str(value)
     return "–" if not np.isfinite(v) else f"{v:.3f}"
+
+
+def _fit_height(table: QTableWidget, max_rows: int = 12) -> None:
+    """Make a table as tall as its rows (up to ``max_rows``; it scrolls beyond)."""
+    rows = min(table.rowCount(), max_rows)
+    height = table.horizontalHeader().height() + 2 * table.frameWidth()
+    height += sum(table.rowHeight(r) for r in range(rows))
+    table.setFixedHeight(height + 2)
 
 
 class ResultPanel(QWidget):
@@ -65,6 +65,7 @@ class ResultPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.title = QLabel("No result yet")
+        self.title.setWordWrap(True)
         self.rater_table = QTableWidget(0, len(RATER_COLUMNS))
         self.rater_table.setHorizontalHeaderLabels([h for _, h in RATER_COLUMNS])
         self.confusion_label = QLabel("Rater confusion p(rater says i | truth j)")
@@ -72,6 +73,7 @@ class ResultPanel(QWidget):
         for table in (self.rater_table, self.confusion_table):
             table.setEditTriggers(QAbstractItemView.NoEditTriggers)
             table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+            table.horizontalHeader().setMinimumSectionSize(60)
         layout.addWidget(self.title)
         layout.addWidget(self.rater_table)
         layout.addWidget(self.confusion_label)
@@ -93,13 +95,15 @@ class ResultPanel(QWidget):
             rows: one dict per rater with the keys of :data:`RATER_COLUMNS`.
             rater_confusion: ``(R, L, L)``, ``[r, i, j] = p(rater r says i | truth j)``, or None.
         """
-        self.title.setText(title)
+        self.title.setText(f"{title}: each rater vs the fused truth")
         self.rater_table.setRowCount(len(rows))
         self.rater_table.setVerticalHeaderLabels(list(rater_names))
         for r, row in enumerate(rows):
             for c, (key, _) in enumerate(RATER_COLUMNS):
                 self.rater_table.setItem(r, c, _item(_fmt(row.get(key, float("nan")))))
         self._show_confusion(rater_names, rater_confusion)
+        for table in (self.rater_table, self.confusion_table):
+            _fit_height(table)
 
     def _show_confusion(self, rater_names: Sequence[str], cm: np.ndarray | None) -> None:
         table = self.confusion_table

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 NUM_RATERS = 4
+#: One colour per behaviour, so the raters' outlines can be told apart.
+KIND_COLORS = {"good": "lime", "over": "magenta", "under": "cyan", "wrong": "yellow",
+               "flip": "orange"}
 
 
 def _sample(dims: int, seed: int = 0) -> list[tuple[Any, dict, str]]:
@@ -21,8 +24,10 @@ def _sample(dims: int, seed: int = 0) -> list[tuple[Any, dict, str]]:
     layers: list[tuple[Any, dict, str]] = [(image, {"name": name, "colormap": "gray"}, "image")]
     for r in range(raters.shape[0]):
         kind = SAMPLE_KINDS[r % len(SAMPLE_KINDS)]
-        layers.append((raters[r], {"name": f"rater {r + 1} ({kind})", "opacity": 0.5,
-                                   "visible": r == 0, "metadata": {"rater": kind}}, "labels"))
+        colormap = {0: "transparent", None: KIND_COLORS[kind]}
+        layers.append((raters[r], {"name": f"rater {r + 1} ({kind})", "opacity": 0.7,
+                                   "colormap": colormap, "visible": r == 0,
+                                   "metadata": {"rater": kind}}, "labels"))
     return layers
 
 

@@ -62,6 +62,7 @@ class FuseRatersWidget(QWidget):
         methods = rs.available_methods()
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.raters = Select(label="raters", choices=self._rater_choices)
+        self.raters.native.setMaximumHeight(120)
         self.method = ComboBox(label="method", choices=methods,
                                value=DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0])
         self.device = ComboBox(label="device", choices=device_choices(), value="auto",
@@ -88,6 +89,7 @@ class FuseRatersWidget(QWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(inner)
+        self.setMinimumWidth(380)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)

@@ -109,17 +109,29 @@ def run_safely(job: FusionJob, progress: Callable[[Any], None] | None = None) ->
 
 
 def _predict_one(model: Any, image: np.ndarray):
-    """``model.predict`` on one image ``(*S)`` / ``(C, *S)``; the leading N is removed."""
+    """``model.predict`` on one image ``(*S)`` / ``(C, *S)``, as a one-case FusionResult.
+
+    A model trained on 2D single-channel images predicts a volume ``(D, H, W)`` slice by
+    slice (the slices are the batch); the class and rater axes are then moved in front
+    of D so the result has the usual one-case layout.
+    """
     from raterseg import RaterSegError
 
     if image is None:
         raise RaterSegError("image: expected an image layer to predict on, got None")
-    res = model.predict(image[None])
-    out = {}
-    for name in ("truth", "probabilities", "uncertainty", "disagreement", "rater_maps",
-                 "rater_estimates"):
+    rank = getattr(model, "data_ndim_", None)
+    slices = rank == 2 and getattr(model, "in_channels_", 1) == 1 and image.ndim == 3
+    res = model.predict(image if slices else image[None])
+    out: dict[str, Any] = {}
+    for name, axes in (("truth", 0), ("probabilities", 1), ("uncertainty", 0),
+                       ("disagreement", 0), ("rater_maps", 1), ("rater_estimates", 2)):
         value = getattr(res, name)
-        out[name] = None if value is None else value[0]
+        if value is None:
+            out[name] = None
+        elif slices:  # (D, <axes>, H, W) -> (<axes>, D, H, W)
+            out[name] = np.ascontiguousarray(np.moveaxis(value, 0, axes))
+        else:
+            out[name] = value[0]
     if not res.method:
         out["method"] = model.name
     return res.replace(**out)

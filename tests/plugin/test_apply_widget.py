@@ -1,0 +1,77 @@
+"""The "Apply model" widget: load a saved model and predict on an image layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import raterseg as rs
+from napari_raterseg._apply_widget import ApplyModelWidget
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    learned = [m for m in ("cm", "unet") if m in rs.available_methods(learned=True)]
+    if not learned:
+        pytest.skip("no learned method registered yet")
+    import torch
+
+    from raterseg.synth import sample_case
+
+    torch.set_num_threads(2)
+    image, raters, _ = sample_case(dims=2, num_raters=2, seed=0, shape=(32, 32))
+    model = rs.create(learned[0], device="cpu", epochs=2, features=(4, 8, 16, 32, 64))
+    model.fit(image[None], raters[None])
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    model.save(path)
+    return path, image, learned[0]
+
+
+def test_apply_model_predicts_on_image_layer(make_napari_viewer, qtbot, saved_model):
+    path, image, method = saved_model
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image, name="new scan", scale=(0.5, 0.5))
+    before = np.array(layer.data, copy=True)
+    widget = ApplyModelWidget(viewer)
+    assert not widget.controls.run_button.isEnabled()  # nothing loaded yet
+    widget.model_path.value = str(path)
+    widget.load_button.click()
+    assert widget.model is not None and method in widget.model_info.text()
+    assert widget.image.value is layer
+    with qtbot.waitSignal(widget.controls.done, timeout=60_000) as blocker:
+        widget.controls.run_button.click()
+    assert blocker.args[0].error is None
+    truth = viewer.layers[f"new scan truth [{method}]"]
+    assert truth._type_string == "labels" and truth.data.shape == image.shape
+    np.testing.assert_allclose(truth.scale, (0.5, 0.5))
+    expect = rs.load(path).predict(image[None])
+    np.testing.assert_array_equal(truth.data, expect.truth[0])
+    assert viewer.layers[f"new scan uncertainty [{method}]"].data.shape == image.shape
+    np.testing.assert_array_equal(layer.data, before)
+
+
+def test_apply_model_predicts_a_volume_slice_by_slice(make_napari_viewer, qtbot, saved_model):
+    path, image, method = saved_model
+    volume = np.stack([image, image[::-1], image[:, ::-1]])
+    viewer = make_napari_viewer()
+    viewer.add_image(volume, name="vol")
+    widget = ApplyModelWidget(viewer)
+    widget.model_path.value = str(path)
+    widget.load_button.click()
+    with qtbot.waitSignal(widget.controls.done, timeout=60_000):
+        widget.controls.run_button.click()
+    truth = viewer.layers[f"vol truth [{method}]"].data
+    assert truth.shape == volume.shape
+    model = rs.load(path)
+    np.testing.assert_array_equal(truth[1], model.predict(volume[1][None]).truth[0])
+
+
+def test_bad_model_file_is_a_notification(make_napari_viewer, tmp_path, notifications):
+    bad = tmp_path / "not_a_model.safetensors"
+    bad.write_bytes(b"garbage")
+    viewer = make_napari_viewer()
+    widget = ApplyModelWidget(viewer)
+    widget.model_path.value = str(bad)
+    widget.load_button.click()  # must not raise
+    assert widget.model is None and not widget.controls.run_button.isEnabled()
+    assert any(n.severity == "error" for n in notifications)

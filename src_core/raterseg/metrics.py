@@ -50,8 +50,10 @@ def _probs(x: Any, name: str) -> np.ndarray:
     a = a.astype(np.float64)
     # float32 rounding may step 1e-7 outside [0, 1]; anything beyond 1e-6 is a mistake.
     if a.size and (not np.isfinite(a).all() or a.min() < -1e-6 or a.max() > 1 + 1e-6):
-        raise RaterSegError(f"{name}: expected probabilities in [0, 1], got values outside "
-                            f"(min {np.nanmin(a):.3g}, max {np.nanmax(a):.3g}) or NaN")
+        fin = a[np.isfinite(a)]
+        rng = f"min {fin.min():.3g}, max {fin.max():.3g}" if fin.size else "no finite value"
+        raise RaterSegError(f"{name}: expected probabilities in [0, 1] without NaN, got {rng}"
+                            f"{' and NaN/inf' if fin.size < a.size else ''}")
     return np.clip(a, 0.0, 1.0)
 
 

@@ -71,15 +71,13 @@ def _check_truth(truth, num_classes: int | None) -> tuple[np.ndarray, int]:
 
 
 def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Positive inside ``mask`` (distance to the outside), negative outside."""
+    """Inside ``mask``: distance to the nearest voxel outside (>= 1); outside: minus the
+    distance to the nearest voxel inside (<= -1). The map of ``~mask`` is exactly the negative."""
     if not mask.any():
         return np.full(mask.shape, -np.inf)
     if mask.all():
         return np.full(mask.shape, np.inf)
-    inside = ndi.distance_transform_edt(mask)
-    outside = ndi.distance_transform_edt(~mask)
-    # Boundary voxels sit half a voxel from the edge: inside >= 1 -> > 0, outside >= 1 -> < 0.
-    return np.where(mask, inside - 0.5, 0.5 - outside)
+    return np.where(mask, ndi.distance_transform_edt(mask), -ndi.distance_transform_edt(~mask))
 
 
 def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -93,6 +91,9 @@ def _reshape(truth: np.ndarray, L: int, offset) -> np.ndarray:
     (a scalar or a field; negative shrinks). Every voxel takes the class with the largest
     shifted signed distance: foreground classes gain ``offset``, background loses it, so
     boundaries between two foreground classes stay put and labels stay valid."""
+    if np.isscalar(offset) and offset > 0:
+        # Closed ball: a voxel exactly ``offset`` away joins (skimage's disk/ball footprints).
+        offset = offset + 1e-6
     d_fg = _signed_distance(truth > 0)
     if L == 2:  # the background's signed distance is exactly -d_fg: one transform, not two
         return (d_fg + offset > -d_fg - offset).astype(truth.dtype)

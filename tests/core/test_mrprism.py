@@ -1,0 +1,216 @@
+"""MrPrism (Wu et al.): the fusion algebra on hand-worked numbers, the losses' targets
+(eq. 15 for recurrence 0, the previous self-fusion afterwards, the shuffle loss
+rewarding heads that match their raters, missing raters ignored), and the recurrence
+running end to end with 2, 4 and 7 raters, missing raters, in 2D and 3D."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import raterseg as rs
+from raterseg.methods.mrprism import rater_confidence_maps
+from raterseg.nn.mrprism_net import MrPrismNet, confidences, fuse
+from raterseg.synth import drop_raters, sample_case
+from raterseg.train import TrainState
+
+torch.set_num_threads(2)
+
+TINY = dict(features=(4, 8, 8, 16, 16), divp_width=8, divp_depth=1)
+
+
+def _state(training=True, seed=0):
+    return TrainState(epoch=0, epochs=1, step=0, training=training,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _col(*v):  # (B=1, R, L=2, 1, 1) from per-rater (p0, p1)
+    return torch.tensor(v, dtype=torch.float64).reshape(1, len(v), 2, 1, 1)
+
+
+def test_confidences_and_fusion_hand_worked():
+    # one pixel, DivP maps q0 = (0.2, 0.8), q1 = (0.6, 0.4)
+    q = _col((0.2, 0.8), (0.6, 0.4))
+    w = confidences(q)
+    # class 0: 0.2/0.8, 0.6/0.8; class 1: 0.8/1.2, 0.4/1.2
+    assert w[0, :, 0, 0, 0].tolist() == pytest.approx([0.25, 0.75])
+    assert w[0, :, 1, 0, 0].tolist() == pytest.approx([2 / 3, 1 / 3])
+    # rater 0 says 1, rater 1 says 0: F = (0.75, 2/3) normalised (eq. 4)
+    y = _col((0, 1), (1, 0))
+    f = fuse(y, w)[0, :, 0, 0]
+    assert f.tolist() == pytest.approx([0.75 / (0.75 + 2 / 3), (2 / 3) / (0.75 + 2 / 3)])
+    # self-fusion (eq. 5): (0.25·0.2 + 0.75·0.6, 2/3·0.8 + 1/3·0.4) = (0.5, 2/3) normalised
+    s = fuse(q, w)[0, :, 0, 0]
+    assert s.tolist() == pytest.approx([0.5 / (0.5 + 2 / 3), (2 / 3) / (0.5 + 2 / 3)])
+    # equal confidences give the mean label
+    even = confidences(torch.ones_like(y))
+    assert fuse(y, even)[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5])
+    # rater 1 missing: all the weight on rater 0, the fusion is rater 0's label
+    mask = torch.tensor([[[[True]], [[False]]]])
+    wm = confidences(q, mask)
+    assert wm[0, :, :, 0, 0].flatten().tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    assert fuse(y, wm)[0, :, 0, 0].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_confidences_sum_to_one_over_annotating_raters(rng):
+    q = torch.from_numpy(rng.dirichlet([1, 1, 1], size=(2, 5, 6, 7))).permute(0, 1, 4, 2, 3)
+    mask = torch.from_numpy(rng.random((2, 5, 6, 7)) < 0.6)
+    mask[:, 0, 0, 0] = True  # at least one annotator somewhere; some voxels have none
+    mask[:, :, 1, 1] = False
+    w = confidences(q, mask)
+    total = w.sum(1)  # (B, L, *s)
+    anyone = mask.any(1, keepdim=True).expand_as(total)
+    assert torch.allclose(total[anyone], torch.ones(()).double())
+    assert (total[~anyone] == 0).all()
+    assert (w.permute(0, 2, 1, 3, 4)[~mask.unsqueeze(1).expand(-1, 3, -1, -1, -1)] == 0).all()
+    maps = rater_confidence_maps(q[0].numpy(), q[0, 0].numpy(), mask[0].numpy())
+    assert np.allclose(maps.sum(0)[mask[0].numpy().any(0)], 1.0, atol=1e-6)
+    assert (maps[~mask[0].numpy()] == 0).all()
+
+
+def _outputs(T, R, L, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"conp": torch.randn(1, T * L, *shape, generator=g, dtype=torch.float64),
+            "divp": torch.randn(1, T * R * L, *shape, generator=g, dtype=torch.float64),
+            "init_conf": torch.ones(1, R, *shape, dtype=torch.float64)}
+
+
+def test_conp_targets_eq15_then_previous_self_fusion(rng):
+    # ConP's SSIM term is 0 when recurrence 0 outputs the raters' mean (eq. 15 with equal
+    # confidences) and recurrence 1 outputs DivP's self-fusion of recurrence 0.
+    T, R, L, shape = 2, 3, 2, (16, 16)
+    m = rs.create("mrprism", recurrences=T)
+    labels = torch.from_numpy(rng.integers(0, 2, (1, R, *shape)))
+    out = _outputs(T, R, L, shape)
+    onehot = torch.nn.functional.one_hot(labels, L).movedim(-1, 2).double()
+    mean = onehot.mean(1)
+    q0 = torch.softmax(out["divp"][:, :R * L].unflatten(1, (R, L)), 2)
+    self0 = fuse(q0, confidences(q0))
+    out["conp"] = torch.log(torch.cat([mean, self0], 1).clamp_min(1e-12))
+    _, met = m.loss(out, labels, labels >= 0, _state())
+    assert met["ssim"] == pytest.approx(0.0, abs=1e-6)
+    # swapping the two targets makes it clearly positive
+    out["conp"] = torch.log(torch.cat([self0, mean], 1).clamp_min(1e-12))
+    _, met = m.loss(out, labels, labels >= 0, _state())
+    assert met["ssim"] > 0.05
+
+
+def test_shuffle_loss_rewards_heads_that_agree_with_the_raters():
+    # Eqs. (10)-(12) compare *fusions*, so they do not pin head r to rater r (the paper:
+    # "many different separations are possible"); heads that agree with the raters must
+    # still score far better than heads that contradict them.
+    yy, xx = np.mgrid[:32, :32]
+    discs = [(16, 16, 6), (16, 16, 9), (16, 16, 12), (12, 20, 8)]  # raters: small..large, shifted
+    raters = np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r for cy, cx, r in discs])
+    labels = torch.from_numpy(raters.astype(np.int64))[None]
+    T, R, L = 1, 4, 2
+    m = rs.create("mrprism", recurrences=T)
+    onehot = torch.nn.functional.one_hot(labels, L).movedim(-1, 2).double()
+    out = _outputs(T, R, L, (32, 32))
+
+    def shuffle_loss(heads):
+        out["divp"] = (8.0 * heads).flatten(1, 2)
+        return m.loss(out, labels, labels >= 0, _state())[1]["shuffle"]
+
+    right = shuffle_loss(onehot)  # head r = rater r
+    assert right < 0.2 * shuffle_loss(1 - onehot)  # heads saying the opposite
+    assert right < 0.5 * shuffle_loss(torch.full_like(onehot, 0.5))  # undecided heads
+
+
+def test_loss_ignores_labels_of_missing_raters(rng):
+    T, R, L, shape = 2, 3, 3, (12, 12)
+    m = rs.create("mrprism", recurrences=T)
+    labels = rng.integers(0, L, (1, R, *shape))
+    labels[0, 1] = -1  # rater 1 missing on the whole image
+    labels[0, 2, :4] = -1  # rater 2 missing on a band
+    y = torch.from_numpy(labels)
+    ann = y >= 0
+    out = _outputs(T, R, L, shape)
+    a, ma = m.loss(out, y.clamp_min(0), ann, _state())
+    b, mb = m.loss(out, torch.where(ann, y, torch.full_like(y, 2)), ann, _state())
+    assert float(a) == pytest.approx(float(b), abs=1e-12)
+    # ...while the annotated labels do matter
+    flipped = y.clamp_min(0).clone()
+    flipped[0, 0] = (flipped[0, 0] + 1) % L
+    c, _ = m.loss(out, flipped, ann, _state())
+    assert abs(float(c) - float(a)) > 1e-3
+
+
+@pytest.mark.parametrize("R, T", [(2, 2), (4, 3), (7, 2)])
+def test_recurrence_runs_with_missing_raters_2d(R, T, rng):
+    torch.manual_seed(0)
+    L, shape = 2, (32, 32)
+    net = MrPrismNet(2, 1, TINY["features"], L, R, recurrences=T, divp_width=8, divp_depth=1)
+    m = rs.create("mrprism", recurrences=T)
+    labels = rng.integers(0, L, (2, R, *shape))
+    labels[0, R - 1] = -1  # a rater missing on a whole image
+    labels[1, 0, :, :10] = -1  # and one on part of another
+    y = torch.from_numpy(labels)
+    out = net(torch.randn(2, 1, *shape))
+    assert out["conp"].shape == (2, T * L, *shape)
+    assert out["divp"].shape == (2, T * R * L, *shape)
+    c0 = out["init_conf"]
+    assert ((c0 >= 0) & (c0 <= 1)).all() and c0.std() > 0  # eq. 14 perturbation while training
+    loss, met = m.loss(out, y.clamp_min(0), y >= 0, _state())
+    assert math.isfinite(float(loss.detach())) and {f"dice_rec{t}" for t in range(T)} <= set(met)
+    loss.backward()
+    # (the confidence embeddings get gradients once the attention's zero-initialised
+    # output projection has moved, i.e. from the second step on)
+    for part in (net.attend, net.divp, net.unet.down_1, net.unet.upcat_1):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    res = m.interpret({k: v.detach() for k, v in out.items()})
+    assert res["rater_maps"].shape == (2, R, *shape)
+    assert torch.allclose(res["rater_maps"].sum(1), torch.ones(2, *shape), atol=1e-5)
+    assert res["rater_estimates"].shape == (2, R, L, *shape)
+    assert torch.allclose(res["rater_confusion"].sum(2), torch.ones(2, R, L), atol=1e-5)
+
+
+def test_conp_is_conditioned_on_the_confidences():
+    # The attention blocks start as the identity (zero output projection); once they are
+    # not, different confidence maps must give different ConP masks.
+    torch.manual_seed(1)
+    net = MrPrismNet(2, 1, TINY["features"], 2, 3, recurrences=1, divp_width=8, divp_depth=1)
+    for block in net.attend:
+        torch.nn.init.normal_(block.out.weight, std=0.5)
+    net.eval()
+    x = torch.randn(1, 1, 32, 32)
+    u = net.unet
+    enc = [u.conv_0(x)]
+    for down in (u.down_1, u.down_2, u.down_3, u.down_4):
+        enc.append(down(enc[-1]))
+    even = confidences(torch.ones(1, 3, 2, 32, 32))
+    skewed = confidences(torch.tensor([0.9, 0.05, 0.05]).reshape(1, 3, 1, 1, 1).expand(1, 3, 2, 32, 32))
+    with torch.no_grad():
+        a, b = net.conp(tuple(enc), even), net.conp(tuple(enc), skewed)
+    assert (a - b).abs().max() > 1e-3
+    # in eval mode the recurrence starts from exactly equal confidences
+    assert (net(x)["init_conf"] == 1).all()
+
+
+def test_fuse_case_with_missing_rater_and_3d_smoke():
+    image, raters, _ = sample_case(dims=2, num_raters=3, seed=0, shape=(32, 32))
+    raters = raters.copy()
+    raters[2, :12] = -1  # rater 2 did not annotate the top band
+    res = rs.fuse(raters, image=image, method="mrprism", epochs=1, batch_size=1, device="cpu",
+                  **TINY)
+    assert res.probabilities.shape == (2, 32, 32)
+    assert np.allclose(res.probabilities.sum(0), 1, atol=1e-5)
+    assert res.rater_estimates.shape == (3, 2, 32, 32)
+    assert np.allclose(res.rater_maps.sum(0), 1, atol=1e-5)
+    assert (res.rater_maps[2, :12] == 0).all() and (res.rater_maps[2, 12:] > 0).all()
+    assert {"dice_rec0", "dice_rec1", "dice_rec2"} <= set(res.history[0])
+    # 3D: spatial_dims=3 network on a small volume, whole dataset path with a missing rater
+    img3, r3, _ = sample_case(dims=3, num_raters=2, seed=1, shape=(8, 24, 24))
+    r3 = drop_raters(np.stack([r3, r3]), fraction=0.0, batched=True)
+    r3[1, 0] = -1
+    m = rs.create("mrprism", spatial_dims=3, epochs=1, batch_size=2, recurrences=2,
+                  val_fraction=0.0, device="cpu", **TINY).fit(np.stack([img3, img3]), r3)
+    out = m.predict(img3[None])
+    assert out.probabilities.shape == (1, 2, 8, 24, 24)
+    assert out.rater_maps.shape == (1, 2, 8, 24, 24)
+    rec = m.recurrence_probabilities(img3[None])
+    assert rec.shape == (1, 2, 2, 8, 24, 24)
+    assert np.allclose(rec[:, -1], out.probabilities, atol=1e-5)

@@ -1,0 +1,161 @@
+"""spatial_staple: windowed rater performance (Asman & Landman 2012)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import raterseg as rs
+from raterseg import RaterSegError, synth
+from raterseg.methods.spatial_staple import box_sum
+from raterseg.metrics import dice
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These images are small: one thread avoids OpenMP overhead on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def half_good_half_bad(seed: int, size: int = 80):
+    """Rater 0 is nearly perfect on the left half and over-segments by 6 voxels on the
+    right; raters 1-3 are middling everywhere (under by 2, over by 2, 10 % flips)."""
+    _, truth = synth.phantom_2d((size, size), seed=seed)
+    half = size // 2
+    a = synth.simulate_rater(truth, "good", 0.5, seed=1)
+    a[:, half:] = synth.simulate_rater(truth, "over", 6)[:, half:]
+    others = [synth.simulate_rater(truth, "under", 2), synth.simulate_rater(truth, "over", 2),
+              synth.simulate_rater(truth, "flip", 0.1, seed=6)]
+    return np.stack([a] + others), truth
+
+
+@pytest.fixture(scope="module")
+def lr_cases():
+    return [half_good_half_bad(seed) for seed in (0, 1)]
+
+
+def test_box_sum_matches_explicit_windows(rng):
+    for shape, w in [((7, 9), 3), ((7, 9), 4), ((5, 6, 7), 5), ((4, 3), 1), ((4, 3), 50)]:
+        x = rng.random((2,) + shape)
+        got = box_sum(torch.as_tensor(x), w, len(shape)).numpy()
+        lo, hi = (w - 1) // 2, w // 2
+        ref = np.zeros_like(x)
+        for idx in np.ndindex(shape):
+            box = tuple(slice(max(0, i - lo), i + hi + 1) for i in idx)
+            ref[(slice(None),) + idx] = x[(slice(None),) + box].reshape(2, -1).sum(1)
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_beats_global_staple_when_a_rater_changes_across_the_image(lr_cases):
+    for raters, truth in lr_cases:
+        spatial = rs.fuse(raters, method="spatial_staple", device="cpu")
+        staple = rs.fuse(raters, method="staple", device="cpu")
+        mv = rs.fuse(raters, method="majority_vote", device="cpu")
+        d_sp, d_st, d_mv = (dice(r.truth, truth) for r in (spatial, staple, mv))
+        print(f"Dice spatial_staple {d_sp:.4f}  staple {d_st:.4f}  majority_vote {d_mv:.4f}")
+        assert d_sp > d_st + 0.03
+        assert d_sp > d_mv - 0.01
+
+
+def test_rater_maps_show_where_a_rater_is_reliable(lr_cases):
+    raters, truth = lr_cases[0]
+    res = rs.fuse(raters, method="spatial_staple", device="cpu")
+    half = truth.shape[1] // 2
+    maps = res.rater_maps
+    assert maps.shape == raters.shape and maps.dtype == np.float32
+    assert 0.0 <= maps.min() and maps.max() <= 1.0
+    # where rater 0 over-segments (near objects on the right) its map drops
+    band = (synth.simulate_rater(truth, "over", 6) > 0) & (truth == 0)
+    left, right = band[:, :half], band[:, half:]
+    assert maps[0][:, :half][left].mean() > maps[0][:, half:][right].mean() + 0.1
+    # the flipping rater 3 is about equally reliable on both sides
+    assert abs(maps[3][:, :half].mean() - maps[3][:, half:].mean()) < 0.03
+    # global confusion matrices: columns sum to 1
+    np.testing.assert_allclose(res.rater_confusion.sum(1), 1.0, atol=1e-5)
+
+
+def test_huge_window_is_global_staple_and_matches_simpleitk():
+    sitk = pytest.importorskip("SimpleITK")
+    raters, truth = half_good_half_bad(0, size=48)
+    res = rs.fuse(raters, method="spatial_staple", window=1000, tolerance=1e-9, device="cpu")
+    f = sitk.STAPLEImageFilter()
+    f.SetForegroundValue(1)
+    ref = sitk.GetArrayFromImage(f.Execute([sitk.GetImageFromArray(r.astype(np.uint8))
+                                            for r in raters]))
+    np.testing.assert_allclose(res.probabilities[1], ref, atol=1e-5)
+    staple = rs.fuse(raters, method="staple", init="mean_vote", device="cpu")
+    np.testing.assert_allclose(res.probabilities, staple.probabilities, atol=1e-5)
+    np.testing.assert_allclose(res.rater_confusion, staple.rater_confusion, atol=1e-5)
+    # a window wider than the image is the same as any other such window
+    wide = rs.fuse(raters, method="spatial_staple", window=97, tolerance=1e-9, device="cpu")
+    np.testing.assert_allclose(wide.probabilities, res.probabilities, atol=1e-6)
+
+
+def test_3d_and_multiclass():
+    _, truth = synth.phantom_3d((12, 24, 24), num_classes=3, seed=0)
+    raters = synth.simulate_raters(truth, ("good", "over", "under", "flip"), seed=0,
+                                   strength=[0.5, 1, 1, 0.05], num_classes=3)
+    res = rs.fuse(raters, method="spatial_staple", window=7, device="cpu")
+    assert res.probabilities.shape == (3,) + truth.shape
+    np.testing.assert_allclose(res.probabilities.sum(0), 1.0, atol=1e-5)
+    assert res.rater_confusion.shape == (4, 3, 3) and res.rater_maps.shape == raters.shape
+    assert set(np.unique(res.truth)) <= {0, 1, 2}
+    for c in (1, 2):
+        assert dice(res.truth, truth, label=c) > 0.85
+
+
+def test_missing_raters_are_left_out(lr_cases):
+    raters, truth = lr_cases[0]
+    base = rs.fuse(raters, method="spatial_staple", device="cpu")
+    with_missing = np.concatenate([raters, np.full((1,) + truth.shape, -1)])
+    res = rs.fuse(with_missing, method="spatial_staple", device="cpu")
+    np.testing.assert_allclose(res.probabilities, base.probabilities, atol=1e-6)
+    np.testing.assert_allclose(res.rater_maps[4], 0.5)  # no evidence: chance
+    # rater 0 annotated only its good left half: the fusion no longer suffers from its right
+    part = raters.copy()
+    half = truth.shape[1] // 2
+    part[0, :, half:] = -1
+    d_part = dice(rs.fuse(part, method="spatial_staple", device="cpu").truth, truth)
+    assert d_part >= dice(base.truth, truth) - 0.005
+
+
+def test_history_progress_and_bad_parameters(lr_cases):
+    raters, _ = lr_cases[0]
+    events = []
+    res = rs.fuse(raters, method="spatial_staple", max_iterations=3, progress=events.append,
+                  device="cpu")
+    assert len(res.history) == 3 and [e.step for e in events] == [1, 2, 3]
+    assert res.history[-1]["change"] < res.history[0]["change"]
+    assert res.params["window"] == 15 and res.method == "spatial_staple"
+    with pytest.raises(RaterSegError, match="window"):
+        rs.fuse(raters, method="spatial_staple", window=0)
+    with pytest.raises(RaterSegError, match="prior_weight"):
+        rs.fuse(raters, method="spatial_staple", prior_weight=-1)
+    with pytest.raises(RaterSegError, match="windw.*window"):
+        rs.fuse(raters, method="spatial_staple", windw=5)
+    original = raters.copy()
+    rs.fuse(raters, method="spatial_staple", max_iterations=1, device="cpu")
+    np.testing.assert_array_equal(raters, original)
+
+
+def test_local_prior_is_stable(lr_cases):
+    raters, truth = lr_cases[0]
+    res = rs.fuse(raters, method="spatial_staple", prior="local", prior_weight=0.1, device="cpu")
+    staple = rs.fuse(raters, method="staple", device="cpu")
+    assert dice(res.truth, truth) >= dice(staple.truth, truth) - 0.01
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(lr_cases):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    raters, _ = lr_cases[0]
+    cpu = rs.fuse(raters, method="spatial_staple", device="cpu")
+    gpu = rs.fuse(raters, method="spatial_staple", device="cuda")
+    np.testing.assert_allclose(gpu.probabilities, cpu.probabilities, atol=1e-5)
+    np.testing.assert_allclose(gpu.rater_maps, cpu.rater_maps, atol=1e-5)

@@ -91,7 +91,7 @@ class ApplyModelWidget(QWidget):
             notify_error(exc)
             return
         job = FusionJob(None, inputs.image, model=self.model)
-        self.controls.start(job, lambda result: self._show(result, inputs),
+        self.controls.start(job, lambda result, _summary: self._show(result, inputs),
                             f"{self.model.name}: predicting…")
 
     def _show(self, result: Any, inputs: FusionInputs) -> None:

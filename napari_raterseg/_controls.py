@@ -61,7 +61,7 @@ class RunControls(QWidget):
         layout.addWidget(self.status)
         self.job: FusionJob | None = None
         self.worker: Any = None
-        self._on_result: Callable[[Any], None] | None = None
+        self._on_result: Callable[[Any, Any], None] | None = None
         self.run_button.clicked.connect(self.run_requested.emit)
         self.cancel_button.clicked.connect(self.cancel)
 
@@ -69,8 +69,8 @@ class RunControls(QWidget):
     def busy(self) -> bool:
         return self.job is not None
 
-    def start(self, job: FusionJob, on_result: Callable[[Any], None], message: str) -> None:
-        """Run ``job`` in a worker; ``on_result(FusionResult)`` runs on the UI thread."""
+    def start(self, job: FusionJob, on_result: Callable[[Any, Any], None], message: str) -> None:
+        """Run ``job`` in a worker; ``on_result(result, summary)`` runs on the UI thread."""
         if self.busy:
             return
         self.job = job
@@ -120,7 +120,7 @@ class RunControls(QWidget):
             self.progress.setValue(1)
             try:
                 if on_result is not None:
-                    on_result(outcome.result)
+                    on_result(outcome.result, outcome.summary)
             except Exception as exc:  # noqa: BLE001 — shown, never crashes the viewer
                 outcome = JobOutcome(error=exc)
                 self.status.setText(f"Failed: {exc}")

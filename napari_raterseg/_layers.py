@@ -191,8 +191,11 @@ def add_or_replace_layers(viewer: Any, layer_data: Sequence[tuple], base_name: s
             old = viewer.layers[name]
             if layer_kind(old) == ltype and old.data.ndim == data.ndim:
                 old.data = data
-                old.scale = kwargs["scale"]
-                old.translate = kwargs["translate"]
+                # Setting the calibration refreshes the layer; only do it when it changed.
+                if not np.allclose(old.scale, kwargs["scale"]):
+                    old.scale = kwargs["scale"]
+                if not np.allclose(old.translate, kwargs["translate"]):
+                    old.translate = kwargs["translate"]
                 old.metadata = kwargs.get("metadata", {})
                 if ltype == "image":
                     old.contrast_limits = kwargs.get("contrast_limits", old.contrast_limits)

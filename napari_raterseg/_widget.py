@@ -33,6 +33,13 @@ def device_choices() -> list[str]:
     return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _rater_rows(raters: Any, result: Any) -> list[dict]:
+    """Each rater against the fused truth (runs in the worker thread)."""
+    from raterseg.metrics import rater_table
+
+    return rater_table(raters, result.truth, num_classes=result.probabilities.shape[0])
+
+
 def is_result_layer(layer: Any) -> bool:
     """True for layers this plugin added as fusion results (their metadata names a method)."""
     return "method" in (getattr(layer, "metadata", None) or {})
@@ -153,7 +160,8 @@ class FuseRatersWidget(QWidget):
         device = None if self.device.value == "auto" else self.device.value
         job = FusionJob(inputs.raters, inputs.image, method=self.method.value,
                         params=self.form.values() if self.form else {}, device=device,
-                        seed=int(self.seed.value))
+                        seed=int(self.seed.value),
+                        summarize=lambda result: _rater_rows(inputs.raters, result))
         return job, inputs
 
     def run(self) -> None:
@@ -166,18 +174,15 @@ class FuseRatersWidget(QWidget):
             notify_error(exc)
             self.controls.status.setText(f"Not started: {exc}")
             return
-        self.controls.start(job, lambda result: self._show(result, inputs),
+        self.controls.start(job, lambda result, rows: self._show(result, rows, inputs),
                             f"{job.method}: fusing {len(inputs.rater_names)} raters…")
 
     def cancel(self) -> None:
         self.controls.cancel()
 
-    def _show(self, result: Any, inputs: FusionInputs) -> None:
-        from raterseg.metrics import rater_table
-
+    def _show(self, result: Any, rows: list[dict], inputs: FusionInputs) -> None:
         add_result_layers(self.viewer, result, inputs)
         self.last_result = result
-        rows = rater_table(inputs.raters, result.truth)
         self.results.show_result(f"{result.method} on {inputs.base_name}", inputs.rater_names,
                                  rows, result.rater_confusion)
         self.controls.status.setText(f"{result.method}: done; layers added.")

@@ -35,6 +35,8 @@ class FusionJob:
         params: the method's Config values.
         device, seed: passed to the core.
         model: a fitted FusionMethod to predict with instead of fusing.
+        summarize: called with the result in the worker thread (e.g. the per-rater
+            table), so the UI thread only draws; its return lands in ``JobOutcome.summary``.
     """
 
     raters: np.ndarray | None
@@ -44,6 +46,7 @@ class FusionJob:
     device: Any = None
     seed: int = 0
     model: Any = None
+    summarize: Callable[[Any], Any] | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _also_stop: list[Callable[[], bool]] = field(default_factory=list, repr=False)
 
@@ -93,6 +96,7 @@ class JobOutcome:
 
     result: Any = None
     error: BaseException | None = None
+    summary: Any = None
 
     @property
     def cancelled(self) -> bool:
@@ -103,7 +107,9 @@ def run_safely(job: FusionJob, progress: Callable[[Any], None] | None = None) ->
     """``job.run`` that never raises: the worker thread reports errors as data, so the
     widget decides how to show them (a one-line notification for a user mistake)."""
     try:
-        return JobOutcome(result=job.run(progress))
+        result = job.run(progress)
+        summary = None if result is None or job.summarize is None else job.summarize(result)
+        return JobOutcome(result=result, summary=summary)
     except Exception as exc:  # noqa: BLE001 — shown to the user, never crashes the viewer
         return JobOutcome(error=exc)
 

@@ -79,7 +79,15 @@ class RunControls(QWidget):
         self.cancel_button.setEnabled(True)
         self.progress.setRange(0, 0)  # busy until the first progress event
         self.status.setText(message)
-        self.worker = start_job(job, on_progress=self._progress, on_done=self._finish)
+        # Closing the dock deletes this widget: stop the job then, so it adds nothing.
+        self.destroyed.connect(lambda *_: job.cancel())
+        self.worker = start_job(job, on_progress=self._progress, on_done=self._safe_finish)
+
+    def _safe_finish(self, outcome: JobOutcome) -> None:
+        try:
+            self._finish(outcome)
+        except RuntimeError:  # the widget was deleted while the job ran
+            pass
 
     def cancel(self) -> None:
         """Ask the running job to stop; nothing it computed will be added."""
@@ -91,6 +99,12 @@ class RunControls(QWidget):
     def _progress(self, event: Any) -> None:
         if self.job is None or self.job.cancelled:
             return
+        try:
+            self._show_progress(event)
+        except RuntimeError:  # the widget was deleted while the job ran
+            pass
+
+    def _show_progress(self, event: Any) -> None:
         total = max(int(getattr(event, "total", 0) or 0), 0)
         self.progress.setRange(0, total)
         if total:

@@ -187,3 +187,19 @@ def test_cancel_during_learned_method_adds_nothing(make_napari_viewer, qtbot, la
     assert widget.last_result is None
     assert "Cancelled" in widget.controls.status.text()
     assert widget.controls.run_button.isEnabled()
+
+
+def test_closing_the_widget_mid_run_adds_nothing(sample_3d_viewer, qtbot):
+    from qtpy.QtCore import QThreadPool
+
+    viewer = sample_3d_viewer
+    names = [lyr.name for lyr in viewer.layers]
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "majority_vote"
+    widget.controls.run_button.click()
+    job = widget.controls.job
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: job.cancelled, timeout=WAIT_MS)
+    QThreadPool.globalInstance().waitForDone(WAIT_MS)
+    qtbot.wait(100)  # let queued signals arrive
+    assert [lyr.name for lyr in viewer.layers] == names

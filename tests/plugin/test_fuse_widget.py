@@ -143,6 +143,12 @@ def test_param_form_follows_method_and_reaches_the_core(sample_3d_viewer, qtbot)
         names = [p.name for p in rs.get_method(method).params()]
         assert [w.name for w in widget.form.container] == names
         assert widget.form.values().keys() <= set(names)
+        # The form's defaults are valid parameters for the core (tuples, floats, choices).
+        assert rs.create(method, **widget.form.values()).params_dict == \
+            rs.create(method).params_dict
+    if "staple" in rs.available_methods():
+        widget.method.value = "staple"
+        assert widget.form["max_iterations"].min == 1  # bounds come from the Config
     widget.method.value = "majority_vote"
     widget.form["tie"].value = "undecided"
     widget.raters.value = [viewer.layers[n] for n in RATERS[:2]]

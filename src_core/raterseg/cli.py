@@ -17,20 +17,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from .types import RaterSegError, TrainingEvent
 
-__all__ = ["main", "build_parser", "TextProgress", "SUBCOMMANDS"]
+__all__ = ["SUBCOMMANDS", "TextProgress", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line and exit code 2 (no usage dump)."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's signature
+    def error(self, message: str):
         self.exit(2, f"raterseg: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -88,7 +89,7 @@ def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -154,9 +155,8 @@ def _read_inputs(paths: list[str], image_path: str | None):
 def _run_fuse(args: argparse.Namespace) -> int:
     import raterseg as rs
 
-    from .io import write_result
-
     from ._device import resolve_device
+    from .io import write_result
     from .types import as_rater_stack, check_image
 
     params = _parse_sets(args.params)

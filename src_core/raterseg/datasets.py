@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -40,15 +41,15 @@ from .types import RaterSegError
 __all__ = [
     "Case",
     "Dataset",
-    "read_case",
-    "read_labels",
-    "read_lidc_nodule",
-    "load_npz_dataset",
-    "split_by_patient",
     "find_cases",
     "iter_cohort",
     "load_cohort",
+    "load_npz_dataset",
     "natural_key",
+    "read_case",
+    "read_labels",
+    "read_lidc_nodule",
+    "split_by_patient",
 ]
 
 _IMAGE_STEMS = ("image", "images", "img")

@@ -37,24 +37,28 @@ import io as _pyio
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .types import FusionResult, RaterSegError
 
+if TYPE_CHECKING:  # resolved lazily by __getattr__ at the end of this module
+    from .datasets import Case, read_case, read_lidc_nodule
+
 __all__ = [
     "SUFFIXES",
+    "Case",
     "file_format",
     "is_supported",
     "read_array",
+    "read_case",
+    "read_lidc_nodule",
     "read_npz",
     "write_array",
     "write_result",
-    "read_case",
-    "read_lidc_nodule",
-    "Case",
 ]
 
 #: File endings understood by :func:`read_array` / :func:`write_array`, and their format.
@@ -132,7 +136,7 @@ def read_array(path: str | os.PathLike, *, key: str | None = None,
         arr, meta = reader(p, key) if fmt == "npz" else reader(p)
     except RaterSegError:
         raise
-    except Exception as err:  # any parser failure means the file is not what its name says
+    except Exception as err:  # noqa: BLE001 - any parser failure: not what its name says
         raise RaterSegError(
             f"{argname}: '{p}' is not a readable {fmt} file as its name says ({_reason(err)})"
         ) from None
@@ -159,7 +163,7 @@ def _read_nifti(p: Path):
 
     img = nib.load(str(p))
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ValueError(f"nibabel reads it as {type(img).__name__}, not NIfTI")
+        raise ValueError(f"nibabel reads it as {type(img).__name__}, not NIfTI")  # noqa: TRY004
     data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter when set
     arr = np.ascontiguousarray(data.T)  # (x, y, z, ...) -> (..., z, y, x)
     zooms = tuple(float(z) for z in img.header.get_zooms())[: data.ndim]
@@ -214,7 +218,7 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
         _check_magic(p, (b"PK\x03\x04", b"PK\x05\x06"), "an .npz (zip) archive")
         with np.load(str(p), allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
+                raise ValueError("a single .npy array, not an .npz archive")  # noqa: TRY004
             names = list(z.files)
             if keys is None:
                 return dict.fromkeys(names)
@@ -235,7 +239,7 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
             ) from None
         raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
                             f"({_reason(err)})") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - zip/zlib/OS errors of a damaged archive
         raise RaterSegError(f"{argname}: '{p}' is not a readable npz file as its name says "
                             f"({_reason(err)})") from None
 
@@ -350,7 +354,7 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
                 _write_2d(tmp, arr, fmt)
     except RaterSegError:
         raise
-    except Exception as err:  # disk full, permissions, a dtype the format cannot hold
+    except Exception as err:  # noqa: BLE001 - disk full, permissions, unstorable dtype
         raise RaterSegError(f"{argname}: could not write '{p}' ({_reason(err)})") from None
     return p
 

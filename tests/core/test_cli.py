@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import raterseg as rs
 from raterseg import io as rio
 from raterseg import metrics
@@ -101,7 +100,7 @@ def test_fuse_case_folder_and_python_m(case_dir):
     folder, raters = case_dir
     out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(folder), "-m",
                           "majority_vote", "-o", str(folder / "res")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     truth, _ = rio.read_array(folder / "res" / "truth.nii.gz")
     np.testing.assert_array_equal(truth, rs.fuse(raters, method="majority_vote").truth)
@@ -165,7 +164,7 @@ def test_bad_input_exit_2_one_line(case_dir, capsys, make_argv, match):
 
 def test_bad_input_through_the_installed_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(tmp_path / "x.nii.gz"),
-                          "-o", str(tmp_path / "o")], capture_output=True, text=True)
+                          "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"raterseg: error: raters: no such file or folder '{tmp_path / 'x.nii.gz'}'"]

@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-
 import raterseg as rs
 from raterseg import io as rio
 from raterseg.types import RaterSegError

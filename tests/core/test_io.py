@@ -9,9 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import skimage.io
-
 import raterseg as rs
+import skimage.io
 from raterseg import datasets as ds
 from raterseg import io as rio
 from raterseg.types import RaterSegError
@@ -320,7 +319,7 @@ def test_load_npz_dataset_raters_and_lidc_masks(tmp_path, rng):
     ids = np.array([f"LIDC-IDRI-000{i}/nodule-0/slice-0.png" for i in range(5)])
     np.savez_compressed(tmp_path / "lidc.npz", images=(images[:, 0] * 255).astype(np.uint8),
                         masks=masks, ids=ids)
-    images2, raters2, ids2 = ds.load_npz_dataset(tmp_path / "lidc.npz")
+    _, raters2, ids2 = ds.load_npz_dataset(tmp_path / "lidc.npz")
     assert raters2.dtype.kind == "i"
     np.testing.assert_array_equal(raters2, masks)
     np.testing.assert_array_equal(ids2, ids)

@@ -17,8 +17,9 @@ from ..types import RaterSegError
 
 __all__ = ["unet_trunk", "check_features", "MultiHeadUNet", "MIN_SIZE"]
 
-#: Smallest edge the trunk takes without padding (4 poolings by 2).
-MIN_SIZE = 16
+#: Smallest edge the trunk takes without padding: 4 poolings by 2 must leave at least
+#: 2 voxels per axis for instance normalisation.
+MIN_SIZE = 32
 
 
 def check_features(features: Sequence[int]) -> tuple[int, ...]:
@@ -93,7 +94,7 @@ class MultiHeadUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        # 4 poolings need at least 16 voxels per axis: pad small inputs, crop the outputs.
+        # 4 poolings need at least 32 voxels per axis: pad small inputs, crop the outputs.
         spatial = tuple(x.shape[2:])
         short = [max(0, MIN_SIZE - s) for s in spatial]
         if any(short):

@@ -1,0 +1,190 @@
+"""The training engine through the public API: data handling, repeatability, events,
+cancellation, early stopping, errors, and fusing one volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import raterseg as rs
+from raterseg import metrics, synth, train
+from raterseg.methods.cm import ConfusionMatrices
+
+torch.set_num_threads(2)
+
+TINY = dict(features=(4, 8, 8, 8, 8), batch_size=4)
+
+
+def _data(n=6, size=24, seed=0):
+    """Squares of varying size on noise; rater 0 exact, rater 1 shifted, rater 2 missing on half."""
+    g = np.random.default_rng(seed)
+    truth = np.zeros((n, size, size), np.int16)
+    for i in range(n):
+        a, b = g.integers(3, size // 2, 2)
+        truth[i, a:a + size // 3, b:b + size // 3] = 1
+    images = truth + 0.3 * g.standard_normal(truth.shape).astype(np.float32)
+    raters = np.stack([truth, np.roll(truth, 2, axis=-1), truth], axis=1)
+    raters[: n // 2, 2] = -1
+    return images, raters, truth
+
+
+def test_zscore_per_case_and_channel():
+    x = np.stack([np.arange(12.0).reshape(1, 3, 4), 5 + 3 * np.ones((1, 3, 4))])
+    z = train.zscore(x)
+    assert np.allclose(z[0].mean(), 0) and np.allclose(z[0].std(), 1)
+    assert np.all(z[1] == 0)  # a constant image becomes zeros, not NaN
+    assert x[1, 0, 0, 0] == 8  # input untouched
+
+
+def test_volume_is_cut_into_slices_along_the_first_axis_and_empty_slices_dropped():
+    img = np.arange(2 * 1 * 3 * 4 * 5, dtype=np.float32).reshape(2, 1, 3, 4, 5)
+    lab = np.zeros((2, 2, 3, 4, 5), np.int16)
+    lab[1, :, 2] = -1  # nobody annotated slice 2 of case 1
+    s = train.make_samples(img, lab, spatial_dims=2)
+    assert s.images.shape == (5, 1, 4, 5) and s.raters.shape == (5, 2, 4, 5)
+    assert torch.equal(s.images[4], torch.from_numpy(img[1, :, 1]))
+    s3 = train.make_samples(img, lab, spatial_dims=3)
+    assert s3.images.shape == (2, 1, 3, 4, 5)
+
+
+def test_flips_move_image_and_labels_together():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 6, 7)
+    y = (x > 0).long().repeat(1, 3, 1, 1)
+    fx, fy = train._flip(x, y, g)
+    assert torch.equal(fy, (fx > 0).long().repeat(1, 3, 1, 1))
+    changed = (fx != x).flatten(1).any(1).float().mean()
+    assert 0.5 < changed < 0.95  # about 3/4 of the samples flip along at least one axis
+
+
+def test_training_is_repeatable_on_cpu_and_depends_on_the_seed():
+    images, raters, _ = _data()
+    kw = dict(epochs=2, device="cpu", **TINY)
+    p = [rs.create("cm", seed=s, **kw).fit(images, raters).predict(images).probabilities
+         for s in (3, 3, 4)]
+    assert np.array_equal(p[0], p[1])
+    assert not np.allclose(p[0], p[2])
+
+
+def test_iter_fit_yields_one_event_per_epoch_with_the_losses():
+    images, raters, _ = _data()
+    m = rs.create("cm", epochs=3, val_fraction=0.34, patience=0, **TINY)
+    events = list(m.iter_fit(images, raters))
+    assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
+    assert {"loss", "val_loss", "nll", "trace"} <= set(events[0].metrics)
+    assert [h["epoch"] for h in m.history_] == [1, 2, 3]
+    seen = []
+    rs.create("unet", epochs=2, **TINY).fit(images, raters, progress=seen.append)
+    assert len(seen) == 2 and "loss" in seen[-1].metrics
+
+
+def test_closing_the_generator_cancels_and_leaves_the_method_untouched():
+    images, raters, _ = _data()
+    m = rs.create("cm", epochs=50, **TINY)
+    it = m.iter_fit(images, raters)
+    next(it)
+    it.close()
+    with pytest.raises(rs.RaterSegError, match="not trained"):
+        m.predict(images)
+    # a fitted method keeps its network when a second training is cancelled
+    m = rs.create("unet", epochs=1, **TINY).fit(images, raters)
+    before = m.predict(images).probabilities
+    it = m.iter_fit(images, raters)
+    next(it)
+    it.close()
+    assert np.array_equal(m.predict(images).probabilities, before)
+
+
+def test_early_stopping_when_the_validation_loss_stops_improving():
+    images, raters, _ = _data()
+    events = []
+    m = rs.create("unet", epochs=20, lr=0.0, patience=2, val_fraction=0.34, **TINY)
+    m.fit(images, raters, progress=events.append)
+    assert len(m.history_) == 3  # best at epoch 1, then two epochs without improvement
+    assert "early stop" in events[-1].message
+
+
+def test_diverging_loss_is_reported_with_a_hint():
+    class Broken(ConfusionMatrices):
+        def loss(self, outputs, raters, annotated, state):
+            return outputs["seg"].sum() * float("nan")
+
+    images, raters, _ = _data()
+    with pytest.raises(rs.RaterSegError, match="lr"):
+        Broken(epochs=1, **TINY).fit(images, raters)
+
+
+def test_bad_inputs_raise_raterseg_errors():
+    images, raters, _ = _data()
+    m = rs.create("cm", epochs=1, **TINY)
+    with pytest.raises(rs.RaterSegError, match="images"):
+        m.fit(images[:4], raters)
+    bad = images.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(rs.RaterSegError, match="NaN"):
+        m.fit(bad, raters)
+    with pytest.raises(rs.RaterSegError, match="image"):
+        rs.fuse(raters[0], method="cm")
+    with pytest.raises(rs.RaterSegError, match="spatial_dims"):
+        rs.fuse(raters[0], image=images[0], method="cm", spatial_dims=3)
+    with pytest.raises(rs.RaterSegError, match="features"):
+        rs.create("cm", features=(8, 16))
+    with pytest.raises(rs.RaterSegError, match="not trained"):
+        m.predict(images)
+    m.fit(images, raters)
+    with pytest.raises(rs.RaterSegError, match="channel"):
+        m.predict(np.stack([images, images], axis=1))
+    with pytest.raises(rs.RaterSegError, match="num_raters|raters"):
+        rs.create("cm", num_raters=2, **TINY).fit(images, raters)
+
+
+def test_predict_returns_a_batched_result():
+    images, raters, _ = _data()
+    m = rs.create("cm", epochs=1, **TINY).fit(images, raters)
+    res = m.predict(images[:2])
+    L, R = 2, 3
+    assert res.truth.shape == (2, 24, 24) and res.probabilities.shape == (2, L, 24, 24)
+    assert res.rater_maps.shape == (2, R, 24, 24)
+    assert res.rater_estimates.shape == (2, R, L, 24, 24)
+    assert res.rater_confusion.shape == (R, L, L)
+    assert np.allclose(res.rater_confusion.sum(1), 1, atol=1e-5)
+    assert np.all(res.disagreement == 0)
+    assert np.allclose(res.probabilities.sum(1), 1, atol=1e-5)
+    assert res.uncertainty.min() >= 0 and res.uncertainty.max() <= 1
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_fuse_a_volume_returns_whole_volume_fields(spatial_dims):
+    image, raters, truth = synth.sample_case(dims=3, num_raters=3, seed=1, shape=(12, 40, 40))
+    raters = raters.copy()
+    raters[2, :6] = -1  # rater 2 skipped the first slices
+    events = []
+    res = rs.fuse(raters, image=image, method="cm", epochs=2, spatial_dims=spatial_dims,
+                  progress=events.append, **TINY)
+    assert res.probabilities.shape == (2, 12, 40, 40)
+    assert res.rater_maps.shape == (3, 12, 40, 40)
+    assert res.rater_estimates.shape == (3, 2, 12, 40, 40)
+    assert res.rater_confusion.shape == (3, 2, 2)
+    assert res.disagreement.shape == (12, 40, 40) and res.disagreement.max() > 0
+    assert [h["epoch"] for h in res.history] == [1, 2] and len(events) == 2
+    assert res.method == "cm" and res.params["spatial_dims"] == spatial_dims
+
+
+@pytest.mark.slow
+def test_fuse_phantom_cm_at_least_staple_with_defaults():
+    """The issue's check at full size: 96×96×32 phantom, 4 raters, default parameters."""
+    image, raters, truth = synth.sample_case(dims=3, num_raters=4, seed=0, shape=(32, 96, 96))
+    cm = rs.fuse(raters, image=image, method="cm", seed=0)
+    st = rs.fuse(raters, method="staple")
+    assert metrics.dice(cm.truth, truth) >= metrics.dice(st.truth, truth)
+
+
+def test_fuse_phantom_cm_at_least_staple_small():
+    """The same check, smaller and shorter, kept in the default suite."""
+    image, raters, truth = synth.sample_case(dims=3, num_raters=4, seed=0, shape=(12, 64, 64))
+    cm = rs.fuse(raters, image=image, method="cm", seed=0, epochs=15,
+                 features=(8, 16, 32, 32, 32), val_fraction=0.0, patience=0)
+    st = rs.fuse(raters, method="staple")
+    d_cm, d_st = metrics.dice(cm.truth, truth), metrics.dice(st.truth, truth)
+    assert d_cm >= d_st, (d_cm, d_st)

@@ -63,3 +63,19 @@ def test_fuse_layers_rater_maps_have_rater_axis_first(make_napari_viewer):
     assert maps.data.shape == (3, 24, 24)
     np.testing.assert_allclose(maps.scale, (1.0, 2.0, 2.0))
     np.testing.assert_allclose(viewer.layers["raters truth [spatial_staple]"].scale, (2.0, 2.0))
+
+
+def test_multiclass_probability_has_class_axis_first(make_napari_viewer):
+    viewer = make_napari_viewer()
+    labels = np.zeros((20, 30), np.int16)
+    labels[4:16, 5:15] = 1
+    labels[4:16, 15:25] = 2
+    viewer.add_image(np.random.default_rng(0).random((20, 30)), name="img", scale=(2.0, 1.0))
+    for r, shift in enumerate((0, 1, -1)):
+        viewer.add_labels(np.roll(labels, shift, axis=1), name=f"r{r}")
+    res = fuse_layers(viewer, "img", None, "majority_vote")
+    prob = viewer.layers["img probability [majority_vote]"]
+    assert prob.data.shape == (3, 20, 30)
+    np.testing.assert_allclose(prob.scale, (1.0, 2.0, 1.0))
+    np.testing.assert_array_equal(viewer.layers["img truth [majority_vote]"].data, res.truth)
+    assert set(np.unique(res.truth)) == {0, 1, 2}

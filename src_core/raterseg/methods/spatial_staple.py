@@ -73,9 +73,16 @@ class SpatialStaple(FusionMethod):
     Raters marked -1 are left out of the likelihood and of the counts. A rater who
     annotated nothing gets chance (1/L) in ``rater_maps`` and an identity confusion.
 
+    ``prior_weight`` sets κ = prior_weight × (voxels in a window). Keep it near 1: inside
+    a window that holds a single class, "this is class A, and every rater is locally
+    right" and "this is class B, and every rater is locally wrong" explain the labels
+    equally well, and with a weak pull towards θ_r^0 (e.g. 0.1 with ``prior="global"``)
+    EM can drift into the second, losing whole objects. ``prior="local"`` (class shares
+    of W₀ in the window) also blocks that drift, at the cost of trusting the vote more.
+
     Examples:
-        >>> res = rs.fuse(raters, method="spatial_staple", window=15, prior_weight=0.1)
-        >>> res.rater_maps.shape   # (R, *S)
+        >>> res = rs.fuse(raters, method="spatial_staple", window=15)
+        >>> res.rater_maps.shape   # (R, *S): where each rater can be trusted
     """
 
     @dataclass(frozen=True)
@@ -114,14 +121,17 @@ class SpatialStaple(FusionMethod):
         classes = torch.arange(L, device=dev).reshape((L,) + (1,) * nd)
         history: list[dict] = []
         theta0 = torch.zeros((R, L, L), dtype=f64, device=dev)
+        # Window counts of each rater's labels, 1[D_r = s'], do not change during EM.
+        said_box = [box_sum((lab[r].unsqueeze(0) == classes).to(f64), window, nd)
+                    if bool(ann[r].any()) else None for r in range(R)]
         for it in range(1, int(cfg.max_iterations) + 1):
             loglik = log_prior.expand_as(W).clone()
             for r in range(R):
-                if not bool(ann[r].any()):
+                if said_box[r] is None:  # a rater who annotated nothing
                     theta0[r] = torch.eye(L, dtype=f64, device=dev)
                     continue
-                theta0[r], local = self._rater_performance(lab[r], ann[r], W, classes, window,
-                                                           kappa, nd)
+                theta0[r], local = self._rater_performance(lab[r], said_box[r], W, classes,
+                                                           window, kappa, nd)
                 loglik += torch.where(ann[r], torch.log(local.clamp_min(_TINY)), 0.0)
             W_new = torch.softmax(loglik, dim=0)
             change = float((W_new - W).abs().max())
@@ -132,25 +142,34 @@ class SpatialStaple(FusionMethod):
                                        f"spatial_staple: EM iteration {it}", {"change": change}))
             if change <= cfg.tolerance:
                 break
-        maps = self._rater_maps(lab, ann, W, classes, window, kappa, nd)
+        maps = self._rater_maps(lab, said_box, W, classes, window, kappa, nd)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
                              rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
                              history=history)
 
     @staticmethod
-    def _local_theta(lab_r, ann_r, W, classes, window, kappa, nd):
-        """Whole-image θ_r^0 ``(L, L)`` and windowed θ_r,i ``(L, L, *S)`` (``[s', s, i]``)."""
+    def _local_theta(lab_r, said_box, W, classes, window, kappa, nd):
+        """Whole-image θ_r^0 ``(L, L)`` and windowed θ_r,i ``(L, L, *S)`` (``[s', s, i]``).
+
+        ``said_box`` ``(L', *S)`` is the window count of 1[D_r = s'], fixed over EM. As
+        Σ_s W_s = 1, the counts for the last true class are said_box minus the others,
+        so each iteration box-filters L(L-1) maps instead of L². Voxels the rater left
+        out (-1) match no class s', so they add to no count.
+        """
         import torch
 
         L = W.shape[0]
         said = (lab_r.unsqueeze(0) == classes).to(W.dtype)  # (L', *S): 1[D_r = s']
-        joint = said.unsqueeze(1) * W.unsqueeze(0)  # (L', L, *S)
-        flat = joint.reshape(L, L, -1).sum(-1)
+        joint = said.unsqueeze(1) * W[: L - 1].unsqueeze(0)  # (L', L-1, *S)
+        num = box_sum(joint, window, nd)
+        num = torch.cat([num, (said_box - num.sum(1)).unsqueeze(1)], dim=1)  # (L', L, *S)
+        flat = joint.reshape(L, L - 1, -1).sum(-1)
+        flat = torch.cat([flat, (said.reshape(L, -1).sum(-1) - flat.sum(1)).unsqueeze(1)], 1)
         col = flat.sum(0, keepdim=True)
         eye = torch.eye(L, dtype=W.dtype, device=W.device)
         theta0 = torch.where(col > 0, flat / col.clamp_min(_TINY), eye)
-        num = box_sum(joint, window, nd)
-        den = num.sum(0, keepdim=True)  # = box sum of 1[annotated] W_s
+        num = num.clamp_min(0.0)  # the subtraction may leave -1e-13
+        den = num.sum(0, keepdim=True)  # = window count of 1[annotated] W_s
         prior = theta0.reshape((L, L) + (1,) * nd)
         if kappa > 0:
             local = (num + kappa * prior) / (den + kappa)
@@ -158,13 +177,13 @@ class SpatialStaple(FusionMethod):
             local = torch.where(den > 0, num / den.clamp_min(_TINY), prior)
         return theta0, local
 
-    def _rater_performance(self, lab_r, ann_r, W, classes, window, kappa, nd):
+    def _rater_performance(self, lab_r, said_box, W, classes, window, kappa, nd):
         """θ_r^0 and θ_r,i(D_ri, s) ``(L, *S)``, the factor of the E-step."""
-        theta0, local = self._local_theta(lab_r, ann_r, W, classes, window, kappa, nd)
+        theta0, local = self._local_theta(lab_r, said_box, W, classes, window, kappa, nd)
         idx = lab_r.clamp_min(0).unsqueeze(0).unsqueeze(0).expand((1,) + tuple(local.shape[1:]))
         return theta0, local.gather(0, idx).squeeze(0)
 
-    def _rater_maps(self, lab, ann, W, classes, window, kappa, nd) -> np.ndarray:
+    def _rater_maps(self, lab, said_box, W, classes, window, kappa, nd) -> np.ndarray:
         """Local probability each rater is right, Σ_s W_s θ_r,i(s, s): float32 ``(R, *S)``."""
         import torch
 
@@ -173,10 +192,10 @@ class SpatialStaple(FusionMethod):
         maps = np.empty((R,) + tuple(W.shape[1:]), np.float32)
         diag = torch.arange(L, device=W.device)
         for r in range(R):
-            if not bool(ann[r].any()):
+            if said_box[r] is None:
                 maps[r] = 1.0 / L
                 continue
-            _, local = self._local_theta(lab[r], ann[r], W, classes, window, kappa, nd)
+            _, local = self._local_theta(lab[r], said_box[r], W, classes, window, kappa, nd)
             right = (local[diag, diag] * W).sum(0)
             maps[r] = right.clamp(0, 1).float().cpu().numpy()
         return maps

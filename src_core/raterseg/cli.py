@@ -39,7 +39,9 @@ class TextProgress:
     """A text progress bar on ``stream`` fed with :class:`TrainingEvent`s.
 
     On a terminal the bar redraws in place; otherwise (logs, pipes) it writes a line
-    at every tenth of the work, so logs stay short.
+    at every tenth of the work, so logs stay short. Call :meth:`close` when the work
+    ends: EM often stops long before its ``total`` (the iteration limit), and close
+    then shows where it stopped and ends the line.
     """
 
     def __init__(self, label: str = "", stream: TextIO | None = None, width: int = 30,
@@ -50,25 +52,46 @@ class TextProgress:
         self.quiet = quiet
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_tenth = -1
+        self._unshown: TrainingEvent | None = None  # last event not written (logs)
+        self._open_line = False  # a bar drawn without its newline (terminal)
+
+    def _text(self, event: TrainingEvent) -> str:
+        total = max(int(event.total), 1)
+        step = min(max(int(event.step), 0), total)
+        filled = self.width * step // total
+        bar = "#" * filled + "-" * (self.width - filled)
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
+                           if isinstance(v, (int, float)))
+        return f"{self.label} [{bar}] {step}/{total} {event.message} {metrics}".rstrip()
 
     def __call__(self, event: TrainingEvent) -> None:
         if self.quiet:
             return
         total = max(int(event.total), 1)
-        step = min(max(int(event.step), 0), total)
-        tenth = step * 10 // total
-        if not self._tty and tenth == self._last_tenth and step != total:
-            return
-        self._last_tenth = tenth
-        filled = self.width * step // total
-        bar = "#" * filled + "-" * (self.width - filled)
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
-                           if isinstance(v, (int, float)))
-        text = f"{self.label} [{bar}] {step}/{total} {event.message} {metrics}".rstrip()
+        done = int(event.step) >= total
         if self._tty:
-            self.stream.write("\r" + text[:150].ljust(80) + ("\n" if step == total else ""))
+            self.stream.write("\r" + self._text(event)[:150].ljust(80) + ("\n" if done else ""))
+            self._open_line = not done
         else:
-            self.stream.write(text + "\n")
+            tenth = min(max(int(event.step), 0), total) * 10 // total
+            if tenth == self._last_tenth and not done:
+                self._unshown = event
+                return
+            self._last_tenth = tenth
+            self.stream.write(self._text(event) + "\n")
+            self._unshown = None
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the output: the last unshown event (logs) or the open line (terminal)."""
+        if self.quiet:
+            return
+        if self._unshown is not None:
+            self.stream.write(self._text(self._unshown) + "\n")
+            self._unshown = None
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
         self.stream.flush()
 
 
@@ -112,7 +135,11 @@ def _add_fuse(sub) -> None:
                        description="Fuse one case: rater label files (or one case folder "
                                    "holding image.* and rater* files, or an LIDC nodule "
                                    "folder) into truth, probabilities, uncertainty and "
-                                   "rater confusion matrices.")
+                                   "rater confusion matrices.",
+                       epilog="Files: .nii/.nii.gz, .tif/.tiff, .npy, .npz, .png (0/255 masks "
+                              "read as 0/1). Outputs are NIfTI with the geometry of the image "
+                              "(or the first rater). Example: raterseg fuse r1.nii.gz r2.nii.gz "
+                              "r3.nii.gz --method staple --set prior=0.2 -o out/")
     p.add_argument("raters", nargs="+", metavar="RATER",
                    help="one label file (or folder of 2D slices) per rater, or one case folder")
     p.add_argument("--image", help="the image (needed by learned methods)")
@@ -173,8 +200,11 @@ def _run_fuse(args: argparse.Namespace) -> int:
           f"{stack.spatial_shape}, {stack.num_classes} classes, method {args.method}", args.quiet)
     progress = TextProgress(args.method, quiet=args.quiet)
     t0 = time.perf_counter()
-    res = rs.fuse(raters, image=image, method=args.method, num_classes=args.num_classes,
-                  device=args.device, seed=args.seed, progress=progress, **params)
+    try:
+        res = rs.fuse(raters, image=image, method=args.method, num_classes=args.num_classes,
+                      device=args.device, seed=args.seed, progress=progress, **params)
+    finally:
+        progress.close()
     seconds = time.perf_counter() - t0
     written = write_result(args.output, res, meta, rater_names=names)
     rows = []
@@ -301,8 +331,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         progress = TextProgress(f"  {m}", quiet=args.quiet)
         _info(f"fusing with {m} ...", args.quiet)
         t0 = time.perf_counter()
-        results[m] = rs.fuse(raters, image=image, method=m, device=device, seed=args.seed,
-                             progress=progress)
+        try:
+            results[m] = rs.fuse(raters, image=image, method=m, device=device, seed=args.seed,
+                                 progress=progress)
+        finally:
+            progress.close()
         seconds[m] = time.perf_counter() - t0
         write_result(out / m, results[m], rater_names=names)
 

@@ -199,6 +199,7 @@ def test_text_progress_is_short_in_logs_and_draws_in_place_on_a_terminal():
     bar = TextProgress("staple", stream=log, width=10)
     for i in range(1, 101):
         bar(TrainingEvent(i, 100, f"iteration {i}", {"change": 1.0 / i}))
+    bar.close()
     lines = log.getvalue().splitlines()
     assert 10 <= len(lines) <= 11
     assert lines[-1].startswith("staple [##########] 100/100 iteration 100 change=0.01")
@@ -211,8 +212,27 @@ def test_text_progress_is_short_in_logs_and_draws_in_place_on_a_terminal():
     bar = TextProgress("cm", stream=tty, width=4)
     for i in range(1, 5):
         bar(TrainingEvent(i, 4, "epoch"))
+    bar.close()
     text = tty.getvalue()
     assert text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 1
     quiet = io.StringIO()
     TextProgress(stream=quiet, quiet=True)(TrainingEvent(1, 1))
     assert quiet.getvalue() == ""
+
+
+def test_text_progress_shows_where_early_stopping_ended():
+    log = io.StringIO()
+    bar = TextProgress("staple", stream=log, width=10)
+    for i in range(1, 8):  # EM converged after 7 of at most 1000 iterations
+        bar(TrainingEvent(i, 1000, f"EM iteration {i}"))
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("staple [----------] 1/1000")
+    assert lines[1].startswith("staple [----------] 7/1000 EM iteration 7")
+    tty = type("Tty", (io.StringIO,), {"isatty": lambda self: True})()
+    bar = TextProgress("staple", stream=tty)
+    for i in range(1, 8):
+        bar(TrainingEvent(i, 1000, "EM"))
+    bar.close()
+    assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1

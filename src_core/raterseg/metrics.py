@@ -21,16 +21,16 @@ import numpy as np
 from .types import MISSING, RaterSegError
 
 __all__ = [
-    "dice",
-    "soft_dice",
-    "generalized_energy_distance",
-    "cm_rmse",
-    "reliability_bins",
-    "expected_calibration_error",
     "brier_score",
+    "cm_rmse",
+    "dice",
     "entropy",
     "entropy_mae",
+    "expected_calibration_error",
+    "generalized_energy_distance",
     "rater_table",
+    "reliability_bins",
+    "soft_dice",
 ]
 
 

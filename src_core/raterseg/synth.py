@@ -34,15 +34,15 @@ from scipy import ndimage as ndi
 from .types import MISSING, RaterSegError
 
 __all__ = [
-    "KINDS",
     "DEFAULT_STRENGTH",
-    "simulate_rater",
-    "simulate_raters",
+    "KINDS",
     "drop_raters",
+    "load_mnist",
     "phantom_2d",
     "phantom_3d",
     "sample_case",
-    "load_mnist",
+    "simulate_rater",
+    "simulate_raters",
 ]
 
 KINDS = ("good", "over", "under", "wrong", "blank", "flip")

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from raterseg import RaterSegError
 from raterseg import metrics as M
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import raterseg as rs
+import torch
 from raterseg import RaterSegError, synth
 from raterseg.methods.spatial_staple import box_sum
 from raterseg.metrics import dice
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,7 +79,7 @@ def test_rater_maps_show_where_a_rater_is_reliable(lr_cases):
 
 def test_huge_window_is_global_staple_and_matches_simpleitk():
     sitk = pytest.importorskip("SimpleITK")
-    raters, truth = half_good_half_bad(0, size=48)
+    raters, _ = half_good_half_bad(0, size=48)
     res = rs.fuse(raters, method="spatial_staple", window=1000, tolerance=1e-9, device="cpu")
     f = sitk.STAPLEImageFilter()
     f.SetForegroundValue(1)

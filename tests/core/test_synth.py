@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
-from skimage.morphology import ball, disk
-
 from raterseg import RaterSegError, as_rater_stack, synth
 from raterseg.metrics import dice
+from scipy import ndimage as ndi
+from skimage.morphology import ball, disk
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import math
 
 import numpy as np
 import pytest
+import raterseg as rs
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
-
-import raterseg as rs
 from raterseg import synth
 from raterseg.methods.avap import AVAP
 from raterseg.nn.avap_net import (
@@ -25,9 +23,10 @@ from raterseg.nn.avap_net import (
     vote_count_target,
 )
 from raterseg.train import TrainState
+from scipy import ndimage as ndi
 
 # Small networks: one thread is several times faster than two on a shared machine.
-TINY = dict(features=(4, 8, 8, 16, 16), apm_channels=4, device="cpu")
+TINY = {"features": (4, 8, 8, 16, 16), "apm_channels": 4, "device": "cpu"}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -49,9 +49,17 @@ class AVAP(LearnedMethod):
     """Annotator variation (AVM) + annotator preference (APM) with two-step training.
 
     ``backbone="unet"`` (default) is the BasicUNet trunk every learned method here
-    shares, so comparisons measure the method, and it trains in minutes on a CPU;
-    ``"resnet34"`` is the paper's ResNet-34 U-Net (MONAI ``FlexibleUNet``, no
-    pretrained weights; ~21 M parameters in 2D, 64 M in 3D — a GPU backbone).
+    shares (1.9 M parameters with the default widths), so comparisons with ``cm``,
+    ``unet`` etc. measure the method and not the backbone, and it trains on a CPU at
+    small sizes. ``"resnet34"`` is the paper's U-Net with a ResNet-34 encoder (MONAI
+    ``FlexibleUNet``, ``pretrained=False``: the paper's ImageNet weights are not
+    downloaded; its table III puts their worth at 0.2-2.7 Dice points): 23.6 M
+    parameters in 2D, 64 M in 3D, a GPU backbone; ``features`` reversed are its
+    decoder widths. Both work in 2D and 3D.
+
+    ``history`` holds one record per epoch run with ``step`` (1 or 2) and ``epoch``
+    counted on the planned schedule (step 2's first epoch is ``epochs - apm epochs + 1``
+    even when step 1 stopped early).
 
     Reference: X. Guo, S. Lu et al., "Modeling Annotator Variation and Annotator
     Preference for Multiple Annotations Medical Image Segmentation" (eq. 1-9).
@@ -66,7 +74,8 @@ class AVAP(LearnedMethod):
     class Config(LearnedMethod.Config):
         backbone: str = param("unet", "feature extractor: the shared BasicUNet trunk, or the "
                                       "paper's ResNet-34 U-Net (FlexibleUNet, no pretrained "
-                                      "weights)", choices=BACKBONES)
+                                      "weights; features reversed = decoder widths)",
+                              choices=BACKBONES)
         apm_fraction: float = param(0.5, "share of the epochs for step 2 (APM, backbone and "
                                          "AVM frozen); the rest train backbone + AVM",
                                     low=0.0, high=1.0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,13 @@ from torch import nn
 
 from .backbones import MIN_SIZE, check_features, unet_trunk
 
-__all__ = ["AVAPNetwork", "vote_count_target", "expected_fraction", "dice_ce_loss",
-           "BACKBONES"]
+__all__ = [
+    "BACKBONES",
+    "AVAPNetwork",
+    "dice_ce_loss",
+    "expected_fraction",
+    "vote_count_target",
+]
 
 BACKBONES = ("unet", "resnet34")
 

@@ -157,7 +157,7 @@ def _add_fuse(sub) -> None:
 
 def _read_inputs(paths: list[str], image_path: str | None):
     """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
-    from .datasets import _stem, read_case, read_image, read_labels
+    from .datasets import _match_image, _stem, read_case, read_image, read_labels
 
     first = Path(paths[0])
     if len(paths) == 1 and first.is_dir() and (
@@ -176,6 +176,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         names = [_stem(Path(p)) for p in paths]
     if image_path is not None:
         image, meta = read_image(image_path)
+        raters = _match_image(image, raters, image_path)
     return raters, names, image, meta
 
 

@@ -211,11 +211,21 @@ def _stack_raters(labels: list[np.ndarray], names: list[str], folder: Path) -> n
     return np.stack(labels).astype(dtype, copy=False)
 
 
-def _check_image_shape(image: np.ndarray | None, raters: np.ndarray, where: str) -> None:
+def _match_image(image: np.ndarray, raters: np.ndarray, where: str) -> np.ndarray:
+    """Raters, with a singleton D axis dropped when the image is 2D (tools such as 3D
+    Slicer save 2D label maps as NIfTI volumes one slice deep).
+
+    Raises:
+        RaterSegError: the image's shape is neither ``S`` nor ``(C, *S)``.
+    """
     S = raters.shape[1:]
-    if image is not None and image.shape != S and image.shape[1:] != S:
+    if len(S) == 3 and S[0] == 1 and image.shape[-2:] == S[1:] and image.ndim <= 3 \
+            and image.shape != S:
+        raters, S = raters[:, 0], S[1:]
+    if image.shape != S and image.shape[1:] != S:
         raise RaterSegError(f"image ('{where}'): expected shape {S} or (C, *{S}) to match the "
                             f"raters, got {image.shape}")
+    return raters
 
 
 # -- case folders ----------------------------------------------------------------------
@@ -256,7 +266,7 @@ def read_case(folder: str | os.PathLike) -> Case:
     image, meta = None, dict(metas[0])
     if image_paths:
         image, meta = read_image(image_paths[0])
-        _check_image_shape(image, raters, str(image_paths[0]))
+        raters = _match_image(image, raters, str(image_paths[0]))
     meta["rater_paths"] = [str(e) for e in rater_paths]
     return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
 

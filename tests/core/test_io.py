@@ -228,6 +228,17 @@ def test_read_case_rater_folders_of_png_slices_and_float_labels(tmp_path):
     np.testing.assert_array_equal(case.raters, np.stack([truth] * 3))
 
 
+def test_read_case_2d_image_with_one_slice_deep_nifti_labels(tmp_path, rng):
+    image = rng.integers(0, 255, (6, 8)).astype(np.uint8)
+    rio.write_array(tmp_path / "image.png", image)
+    labels = (image > 128).astype(np.int16)
+    rio.write_array(tmp_path / "rater1.nii.gz", labels[None])  # NIfTI (x, y, 1)
+    rio.write_array(tmp_path / "rater2.nii.gz", labels[None])
+    case = rio.read_case(tmp_path)
+    assert case.raters.shape == (2, 6, 8)
+    np.testing.assert_array_equal(case.image, image)
+
+
 @pytest.mark.parametrize("problem, match", [
     ("shapes", r"raters: expected every rater .* same shape, got rater1 \(4, 5\), rater2 \(4, 6\)"),
     ("image", r"image \('.*image.npy'\): expected shape \(4, 5\)"),

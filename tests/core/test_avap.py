@@ -123,6 +123,28 @@ def test_dice_ce_loss_matches_hand_computation():
     assert float(dice) == pytest.approx(1 - (2 * 0.8 / 1.8 + 0) / 2, abs=1e-12)
 
 
+def test_avm_loss_minimum_is_the_vote_fraction_among_annotators():
+    # free logits trained on the AVM loss alone: the soft output, E[K]/R per class, lands on
+    # the share of the raters who annotated each pixel (3 classes, 4 raters, ~30% missing)
+    R, L = 4, 3
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, L, (2, R, 5, 5), generator=g)
+    ann = torch.rand(2, R, 5, 5, generator=g) > 0.3
+    ann[:, 0] |= ~ann.any(1)
+    m = _method(R, L)
+    logits = torch.zeros(2, (L - 1) * (R + 1), 5, 5, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.3)
+    for _ in range(120):
+        loss, _ = m.loss({"avm": logits}, y, ann, _state())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = expected_fraction(logits.detach(), L, R)
+    frac = torch.stack([((y == c) & ann).sum(1) / ann.sum(1) for c in range(L)], 1)
+    assert float((p - frac).abs().max()) < 0.05
+    assert float((p - frac).abs().mean()) < 0.01
+
+
 # -- APM: dynamic convolutions (eq. 4-6) ----------------------------------------------------
 
 @pytest.mark.parametrize("nd", [2, 3])

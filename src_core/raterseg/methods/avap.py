@@ -18,14 +18,24 @@ Three parts share one backbone ``F_img = F_B(x)`` (eq. 1):
   steps' different losses and could stop before step 2). ``apm_fraction`` of the
   epochs go to step 2. In step 2 each image trains the APM on one rater drawn at
   random among those who annotated it (the paper's "randomly select different
-  annotators' codes"; ``apm_raters="one"``) or on all of them (``"all"``). Raters who
-  did not annotate never enter an APM step.
+  annotators' codes"; ``apm_raters="one"``) or on all of them (``"all"``); the
+  validation loss always scores all of them. Raters who did not annotate an image never
+  enter an APM step on it.
 
 Outputs: ``probabilities`` (AVM), ``rater_estimates`` ``(R, L, *S)`` (APM, every rater,
 missing or not), ``rater_maps`` = ``Σ_c q_r,c · p_c``, the probability that rater r's
 label (drawn from its APM estimate) equals the consensus label (drawn from the AVM),
 as CM's maps are the probability that the rater is right; ``rater_confusion``
 ``[r, i, j] = Σ q_r,i p_j / Σ p_j`` over the image, the same pairing as a matrix.
+
+Choices where the paper is silent or differs from this project: the backbone is the
+shared BasicUNet trunk by default (see :class:`AVAP`); every rater's APM output is
+computed in each forward pass (grouped convolutions), so the APM's batch norm sees
+all raters in training and inference alike; the optimiser is the project's Adam
+(``lr`` 1e-3, no weight decay) rather than the paper's 1e-4 with decay 1e-5, so that
+``avap`` and the baselines train under one budget; the Dice loss adds ε to its
+numerator too (a class absent from a batch costs 0); the APM's output is a softmax
+over the L classes, trained with the rater's own labels.
 """
 
 from __future__ import annotations

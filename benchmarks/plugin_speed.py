@@ -64,9 +64,9 @@ def run(repeats: int) -> dict:
 
     torch.set_num_threads(2)
     import napari
+    import raterseg as rs
     from qtpy.QtCore import QElapsedTimer, QEventLoop, QTimer
 
-    import raterseg as rs
     from napari_raterseg._sample_data import make_sample_3d
     from napari_raterseg._widget import FuseRatersWidget
     from napari_raterseg.api import fuse_layers
@@ -137,11 +137,11 @@ def table(res: dict) -> str:
     lines = [
         "## Plugin",
         "",
-        f"Fusing the 3D sample ({shape}, {res['num_raters']} raters) with `staple` in napari "
-        f"{res['napari']}, headless (Xvfb); median of {res['repeats']} runs after a warm-up, "
-        f"the three ways interleaved; torch {res['torch']} with 2 threads; CPU: {_cpu_name()} "
-        f"({os.cpu_count()} cores), shared with other jobs (1-min load average "
-        f"{res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end).",
+        (f"Fusing the 3D sample ({shape}, {res['num_raters']} raters) with `staple` in napari "
+         f"{res['napari']}, headless (Xvfb); median of {res['repeats']} runs after a warm-up, "
+         f"the three ways interleaved; torch {res['torch']} with 2 threads; CPU: {_cpu_name()} "
+         f"({os.cpu_count()} cores), shared with other jobs (1-min load average "
+         f"{res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end)."),
         "",
         "| path | median (s) | runs (s) |",
         "|---|---|---|",
@@ -154,11 +154,11 @@ def table(res: dict) -> str:
         lines.append(f"| {what[k]} | {med[k]:.3f} | {runs} |")
     lines += [
         "",
-        f"Widget round trip under {TARGET_S:.0f} s: **{met}** ({med['widget']:.2f} s). "
-        f"While the job ran, the UI thread's longest pause between 10 ms timer ticks was "
-        f"{res['stall'] * 1000:.0f} ms (median over runs; worst {res['stall_max'] * 1000:.0f} ms): "
-        "the fusion runs in a thread worker and the UI thread only copies layers in and "
-        "adds result layers at the end.",
+        (f"Widget round trip under {TARGET_S:.0f} s: **{met}** ({med['widget']:.2f} s). "
+         f"While the job ran, the UI thread's longest pause between 10 ms timer ticks was "
+         f"{res['stall'] * 1000:.0f} ms (median over runs; worst {res['stall_max'] * 1000:.0f} ms): "
+         "the fusion runs in a thread worker and the UI thread only copies layers in and "
+         "adds result layers at the end."),
         "",
         "Reproduce: `python benchmarks/plugin_speed.py`.",
     ]

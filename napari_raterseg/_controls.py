@@ -10,7 +10,8 @@ exception.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
@@ -21,7 +22,6 @@ from ._worker import FusionJob, JobOutcome, start_job
 def notify_error(exc: BaseException) -> None:
     """Show ``exc`` as a napari notification (never raises)."""
     from napari.utils.notifications import notification_manager, show_error
-
     from raterseg import RaterSegError
 
     if isinstance(exc, RaterSegError):

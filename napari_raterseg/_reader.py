@@ -12,8 +12,9 @@ None otherwise, as npe2 expects. Reading never executes anything in a file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -6,7 +6,8 @@ Both are plain ``QTableWidget`` s (no matplotlib): the heatmap colours each cell
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from qtpy.QtGui import QBrush, QColor

@@ -14,8 +14,9 @@ to the UI thread through a Qt signal (queued connection).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -8,7 +8,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._layers import add_result_layers, gather_inputs
 

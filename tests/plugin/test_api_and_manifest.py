@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import raterseg as rs
+
 from napari_raterseg.api import fuse_layers
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import raterseg as rs
+
 from napari_raterseg._apply_widget import ApplyModelWidget
 
 
@@ -15,7 +15,6 @@ def saved_model(tmp_path_factory):
     if not learned:
         pytest.skip("no learned method registered yet")
     import torch
-
     from raterseg.synth import sample_case
 
     torch.set_num_threads(2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import raterseg as rs
+
 from napari_raterseg._widget import FuseRatersWidget
 
 RATERS = ["rater 1 (good)", "rater 2 (over)", "rater 3 (under)", "rater 4 (wrong)"]

@@ -3,8 +3,6 @@ NPY/NPZ and a case folder; each returns None for paths it does not handle."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import raterseg as rs
+
 from napari_raterseg._widget import FuseRatersWidget
 
 DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"

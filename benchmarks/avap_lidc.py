@@ -90,7 +90,9 @@ def row(maps: list[np.ndarray] | np.ndarray, prob: np.ndarray | None, raters: np
     return out
 
 
-def run(seed: int, data, common: dict, avap_params: dict, raters_only: list[int] | None) -> dict:
+def run(seed: int, data, common: dict, avap_params: dict, raters_only: list[int] | None,
+        on_progress=None) -> dict:
+    """Train and score every row for one seed; ``on_progress(partial)`` after each model."""
     (xtr, ytr), (xte, yte) = data
     R = ytr.shape[1]
     rows: dict[str, dict] = {}
@@ -104,16 +106,23 @@ def run(seed: int, data, common: dict, avap_params: dict, raters_only: list[int]
               f"{len(m.history_)} epochs", file=sys.stderr, flush=True)
         return m.predict(xte)
 
+    def progress():
+        if on_progress is not None:
+            on_progress({"seed": seed, "rows": dict(rows), "train_seconds": dict(seconds)})
+
     res = fit("avap", "avap", ytr, **avap_params)
     est = [res.rater_estimates[:, r, 1] for r in range(R)]
     rows["AVAP: APM estimates; AVM for Mean Voting"] = row(est, res.probabilities[:, 1], yte)
     rows["AVAP (AVM consensus)"] = row(res.probabilities[:, 1], res.probabilities[:, 1], yte)
+    progress()
     res = fit("unet_mean", "unet", ytr, target="mean")
     rows["unet, mean target (MV-UNet)"] = row(res.probabilities[:, 1], res.probabilities[:, 1], yte)
+    progress()
     for r in (raters_only if raters_only is not None else range(R)):
         res = fit(f"M{r + 1}", "unet", ytr[:, r:r + 1], target="mv")
         rows[f"M{r + 1}: unet on rater {r + 1} alone"] = row(res.probabilities[:, 1],
                                                              res.probabilities[:, 1], yte)
+        progress()
     return {"seed": seed, "rows": rows, "train_seconds": seconds}
 
 
@@ -183,17 +192,26 @@ def main(argv: list[str] | None = None) -> int:
                        "apm_fraction": args.apm_fraction}
     t0 = time.perf_counter()
     runs = []
+    jargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+    def save_partial(partial: dict) -> None:  # a run cut short still leaves its numbers
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"args": jargs, "partial": True,
+                                             "wall_seconds": time.perf_counter() - t0,
+                                             "runs": runs + [partial]}, indent=2))
+
     for seed in args.seeds:
         data = load(args.data, args.crop, args.n_train, args.n_test, seed)
         print(f"seed {seed}: {len(data[0][0])} train / {len(data[1][0])} test slices of "
               f"{data[0][0].shape[1:]}", file=sys.stderr, flush=True)
-        runs.append(run(seed, data, common, avap_params, args.raters_only))
+        runs.append(run(seed, data, common, avap_params, args.raters_only, save_partial))
     R = runs[0]["rows"]["AVAP (AVM consensus)"].keys()
     R = sum(1 for k in R if k.startswith("A") and k[1:].isdigit())
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": jargs,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": device, "threads": torch.get_num_threads(),

@@ -288,6 +288,7 @@ def _add_demo(sub) -> None:
                    "(default: demo-output)")
     p.add_argument("--raters", type=int, default=5, help="number of simulated raters (default 5)")
     p.add_argument("--shape", default="64,128,128", help="phantom size D,H,W (default 64,128,128)")
+    p.add_argument("--methods", help="comma-separated methods (default: every classical one)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
@@ -313,6 +314,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .metrics import dice
 
     shape = _parse_shape(args.shape)
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for m in methods:
+            if rs.get_method(m).learned:
+                raise RaterSegError(f"--methods: the demo runs classical methods, got {m!r}")
+    else:
+        methods = rs.available_methods(learned=False)
     out = Path(args.output)
     device = resolve_device(args.device)  # imports torch once, before any timing
     _info(f"raterseg demo: simulating {args.raters} raters on a {'x'.join(map(str, shape))} "
@@ -326,7 +334,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     for name, lab in zip(names, raters):
         write_array(out / f"{name}.nii.gz", lab)
 
-    methods = rs.available_methods(learned=False)
     results, seconds = {}, {}
     for m in methods:
         progress = TextProgress(f"  {m}", quiet=args.quiet)

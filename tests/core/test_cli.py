@@ -194,6 +194,18 @@ def test_demo_small_phantom(tmp_path, capsys):
     assert "fusing with" in err
 
 
+def test_demo_method_choice(tmp_path, capsys):
+    code, out, err = _run(["demo", "-o", tmp_path, "--shape", "8,16,16", "--raters", "2",
+                           "--methods", "mean", "-q"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mean"]
+    assert "mean " in out and "staple" not in out
+    code, _, err = _run(["demo", "-o", tmp_path, "--methods", "mean,staplee"], capsys)
+    assert "did you mean 'staple'" in _one_error_line(code, err)
+    code, _, err = _run(["demo", "-o", tmp_path, "--shape", "8,16"], capsys)
+    assert "--shape: expected three sizes" in _one_error_line(code, err)
+
+
 def test_text_progress_is_short_in_logs_and_draws_in_place_on_a_terminal():
     log = io.StringIO()
     bar = TextProgress("staple", stream=log, width=10)

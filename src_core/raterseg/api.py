@@ -55,7 +55,7 @@ def fuse(raters: Any, image: Any = None, method: str = "staple", num_classes: in
         check_image(image, stack.spatial_shape)
     if m.learned and image is None:
         raise RaterSegError(f"image: method {method!r} is learned and needs the image, got None")
-    return m.fuse_case(stack.labels, image, progress)
+    return m.fuse_case(stack, image, progress)
 
 
 def load(path) -> FusionMethod:

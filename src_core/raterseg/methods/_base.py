@@ -251,7 +251,11 @@ class FusionMethod:
     # -- one case -------------------------------------------------------------------
     def fuse_case(self, raters: Any, image: Any = None, progress: Progress = None) -> FusionResult:
         """Fuse one case: ``raters`` ``(R, *S)``, ``image`` ``(*S)`` or ``(C, *S)``."""
-        stack = as_rater_stack(raters, self.num_classes)
+        if isinstance(raters, RaterStack) and not raters.batched and \
+                self.num_classes in (None, raters.num_classes):
+            stack = raters  # already validated (and a copy): no second copy of the labels
+        else:
+            stack = as_rater_stack(raters, self.num_classes)
         self._check_raters(stack)
         return self._fuse(stack, image, progress)
 

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 KINDS = ("good", "over", "under", "wrong", "blank", "flip")
-DEFAULT_STRENGTH = {"good": 1.0, "over": 2.0, "under": 2.0, "wrong": 2.0, "blank": 0.0,
+DEFAULT_STRENGTH = {"good": 0.5, "over": 2.0, "under": 2.0, "wrong": 2.0, "blank": 0.0,
                     "flip": 0.1}
 
 

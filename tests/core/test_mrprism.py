@@ -39,19 +39,22 @@ def _col(*v):  # (B=1, R, L=2, 1, 1) from per-rater (p0, p1)
 
 
 def test_confidences_and_fusion_hand_worked():
-    # one pixel, DivP maps q0 = (0.2, 0.8), q1 = (0.6, 0.4)
-    q = _col((0.2, 0.8), (0.6, 0.4))
+    # one pixel, DivP maps q0 = (0.2, 0.8), q1 = (0.7, 0.3)
+    q = _col((0.2, 0.8), (0.7, 0.3))
     w = confidences(q)
-    # class 0: 0.2/0.8, 0.6/0.8; class 1: 0.8/1.2, 0.4/1.2
-    assert w[0, :, 0, 0, 0].tolist() == pytest.approx([0.25, 0.75])
-    assert w[0, :, 1, 0, 0].tolist() == pytest.approx([2 / 3, 1 / 3])
-    # rater 0 says 1, rater 1 says 0: F = (0.75, 2/3) normalised (eq. 4)
+    # class 0: 0.2/0.9, 0.7/0.9; class 1: 0.8/1.1, 0.3/1.1
+    assert w[0, :, 0, 0, 0].tolist() == pytest.approx([0.2 / 0.9, 0.7 / 0.9])
+    assert w[0, :, 1, 0, 0].tolist() == pytest.approx([0.8 / 1.1, 0.3 / 1.1])
+    # rater 0 says 1, rater 1 says 0: foreground = their confidence-weighted mean (eq. 4)
     y = _col((0, 1), (1, 0))
     f = fuse(y, w)[0, :, 0, 0]
-    assert f.tolist() == pytest.approx([0.75 / (0.75 + 2 / 3), (2 / 3) / (0.75 + 2 / 3)])
-    # self-fusion (eq. 5): (0.25·0.2 + 0.75·0.6, 2/3·0.8 + 1/3·0.4) = (0.5, 2/3) normalised
+    assert f.tolist() == pytest.approx([1 - 0.8 / 1.1, 0.8 / 1.1])
+    # self-fusion (eq. 5): foreground (0.8·0.8 + 0.3·0.3) / 1.1
     s = fuse(q, w)[0, :, 0, 0]
-    assert s.tolist() == pytest.approx([0.5 / (0.5 + 2 / 3), (2 / 3) / (0.5 + 2 / 3)])
+    assert s.tolist() == pytest.approx([1 - 0.73 / 1.1, 0.73 / 1.1])
+    # three classes, two sure raters disagreeing on the foreground class: shared 1/2, 1/2
+    q3 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64).reshape(1, 2, 3, 1, 1)
+    assert fuse(q3, confidences(q3))[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.5, 0.5])
     # equal confidences give the mean label
     even = confidences(torch.ones_like(y))
     assert fuse(y, even)[0, :, 0, 0].tolist() == pytest.approx([0.5, 0.5])
@@ -198,7 +201,7 @@ def test_conp_is_conditioned_on_the_confidences():
     assert ((c >= 0) & (c <= 1)).all() and c.std() > 0 and (c[0] == c[1]).all()
 
 
-def test_fuse_case_with_missing_rater_and_3d_smoke():
+def test_fuse_case_with_missing_rater_and_3d_smoke(tmp_path):
     image, raters, _ = sample_case(dims=2, num_raters=3, seed=0, shape=(32, 32))
     raters = raters.copy()
     raters[2, :12] = -1  # rater 2 did not annotate the top band
@@ -213,6 +216,10 @@ def test_fuse_case_with_missing_rater_and_3d_smoke():
     assert np.allclose(res.rater_maps.sum(0), 1, atol=1e-5)
     assert (res.rater_maps[2, :12] == 0).all() and (res.rater_maps[2, 12:] > 0).all()
     assert {"dice_rec0", "dice_rec1", "dice_rec2"} <= set(res.history[0])
+    # saved and loaded, the model predicts the same
+    m2.save(tmp_path / "mrprism.safetensors")
+    again = rs.load(tmp_path / "mrprism.safetensors").predict(image[None])
+    assert np.allclose(again.probabilities[0], res.probabilities, atol=1e-5)
     # 3D: spatial_dims=3 network, dataset path (fit/predict) with a partly missing rater
     img3, r3, _ = sample_case(dims=3, num_raters=2, seed=1, shape=(8, 24, 24))
     r3 = r3.copy()

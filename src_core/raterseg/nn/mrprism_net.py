@@ -9,10 +9,11 @@ Fusion algebra (used by the network's recurrence and by the losses):
   the raters (a softmax of ``ln p̂``), so the weight of rater r for class c is
   ``w_{r,c} = p̂_{r,c} / Σ_{r'} p̂_{r',c}``, over the raters who annotated when a mask
   is given (missing raters get 0; the weights sum to 1 over the annotating raters).
-- :func:`fuse` — eq. (1)/(4)/(5): ``F(V, w)_c = Σ_r w_{r,c} V_{r,c}``, normalised over the
-  classes so that it is a distribution. With rater labels ``V = Y`` (one-hot) this is
-  the fusion of the labels (eq. 4); with DivP's maps ``V = p̂`` and ``w`` from the same
-  maps it is the *self-fusion* (eq. 5); with equal weights it is the mean label.
+- :func:`fuse` — eq. (1)/(4)/(5): ``F(V, w)_c = Σ_r w_{r,c} V_{r,c}`` for the foreground
+  classes, the background taking the rest (binary: the authors' weighted mean of the
+  foreground channel). With rater labels ``V = Y`` (one-hot) this is the fusion of the
+  labels (eq. 4); with DivP's maps ``V = p̂`` and ``w`` from the same maps it is the
+  *self-fusion* (eq. 5); with equal weights it is the mean label.
 
 Network (:class:`MrPrismNet`), section 4 and the supplement's architecture table:
 
@@ -92,18 +93,26 @@ def confidences(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
 
 
 def fuse(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The fusion of eqs. (1), (4), (5): ``Σ_r w_{r,c} V_{r,c}`` normalised over the classes.
+    """The fusion of eqs. (1), (4), (5): ``F_c = Σ_r w_{r,c} V_{r,c}`` for every foreground
+    class c ≥ 1, the background taking the rest, ``F_0 = 1 − Σ_{c≥1} F_c``.
+
+    Binary, this is the authors' fusion of the foreground channel, a weighted mean of the
+    raters' maps; with equal weights it is the mean label for any number of classes.
+    Each ``F_c`` is a weighted mean in [0, 1]; should the foreground classes sum to more
+    than 1 (several classes, disagreeing raters), they are rescaled to sum to 1 and the
+    background is 0 — the normalisation over classes the paper asks of eq. (1).
 
     Args:
         values: ``(B, R, L, *s)`` — one-hot rater labels or DivP's probability maps.
         weights: ``(B, R, L, *s)`` from :func:`confidences`.
 
     Returns:
-        ``(B, L, *s)`` class distribution (uniform where the sum is 0, e.g. no rater).
+        ``(B, L, *s)`` class distribution (all background where no rater annotated).
     """
-    f = (weights * values).sum(1)
-    z = f.sum(1, keepdim=True)
-    return torch.where(z > _TINY, f / z.clamp_min(_TINY), torch.full_like(f, 1.0 / f.shape[1]))
+    fg = (weights[:, :, 1:] * values[:, :, 1:]).sum(1)  # (B, L-1, *s)
+    total = fg.sum(1, keepdim=True)
+    fg = fg / total.clamp_min(1.0)
+    return torch.cat([(1.0 - total).clamp_min(0.0), fg], 1)
 
 
 def sincos_positions(grid: Sequence[int], dim: int, device=None, dtype=torch.float32) -> torch.Tensor:

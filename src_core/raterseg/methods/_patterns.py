@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Voxels per chunk when encoding: bounds temporaries, keeps them cache-friendly.
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 _INT64_LIMIT = 1 << 62
 
 
@@ -82,9 +82,13 @@ class PatternHistogram:
         return out2[0] if squeeze else out2
 
 
-def _code_dtype(bins: int):
+def _code_dtype(bins: int, *, storage: bool = False):
+    """Smallest torch integer dtype holding codes ``0..bins-1`` (uint8 only for storage:
+    arithmetic runs in a signed type, since digits start at -1)."""
     import torch
 
+    if storage and bins <= 256:
+        return torch.uint8
     if bins <= np.iinfo(np.int16).max:
         return torch.int16
     if bins <= np.iinfo(np.int32).max:
@@ -114,14 +118,15 @@ def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) 
     dev = labels.device
     if bins <= max_bins:
         dt = _code_dtype(bins)
+        store = _code_dtype(bins, storage=True)
         offset = sum(base**k for k in range(R))  # shifts every digit from label to label + 1
         if dev.type == "cpu":
             # numpy: single-threaded element-wise work never waits on a busy OpenMP pool
-            codes_np, counts_np = _encode_numpy(labels.numpy(), base, offset, bins,
-                                                torch.empty((), dtype=dt).numpy().dtype)
+            np_dt = [torch.empty((), dtype=t).numpy().dtype for t in (dt, store)]
+            codes_np, counts_np = _encode_numpy(labels.numpy(), base, offset, bins, *np_dt)
             codes, counts = torch.from_numpy(codes_np), torch.from_numpy(counts_np)
         else:
-            codes = torch.empty(n, dtype=dt, device=dev)
+            codes = torch.empty(n, dtype=store, device=dev)
             counts = torch.zeros(bins, dtype=torch.int64, device=dev)
             for s in range(0, n, CHUNK):
                 c = _horner(labels[:, s : s + CHUNK], base, dt)
@@ -157,10 +162,11 @@ def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) 
     return PatternHistogram(pat, counts, inverse, None)
 
 
-def _encode_numpy(lab: np.ndarray, base: int, offset: int, bins: int, dt):
-    """Codes ``(N,)`` of dtype ``dt`` and their histogram ``(bins,)`` int64 (numpy)."""
+def _encode_numpy(lab: np.ndarray, base: int, offset: int, bins: int, dt, store):
+    """Codes ``(N,)`` (computed in dtype ``dt``, stored as ``store``) and their histogram
+    ``(bins,)`` int64 (numpy)."""
     n = lab.shape[1]
-    codes = np.empty(n, dt)
+    codes = np.empty(n, store)
     counts = np.zeros(bins, np.int64)
     for s in range(0, n, CHUNK):
         c = lab[0, s : s + CHUNK].astype(dt)

@@ -25,8 +25,8 @@ Network (:class:`MrPrismNet`), section 4 and the supplement's architecture table
   segmentation features the key and value (eq. 7), with sine positional encodings,
   residual + LayerNorm around the attention and around a 2-layer MLP; the maps are
   embedded to each stage's size by a separable convolution
-  (:class:`ConfidenceEmbedding`: point-wise conv deepening channels, depth-wise
-  strided conv down-sampling);
+  (:class:`ConfidenceEmbedding`: a cascade of point-wise convs deepening channels and
+  depth-wise strided convs down-sampling);
 - DivP (§4.2): 4 multi-head self-attention blocks (``torch.nn.TransformerEncoderLayer``,
   post-norm as in the supplement's "MHA-Block") over patch tokens of ConP's mask, then one output head per rater (the R groups of L
   channels of the last projection), giving each rater's probability map;
@@ -173,21 +173,31 @@ def _heads_dim(width: int, heads: int) -> int:
 
 
 class ConfidenceEmbedding(nn.Module):
-    """Separable convolution embedding the confidence maps ``(B, R·L, *s)`` to one ConP
-    stage (§4.2, last paragraph): a point-wise convolution deepens the channels to
-    ``channels`` at full resolution, a depth-wise convolution (kernel = stride =
-    ``factor``) down-samples to the stage's resolution keeping the channels."""
+    """Separable convolutions embedding the confidence maps ``(B, R·L, *s)`` for the ConP
+    stages (§4.2, last paragraph; the supplement's "Separable Convs" stages): a cascade
+    of stages, each a point-wise convolution deepening the channels at the current
+    resolution and a depth-wise convolution (kernel = stride = 2) halving it, keeping the
+    channels. ``forward`` returns the embeddings at /2, /4, /8 and /16 with the widths
+    ``widths`` (those of the ConP stages there)."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: int, factor: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, widths: Sequence[int]) -> None:
         super().__init__()
         conv = _conv(spatial_dims)
-        self.pw = conv(in_channels, channels, kernel_size=1)
-        self.act = nn.LeakyReLU(0.1)
-        self.dw = (conv(channels, channels, kernel_size=factor, stride=factor, groups=channels)
-                   if factor > 1 else nn.Identity())
+        stages = []
+        prev = in_channels
+        for c in widths:
+            stages.append(nn.Sequential(
+                conv(prev, c, kernel_size=1), nn.LeakyReLU(0.1),
+                conv(c, c, kernel_size=2, stride=2, groups=c)))
+            prev = c
+        self.stages = nn.ModuleList(stages)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.dw(self.act(self.pw(w)))
+    def forward(self, w: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for stage in self.stages:
+            w = stage(w)
+            out.append(w)
+        return out
 
 
 class ConPAttention(nn.Module):
@@ -301,7 +311,7 @@ class MrPrismNet(nn.Module):
         rl = num_raters * num_classes
         # decoder inputs of the 4 up-sampling stages: x4 (/16), u4 (/8), u3 (/4), u2 (/2)
         stages = [(f[4], 16), (f[3], 8), (f[2], 4), (f[1], 2)]
-        self.embed = nn.ModuleList(ConfidenceEmbedding(spatial_dims, rl, c, k) for c, k in stages)
+        self.embed = ConfidenceEmbedding(spatial_dims, rl, [f[1], f[2], f[3], f[4]])
         # patches of 16/k voxels: every stage attends over the same /16 token grid
         self.attend = nn.ModuleList(ConPAttention(spatial_dims, c, 16 // k, heads) for c, k in stages)
         self.head = _conv(spatial_dims)(width, num_classes, kernel_size=1)
@@ -327,11 +337,11 @@ class MrPrismNet(nn.Module):
         """ConP: encoder features and confidences ``(B, R, L, *s)`` → logits ``(B, L, *s)``."""
         x0, x1, x2, x3, x4 = enc
         u = self.unet
-        wf = w.flatten(1, 2)
+        emb = self.embed(w.flatten(1, 2))[::-1]  # /16, /8, /4, /2
         h = x4
         for i, (up, skip) in enumerate(((u.upcat_4, x3), (u.upcat_3, x2), (u.upcat_2, x1),
                                         (u.upcat_1, x0))):
-            h = self.attend[i](h, self.embed[i](wf))
+            h = self.attend[i](h, emb[i])
             h = up(h, skip)
         return self.head(h)
 

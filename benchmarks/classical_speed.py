@@ -224,8 +224,9 @@ def table(result: dict) -> str:
     lines.append(
         f"| staple vs STAPLEImageFilter | {s['ours']:.3f} | {s['sitk']:.3f} | "
         f"**{s['speedup']:.1f}×** | ≥{s['target']:.0f}× {'met' if s['speedup'] >= s['target'] else 'NOT met'} | "
-        f"{s['cpu_ratio']:.1f}× | max |Δp(fg)| {s['max_abs_prob_diff']:.1e}, |Δsens| {s['max_abs_sens_diff']:.1e}, "
-        f"|Δspec| {s['max_abs_spec_diff']:.1e}; {s['iterations']} vs {s['sitk_iterations']} iterations |")
+        f"{s['cpu_ratio']:.1f}× | largest difference: p(fg) {s['max_abs_prob_diff']:.1e}, "
+        f"sensitivity {s['max_abs_sens_diff']:.1e}, specificity {s['max_abs_spec_diff']:.1e}; "
+        f"{s['iterations']} vs {s['sitk_iterations']} iterations |")
     s = result["rows"]["majority_vote"]
     lines.append(
         f"| majority_vote vs LabelVotingImageFilter | {s['ours']:.3f} | {s['sitk']:.3f} | "
@@ -281,22 +282,25 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=float))
     if not args.no_docs:
-        heading = "## Classical fusion speed" + ("" if args.device == "cpu" else f" ({args.device})")
-        if args.device == "cpu":
-            write_docs(text, heading)
-        else:  # a GPU run goes below the CPU one, in the same section
-            write_docs(_merge_gpu(text, heading), "## Classical fusion speed")
+        write_section(text, args.device)
     return 0
 
 
-def _merge_gpu(text: str, heading: str) -> str:
+def write_section(text: str, device: str) -> None:
+    """Put this run's table in the section: CPU runs first, a GPU run as a subsection below
+    (each run replaces only its own part)."""
     doc = DOCS.read_text() if DOCS.exists() else ""
-    cpu = ""
+    cpu, gpu = "", ""
     if START in doc and END in doc:
         body = doc[doc.index(START) + len(START): doc.index(END)].strip("\n")
         body = body.split("\n", 1)[1] if body.startswith("## ") else body
-        cpu = body.split("\n### ")[0].strip("\n")
-    return f"{cpu}\n\n### {heading[3:]}\n\n{text}"
+        cpu, _, rest = body.partition("\n### ")
+        gpu = f"### {rest}" if rest else ""
+    if device == "cpu":
+        cpu = text
+    else:
+        gpu = f"### On {device}\n\n{text}"
+    write_docs("\n\n".join(part.strip("\n") for part in (cpu, gpu) if part.strip()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ compute a per-pattern table, and map the table back to voxels with one gather.
 
 Each voxel's pattern is encoded as an integer in base L+1 (digit = label + 1, so 0 =
 missing). When (L+1)^R is small the histogram is a ``bincount`` over those codes (no
-sort); otherwise ``torch.unique`` compresses the codes to pattern indices.
+sort; on the CPU with numpy, whose single-threaded element-wise loops never wait on a
+busy thread pool); otherwise ``torch.unique`` compresses the codes to pattern indices,
+compressing on the way whenever the next rater's digit could overflow int64. Counts
+are int64, so they stay exact at any volume size.
 """
 
 from __future__ import annotations
@@ -44,42 +47,45 @@ class PatternHistogram:
     def num_patterns(self) -> int:
         return int(self.counts.shape[0])
 
-    def to_voxels(self, table: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Map a per-pattern ``table`` ``(K, P)`` (or ``(P,)``) to voxels: ``(K, N)`` (or ``(N,)``).
+    def to_voxels(self, *tables: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Map per-pattern tables ``(K, P)`` (or ``(P,)``) to voxels: ``(K, N)`` (or ``(N,)``).
 
-        Runs on the histogram's device; returns a numpy array on the CPU.
+        All tables are gathered in one pass over the voxels' codes, on the histogram's
+        device; numpy arrays on the CPU come back (a tuple when several tables are given).
         """
         import torch
 
-        table = np.asarray(table)
-        squeeze = table.ndim == 1
-        table2 = table.reshape(-1, table.shape[-1])
-        if self.slot is not None:  # expand to one entry per raw code
-            slot = self.slot.cpu().numpy()
-            full = np.zeros((table2.shape[0], slot.shape[0]), table2.dtype)
-            seen = slot >= 0
-            full[:, seen] = table2[:, slot[seen]]
-            table2 = full
         n = int(self.index.shape[0])
-        if out is None:
-            out = np.empty((table2.shape[0], n), table2.dtype)
-        out2 = out.reshape(table2.shape[0], n)
+        flat, outs = [], []
+        for table in tables:
+            t = np.asarray(table)
+            t2 = t.reshape(-1, t.shape[-1])
+            if self.slot is not None:  # expand to one entry per raw code
+                slot = self.slot.cpu().numpy()
+                full = np.zeros((t2.shape[0], slot.shape[0]), t2.dtype)
+                seen = slot >= 0
+                full[:, seen] = t2[:, slot[seen]]
+                t2 = full
+            flat.append(np.ascontiguousarray(t2))
+            outs.append(np.empty((t2.shape[0], n), t2.dtype))
         if self.index.device.type == "cpu":
             # In chunks: int32 indices (numpy's cast is fast), then torch's index_select,
             # the fastest CPU gather here; only a chunk of converted indices at a time.
             idx = self.index.numpy()
-            tab = torch.from_numpy(np.ascontiguousarray(table2))
-            dst = torch.from_numpy(out2)
+            pairs = [(torch.from_numpy(t), torch.from_numpy(o)) for t, o in zip(flat, outs)]
             for s in range(0, n, CHUNK):
                 ci = torch.from_numpy(idx[s : s + CHUNK].astype(np.int32))
-                for k in range(table2.shape[0]):
-                    torch.index_select(tab[k], 0, ci, out=dst[k, s : s + CHUNK])
+                for tab, dst in pairs:
+                    for k in range(tab.shape[0]):
+                        torch.index_select(tab[k], 0, ci, out=dst[k, s : s + CHUNK])
         else:
             idx = self.index if self.index.dtype in (torch.int32, torch.int64) else self.index.int()
-            tab = torch.as_tensor(table2, device=idx.device)
-            for k in range(table2.shape[0]):
-                out2[k] = tab[k].index_select(0, idx).cpu().numpy()
-        return out2[0] if squeeze else out2
+            for t, o in zip(flat, outs):
+                tab = torch.as_tensor(t, device=idx.device)
+                for k in range(t.shape[0]):
+                    o[k] = tab[k].index_select(0, idx).cpu().numpy()
+        res = tuple(o[0] if np.ndim(t) == 1 else o for t, o in zip(tables, outs))
+        return res[0] if len(res) == 1 else res
 
 
 def _code_dtype(bins: int, *, storage: bool = False):
@@ -236,11 +242,13 @@ def result_from_patterns(hist: PatternHistogram, prob_table: np.ndarray, shape: 
         truth_table = prob_table.argmax(axis=0)
     truth_table = truth_table.astype(np.int16 if L < 32000 else np.int32)
     pat = hist.labels.cpu().numpy().astype(np.int32)
+    truth, prob, unc, dis = hist.to_voxels(truth_table, prob_table, normalized_entropy(prob_table),
+                                           observed_disagreement(pat, L))
     return FusionResult(
-        truth=hist.to_voxels(truth_table).reshape(shape),
-        probabilities=hist.to_voxels(prob_table).reshape((L,) + tuple(shape)),
-        uncertainty=hist.to_voxels(normalized_entropy(prob_table)).reshape(shape),
-        disagreement=hist.to_voxels(observed_disagreement(pat, L)).reshape(shape),
+        truth=truth.reshape(shape),
+        probabilities=prob.reshape((L,) + tuple(shape)),
+        uncertainty=unc.reshape(shape),
+        disagreement=dis.reshape(shape),
         method=method,
         params=params,
         **extra,

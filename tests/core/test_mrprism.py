@@ -173,6 +173,8 @@ def test_recurrence_runs_with_missing_raters_2d(R, T, rng):
     assert res["rater_maps"].shape == (1, R, *shape)
     assert torch.allclose(res["rater_maps"].sum(1), torch.ones(1, *shape), atol=1e-5)
     assert res["rater_estimates"].shape == (1, R, L, *shape)
+    # the heads start different (identical heads would stay identical: trivial solution)
+    assert res["rater_estimates"][0, :, 1].std(0).max() > 1e-2
     assert torch.allclose(res["rater_confusion"].sum(2), torch.ones(1, R, L), atol=1e-5)
 
 

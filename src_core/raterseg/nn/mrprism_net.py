@@ -253,8 +253,10 @@ class DivP(nn.Module):
     add + norm, MLP, add + norm) on the tokens with sine positional encodings, a LayerNorm,
     and one output head per rater — the transposed convolution back to pixels has R
     groups of L channels, rater r's head being its r-th group. Each head gives a
-    correction to ``log P`` (initialised to zero, so an untrained DivP copies ConP's
-    mask to every rater): ``logits_r = log P + Δ_r``.
+    correction to ``log P``: ``logits_r = log P + Δ_r``. The heads are initialised at
+    random, not to zero: identical heads would get identical confidences and identical
+    gradients, and stay identical (the trivial solution the shuffle loss is meant to
+    avoid, §4.3.2).
     """
 
     def __init__(self, spatial_dims: int, num_classes: int, num_raters: int, width: int,
@@ -269,10 +271,10 @@ class DivP(nn.Module):
                                        activation="gelu", batch_first=True)
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        # default (random) initialisation: heads that start equal get equal confidences
+        # and equal gradients from eqs. (8)-(12) for ever (the trivial solution of §4.3.2)
         self.heads = _deconv(spatial_dims)(dim, num_raters * num_classes, kernel_size=patch,
                                            stride=patch)
-        nn.init.zeros_(self.heads.weight)
-        nn.init.zeros_(self.heads.bias)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         spatial = p.shape[2:]

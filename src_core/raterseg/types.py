@@ -194,8 +194,10 @@ def as_rater_stack(
     dtype = np.int16 if num_classes < 32000 else np.int32
     labels = arr.astype(dtype, copy=True)
     # A case needs at least one rater who annotated something.
-    case_axes = tuple(range(1, labels.ndim)) if batched else None
-    any_ann = (labels >= 0).any(axis=case_axes)
+    if batched:
+        any_ann = (labels >= 0).any(axis=tuple(range(1, labels.ndim)))
+    else:
+        any_ann = labels.size > 0 and hi >= 0  # max label: no full-size temporary
     if not np.all(any_ann):
         bad = np.flatnonzero(~np.atleast_1d(any_ann))
         where = f"case(s) {bad.tolist()[:10]}" if batched else "this case"

@@ -57,7 +57,9 @@ def test_lidc_reader_declines_other_folders(lidc_slices, tmp_path):
     assert rd.get_lidc_reader(str(png)) is None
 
 
-def test_viewer_opens_lidc_folder_through_the_plugin(make_napari_viewer, lidc_slices):
+def test_viewer_opens_lidc_folder_through_the_plugin(lidc_slices, make_napari_viewer):
+    # lidc_slices first: it skips before a viewer exists (napari's fixture errors at
+    # teardown when the test skipped after creating it).
     viewer = make_napari_viewer()
     layers = viewer.open(str(lidc_slices / "LIDC-IDRI-0005" / "nodule-0"),
                          plugin="napari-raterseg")

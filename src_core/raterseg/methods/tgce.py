@@ -31,6 +31,19 @@ for two classes it is exact). Hence
   ``Λ·I + (1 − Λ)(1 − I)/(L − 1)`` averaged over the pixels with column j weighted by
   ``f_j`` (as for ``cm``).
 
+Where training starts matters. The loss has a fixed point for every self-consistent
+set of trusted raters: f follows the raters Λ trusts and Λ trusts the raters f
+agrees with. Early in training f is blurred, close to the raters' mean label, so a
+rater that over-segments looks right; if Λ adapts to that f at once, it locks in —
+on MNIST with the CM paper's five raters, starting from Λ = ½ TGCE ends up trusting
+the over-segmenting raters, distrusting the good one, and returns the over-segmented
+mask (Dice ≈ 52 vs ≈ 91 for a U-Net on the majority vote; docs/BENCHMARKS.md). Starting
+from Λ ≈ 1 (``initial_reliability``, default 0.95) makes the first epochs plain GCE on
+every rater (eq. 2-1, a sharpened mean label), and raters lose trust only where they
+disagree with a network that has already sharpened. The opposite failure, Λ → 0
+everywhere, would need every rater worse than a uniform guess (see
+:mod:`raterseg.nn.tgce_loss`); we have not seen it.
+
 The alternative ``Λ·I + (1 − Λ)/L`` (the unreliable rater guessing uniformly, the
 reading of the constant term) puts at least ``1/L`` on every diagonal entry, so it
 cannot show a rater who is always wrong on a class (a blank rater's foreground
@@ -39,6 +52,7 @@ column would be (½, ½), not (1, 0)); we do not use it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +70,10 @@ class TGCENetwork(nn.Module):
     """Shared U-Net with a segmentation head ``seg`` ``(B, L, *s)`` (logits) and a
     reliability head ``rel`` ``(B, R, *s)`` (logits of Λ): pixel-wise (1×1 convolution),
     per image (pooled features, linear layer, broadcast) or one learned value per rater
-    (``global``, broadcast)."""
+    (``global``, broadcast). The reliability bias starts at ``logit(initial)``."""
 
     def __init__(self, spatial_dims: int, in_channels: int, features, num_classes: int,
-                 num_raters: int, level: str) -> None:
+                 num_raters: int, level: str, initial: float = 0.5) -> None:
         super().__init__()
         heads, pooled = {"seg": num_classes}, {}
         if level == "pixel":
@@ -67,7 +81,14 @@ class TGCENetwork(nn.Module):
         elif level == "image":
             pooled["rel"] = num_raters
         self.unet = MultiHeadUNet(spatial_dims, in_channels, features, heads, pooled)
-        self.global_rel = nn.Parameter(torch.zeros(num_raters)) if level == "global" else None
+        bias = math.log(initial / (1 - initial))  # logit of the starting Λ
+        self.global_rel = None
+        if level == "global":
+            self.global_rel = nn.Parameter(torch.full((num_raters,), bias))
+        else:
+            head = self.unet.heads["rel"] if level == "pixel" else self.unet.pooled_heads["rel"]
+            with torch.no_grad():
+                head.bias.fill_(bias)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.unet(x)
@@ -101,8 +122,8 @@ class TruncatedGCE(LearnedMethod):
                               "(eq. 2-1)", low=0.0, high=1.0)
         reliability: str = param("pixel", "reliability Λ per pixel, per image or one per rater",
                                  choices=("pixel", "image", "global"))
-        warmup_epochs: int = param(0, "first epochs: f fits every rater with plain GCE while Λ "
-                                      "learns against it", low=0)
+        initial_reliability: float = param(0.95, "Λ at the start of training (trust every rater; "
+                                                 "see the class docstring)", low=0.5, high=0.999)
 
     def check_config(self) -> None:
         if not self.config.q > 0:
@@ -110,12 +131,11 @@ class TruncatedGCE(LearnedMethod):
 
     def build_network(self, in_channels, num_classes, num_raters, spatial_dims):
         return TGCENetwork(spatial_dims, in_channels, self.config.features, num_classes,
-                           num_raters, self.config.reliability)
+                           num_raters, self.config.reliability, self.config.initial_reliability)
 
     def loss(self, outputs, raters, annotated, state):
         lam = torch.sigmoid(outputs["rel"])
-        warm = state.training and state.epoch < self.config.warmup_epochs
-        loss, parts = tgce_loss(outputs["seg"], lam, raters, annotated, self.config.q, warmup=warm)
+        loss, parts = tgce_loss(outputs["seg"], lam, raters, annotated, self.config.q)
         return loss, {k: float(v) for k, v in parts.items()}
 
     def interpret(self, outputs):

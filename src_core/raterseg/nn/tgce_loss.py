@@ -63,8 +63,7 @@ def gce_per_pixel(seg_logits: torch.Tensor, raters: torch.Tensor, q: float) -> t
 
 
 def tgce_loss(seg_logits: torch.Tensor, reliability: torch.Tensor, raters: torch.Tensor,
-              annotated: torch.Tensor, q: float, *, warmup: bool = False,
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              annotated: torch.Tensor, q: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TGCE_SS, eqs. 2-6 and 2-7 (with the Σ_k form of eq. 2-1; see the module docstring).
 
     Args:
@@ -72,9 +71,6 @@ def tgce_loss(seg_logits: torch.Tensor, reliability: torch.Tensor, raters: torch
         reliability: ``(B, R, *s)`` Λ in [0, 1] (already through a sigmoid).
         raters: long ``(B, R, *s)``; annotated: bool ``(B, R, *s)``.
         q: truncation, in (0, 1].
-        warmup: split the gradient: f is fitted to every rater's label with plain GCE
-            (as if Λ = 1) and Λ learns eq. 2-6 against f held fixed. The value is
-            eq. 2-6's plus the Λ-independent ``(1 − Λ)·(GCE − const)`` (not a TGCE value).
 
     Returns:
         ``(loss, parts)``: the scalar loss and, detached, ``gce`` (mean GCE over the
@@ -84,10 +80,7 @@ def tgce_loss(seg_logits: torch.Tensor, reliability: torch.Tensor, raters: torch
     gce = gce_per_pixel(seg_logits, raters, q)
     const = uniform_gce(L, q)
     lam = reliability.to(gce.dtype)
-    if warmup:
-        per = gce + lam * (gce.detach() - const)
-    else:
-        per = lam * gce + (1.0 - lam) * const
+    per = lam * gce + (1.0 - lam) * const
     zero = torch.zeros((), dtype=per.dtype, device=per.device)
     per = torch.where(annotated, per, zero)  # missing raters: no term, no gradient
     b = per.shape[0]

@@ -41,10 +41,18 @@ over voxels with weights ``P_j``. ``history`` holds, per epoch, the training bat
 soft Dice (thresholds 0.1-0.9) of each recurrence's ConP against the raters' mean
 label, ``dice_rec0`` … (foreground = any class but 0).
 
-Architecture as built vs the paper: see :mod:`raterseg.nn.mrprism_net`. The encoder is
-the MONAI U-Net encoder shared by every learned method (the paper's CNN encoder is
-unspecified); the attention token grid is the /16 grid at every ConP stage (the paper's
-patch sizes 8, 7, 7, 7, 7 are tied to its 256² inputs).
+Architecture as built vs the paper (details in :mod:`raterseg.nn.mrprism_net`): the
+encoder is the MONAI U-Net encoder shared by every learned method (the paper's CNN
+encoder is unspecified) and ConP its decoder with an attention block before each of
+the 4 up-sampling stages; the attention token grid is the /16 grid at every stage (the
+paper's patch sizes 8, 7, 7, 7, 7 are tied to its 256² inputs); DivP has 4
+self-attention blocks on patches of 4 (2D) or 8 (3D) voxels. Attention layers are
+PyTorch's (MONAI 1.6.1's attention blocks need ``einops``, not a dependency here).
+Choices the paper leaves open, made here: the fusion of several classes (foreground
+classes fused, background the rest — the authors' binary fusion); residuals of ConP's
+attention on the query (confidence) stream; ConP's output initialised at
+p(background) ≈ 0.95 (1 − SSIM hardly trains a mask that starts at 0.5 everywhere);
+DivP's heads initialised at random (identical heads stay identical).
 """
 
 from __future__ import annotations

@@ -207,11 +207,11 @@ class ConPAttention(nn.Module):
     Both maps are cut into flattened patches of edge ``patch`` (a convolution with
     kernel = stride = patch, i.e. a linear map of each flattened patch, as in ViT [13]),
     sine positional encodings are added, then
-    ``h = LN(F_tok + Att(q=E_tok + pos_E, k=F_tok + pos_F, v=F_tok))`` (eq. 7, multi-head
-    dot-product attention), ``h = LN(h + MLP(h))``
+    ``h = LN(E_tok + Att(q=E_tok + pos_E, k=F_tok + pos_F, v=F_tok))`` (eq. 7, multi-head
+    dot-product attention; the residual is the query stream, as in a transformer decoder),
+    ``h = LN(h + MLP(h))``
     (MONAI ``MLPBlock``, two linear maps keeping the width), and the tokens are mapped
-    back to pixels (transposed convolution) and added to the features. The last
-    projection starts at zero, so an untrained block leaves the decoder unchanged.
+    back to pixels (transposed convolution) and added to the features.
 
     ``forward(f, e)``: ``f``, ``e`` ``(B, channels, *s)`` → ``(B, channels, *s)``.
     """
@@ -230,8 +230,6 @@ class ConPAttention(nn.Module):
         self.mlp = MLPBlock(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.out = _deconv(spatial_dims)(dim, channels, kernel_size=patch, stride=patch)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
 
     def forward(self, f: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         spatial = f.shape[2:]
@@ -240,7 +238,7 @@ class ConPAttention(nn.Module):
         grid = tf.shape[2:]
         pos = sincos_positions(grid, self.dim, tf.device, tf.dtype)
         tf, te = _tokens(tf), _tokens(te)
-        h = self.norm1(tf + self.attn(te + pos, tf + pos, tf, need_weights=False)[0])
+        h = self.norm1(te + self.attn(te + pos, tf + pos, tf, need_weights=False)[0])
         h = self.norm2(h + self.mlp(h))
         return f + _crop(self.out(_untokens(h, grid)), spatial)
 
@@ -317,6 +315,12 @@ class MrPrismNet(nn.Module):
         # patches of 16/k voxels: every stage attends over the same /16 token grid
         self.attend = nn.ModuleList(ConPAttention(spatial_dims, c, 16 // k, heads) for c, k in stages)
         self.head = _conv(spatial_dims)(width, num_classes, kernel_size=1)
+        # prior initialisation (as in RetinaNet): ConP starts at p(background) ≈ 0.95. 1 − SSIM
+        # has almost no gradient where a flat background is predicted far from 0 (SSIM is ~0
+        # there whatever the error), so a mask starting at 0.5 everywhere learns very slowly.
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[0] = math.log(0.95 * (num_classes - 1) / 0.05)
         self.divp = DivP(spatial_dims, num_classes, num_raters, divp_width, divp_depth, heads,
                          patch=4 if spatial_dims == 2 else 8)
         seed = int(torch.randint(0, 2**62, (1,)))  # drawn from the caller's seeded RNG

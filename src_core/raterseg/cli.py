@@ -5,11 +5,15 @@ listed in :data:`SUBCOMMANDS`; adding one means writing those two functions and
 appending the adder::
 
     raterseg fuse RATER... [--image IMG] --method M [--set k=v ...] -o OUTDIR
+    raterseg fuse-dir COHORT --method M [--set k=v ...] [--workers N] -o OUT
+    raterseg train DATA --method M [--set k=v ...] -o MODEL
+    raterseg predict MODEL IMG... -o OUTDIR
     raterseg methods [--format text|markdown]
     raterseg demo [-o demo-output]
 
 Bad input gives exit code 2 and one line ``raterseg: error: <message>`` on stderr;
-progress goes to stderr, results and tables to stdout.
+``fuse-dir`` exits with 1 when some cases failed (each reported on stderr and in its
+summary). Progress goes to stderr, results and tables to stdout.
 """
 
 from __future__ import annotations
@@ -378,10 +382,249 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train -----------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a learned method on a dataset and save the model",
+                       description="Train a learned method on many cases: DATA is a cohort "
+                                   "folder (case folders with image.* and rater* files, or "
+                                   "LIDC patient folders; cases of one spatial shape) or an "
+                                   ".npz holding 'images' (N, C?, *S) and 'raters' (N, R, *S) "
+                                   "(or LIDC's 'masks'). Raters are matched across cases by "
+                                   "name. The model is saved as safetensors with its "
+                                   "configuration (no pickle).",
+                       epilog="Example: raterseg train lidc_dev.npz --method cm --set epochs=20 "
+                              "-o cm.safetensors")
+    p.add_argument("data", metavar="DATA", help="cohort folder or .npz dataset")
+    p.add_argument("--method", "-m", required=True, help="a learned method (see 'raterseg "
+                   "methods')")
+    p.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE",
+                   help="a method parameter, repeatable (e.g. --set epochs=20)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: max label + 1)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--output", "-o", required=True, metavar="MODEL",
+                   help="model file to write (e.g. model.safetensors)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import raterseg as rs
+
+    from ._device import resolve_device
+    from .cohort import load_training_set
+
+    params = _parse_sets(args.params)
+    if not rs.get_method(args.method).learned:
+        learned = ", ".join(rs.available_methods(learned=True))
+        raise RaterSegError(f"--method: train needs a learned method ({learned}), got the "
+                            f"classical {args.method!r}; use 'raterseg fuse' or 'fuse-dir'")
+    method = rs.create(args.method, num_classes=args.num_classes, device=args.device,
+                       seed=args.seed, **params)
+    device = resolve_device(args.device)
+    out = Path(args.output)
+    if out.is_dir():
+        raise RaterSegError(f"--output: expected a model file name, got the folder '{out}'")
+    images, raters, ids = load_training_set(args.data)
+    _info(f"raterseg train: {len(ids)} case{'s' * (len(ids) != 1)}, {raters.shape[1]} raters, "
+          f"shape {tuple(raters.shape[2:])}, method {args.method}, device {device}", args.quiet)
+    progress = TextProgress(args.method, quiet=args.quiet)
+    t0 = time.perf_counter()
+    try:
+        method.fit(images, raters, progress=progress)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    method.save(out)
+    history = getattr(method, "history_", [])
+    last = history[-1] if history else {}
+    losses = " ".join(f"{k}={v:.4g}" for k, v in last.items()
+                      if isinstance(v, (int, float)) and k != "epoch")
+    print(f"{args.method}: trained on {len(ids)} cases ({raters.shape[1]} raters, "
+          f"{method.num_classes} classes) for {len(history)} epochs in {seconds:.1f} s"
+          + (f"; last epoch {losses}" if losses else ""))
+    print(f"wrote {out}")
+    return 0
+
+
+# -- predict ---------------------------------------------------------------------------
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment images with a saved model",
+                       description="Segment new images with a model saved by 'raterseg "
+                                   "train' (raters not needed). Each image's results go to "
+                                   "OUTDIR/<image name>/ as NIfTI with the image's geometry. "
+                                   "A model trained on 2D images segments a 3D volume slice "
+                                   "by slice.",
+                       epilog="Example: raterseg predict cm.safetensors ct1.nii.gz ct2.nii.gz "
+                              "-o predictions/")
+    p.add_argument("model", metavar="MODEL", help="model file written by 'raterseg train'")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (or folders of 2D "
+                   "slices)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_predict)
+
+
+def _as_batch(model, image: np.ndarray, where: str) -> tuple[np.ndarray, bool]:
+    """One image ``(*S)`` or ``(C, *S)`` as the batch ``model.predict`` wants, and whether
+    it is a volume cut into slices (a 2D model given a single-channel ``(D, H, W)``).
+
+    Raises:
+        RaterSegError: the image's rank or channel count does not fit the model.
+    """
+    rank, channels = model.data_ndim_, model.in_channels_
+    if image.ndim == rank:
+        return image[None, None], False
+    if image.ndim == rank + 1 and image.shape[0] == channels and channels > 1:
+        return image[None], False
+    if rank == 2 and image.ndim == 3 and channels == 1:
+        return image[:, None], True  # (D, H, W) -> D slices (D, 1, H, W)
+    if image.ndim == rank + 1 and image.shape[0] == channels:
+        return image[None], False
+    raise RaterSegError(
+        f"IMG ('{where}'): expected a {rank}D image with {channels} channel(s) like the "
+        f"training data ((*S) or (C, *S)), got shape {image.shape}")
+
+
+def _predict_one(model, batch: np.ndarray, slices: bool):
+    """A one-case :class:`FusionResult` from :func:`_as_batch`'s output; for a volume cut
+    into slices the slice axis goes back in front of (H, W) on every field."""
+    from .types import FusionResult
+
+    res = model.predict(batch)
+
+    def one(arr, spatial_at: int):
+        if arr is None:
+            return None
+        return np.moveaxis(arr, 0, spatial_at) if slices else arr[0]
+
+    return FusionResult(
+        truth=one(res.truth, 0), probabilities=one(res.probabilities, 1),
+        uncertainty=one(res.uncertainty, 0), disagreement=one(res.disagreement, 0),
+        rater_confusion=res.rater_confusion,
+        rater_maps=one(res.rater_maps, 1), rater_estimates=one(res.rater_estimates, 2),
+        method=res.method, params=res.params, history=res.history)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ._device import resolve_device
+    from .datasets import _stem, read_image
+    from .io import write_result
+    from .serialization import load_method, read_header
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise RaterSegError(f"--output: expected a folder, got the file '{out}'")
+    read_header(args.model)  # a wrong model file fails before any slow import
+    # every image is read and checked before anything is written
+    inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
+    device = resolve_device(args.device)
+    model = load_method(args.model, device=args.device)
+    batches = [_as_batch(model, image, str(p)) for p, image, _ in inputs]
+    names: list[str] = []
+    for p, _, _ in inputs:
+        stem = _stem(Path(p)) or "image"
+        name, k = stem, 2
+        while name in names:
+            name, k = f"{stem}_{k}", k + 1
+        names.append(name)
+    _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
+          f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
+          f"device {device}", args.quiet)
+    progress = TextProgress("predict", quiet=args.quiet)
+    rows = []
+    try:
+        for i, ((_, _, meta), (batch, slices), name) in enumerate(zip(inputs, batches, names)):
+            t0 = time.perf_counter()
+            res = _predict_one(model, batch, slices)
+            write_result(out / name, res, meta)
+            fg = float((res.truth > 0).mean())
+            rows.append([name, "x".join(map(str, res.truth.shape)), f"{fg:.4f}",
+                         f"{float(res.uncertainty.mean()):.4f}",
+                         f"{time.perf_counter() - t0:.2f}"])
+            progress(TrainingEvent(i + 1, len(inputs), name))
+    finally:
+        progress.close()
+    print(_table(rows, ["image", "shape", "foreground", "mean uncertainty", "time (s)"]))
+    print(f"wrote one folder per image to {out}/")
+    return 0
+
+
+# -- fuse-dir --------------------------------------------------------------------------
+
+
+def _add_fuse_dir(sub) -> None:
+    p = sub.add_parser("fuse-dir", help="fuse every case of a cohort folder (resumable)",
+                       description="Fuse every case folder under COHORT (image.* and rater* "
+                                   "files, or LIDC patient/nodule folders) into OUT/<case>/, "
+                                   "and write OUT/summary.csv (per case and rater: "
+                                   "sensitivity, specificity, Dice against the fused truth). "
+                                   "Cases finished by an earlier run with the same method and "
+                                   "parameters are skipped; a failing case is reported and "
+                                   "the others go on (exit code 1 if any failed).",
+                       epilog="Example: raterseg fuse-dir cohort/ --method staple --workers 2 "
+                              "-o fused/")
+    p.add_argument("cohort", metavar="COHORT", help="folder of case folders")
+    p.add_argument("--method", "-m", default="staple", help="fusion method (default: staple)")
+    p.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE",
+                   help="a method parameter, repeatable")
+    p.add_argument("--workers", "-j", type=int, default=1,
+                   help="cases fused at once in separate processes (default 1: in-process)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: per case, "
+                   "max label + 1)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_fuse_dir)
+
+
+def _run_fuse_dir(args: argparse.Namespace) -> int:
+    from .cohort import fuse_cohort
+
+    params = _parse_sets(args.params)
+    progress = TextProgress(f"fuse-dir {args.method}", quiet=args.quiet)
+
+    def on_case(row: dict) -> None:
+        if row["status"] == "failed":  # always shown, even with -q
+            progress.close()
+            print(f"raterseg fuse-dir: case '{row['case']}' failed: {row['error']}",
+                  file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        rows = fuse_cohort(args.cohort, args.output, args.method, workers=args.workers,
+                           progress=progress, num_classes=args.num_classes, device=args.device,
+                           seed=args.seed, on_case=on_case, **params)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - t0
+    table = []
+    for row in rows:
+        dice = [s["dice"] for s in row.get("rater_stats") or [] if s.get("dice") is not None]
+        table.append([row["case"], row["status"], str(row.get("raters", "")),
+                      f"{float(row['seconds']):.2f}" if row.get("seconds") is not None else "",
+                      _fmt(float(np.nanmean(dice))) if dice and np.isfinite(dice).any() else "",
+                      ])
+    print(_table(table, ["case", "status", "raters", "time (s)", "mean rater Dice"]))
+    count = {k: sum(r["status"] == k for r in rows) for k in ("fused", "skipped", "failed")}
+    print(f"{args.method}: {count['fused']} fused, {count['skipped']} already done, "
+          f"{count['failed']} failed, of {len(rows)} cases in {seconds:.1f} s; per-rater "
+          f"statistics in {Path(args.output) / 'summary.csv'}")
+    return 1 if count["failed"] else 0
+
+
 # -- entry point -----------------------------------------------------------------------
 
 #: Functions adding one subcommand each (its parser and its ``func``), in help order.
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_fuse, _add_methods, _add_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_fuse, _add_fuse_dir, _add_train,
+                                              _add_predict, _add_methods, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

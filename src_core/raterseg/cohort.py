@@ -1,0 +1,296 @@
+"""Cohorts: fuse every case of a folder (resumable, in parallel) and stack cases for training.
+
+:func:`fuse_cohort` fuses each case folder of a cohort (layouts of
+:func:`raterseg.datasets.find_cases`) and writes ``OUT/<case>/`` with
+:func:`raterseg.io.write_result`, then ``OUT/<case>/case.json`` — the marker, written
+last and atomically — and finally ``OUT/summary.csv``. A rerun skips cases whose
+marker says they were fused with the same method and parameters and whose files are
+all there, so an interrupted run picks up where it stopped. A case that fails (an
+unreadable file, shapes that disagree, ...) gets a row with its error and the others
+go on.
+
+:func:`load_training_set` turns a cohort folder or an ``.npz`` dataset into the
+arrays ``fit`` wants.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io as _pyio
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .types import RaterSegError, TrainingEvent
+
+__all__ = ["MARKER", "SUMMARY_COLUMNS", "fuse_cohort", "load_training_set"]
+
+#: Per-case marker: written last, so its presence means the case's outputs are complete.
+MARKER = "case.json"
+#: Columns of ``summary.csv``: one row per rater of each case (case columns repeated);
+#: a failed case has one row with the rater columns empty and ``error`` set.
+SUMMARY_COLUMNS = ("case", "status", "method", "seconds", "voxels", "raters", "classes",
+                   "rater", "annotated", "sensitivity", "specificity", "dice", "error")
+
+
+# -- fusing a cohort ---------------------------------------------------------------------
+
+
+def _case_names(root: Path, case_dirs: list[Path]) -> list[str]:
+    """Output names: the path below the cohort folder (``patient/nodule-N`` for LIDC)."""
+    names = []
+    for d in case_dirs:
+        names.append(d.name if d == root else d.relative_to(root).as_posix())
+    return names
+
+
+def _finished(case_out: Path, method: str, params: dict, settings: dict) -> dict | None:
+    """The marker's row if ``case_out`` holds a complete result of ``method`` with ``params``
+    and ``settings`` (num_classes, seed)."""
+    from .io import _jsonable
+
+    try:
+        row = json.loads((case_out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("status") != "fused" or row.get("method") != method \
+            or row.get("params") != _jsonable(params) or row.get("settings") != settings:
+        return None
+    files = row.get("files") or []
+    if not files or not all((case_out / f).is_file() for f in files):
+        return None
+    return row
+
+
+def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
+              num_classes: int | None, device: Any, seed: int) -> dict:
+    """Read, fuse and write one case; never raises for a problem of the case (returns its row)."""
+    import raterseg as rs
+
+    from .datasets import read_case
+    from .io import _jsonable, _write_text, write_result
+    from .metrics import rater_table
+
+    row: dict[str, Any] = {"case": name, "method": method, "params": _jsonable(params),
+                           "settings": {"num_classes": num_classes, "seed": seed}}
+    case_out = Path(out_dir) / name
+    t0 = time.perf_counter()
+    try:
+        (case_out / MARKER).unlink(missing_ok=True)  # outputs below are about to change
+        case = read_case(case_dir)
+        res = rs.fuse(case.raters, image=case.image, method=method, num_classes=num_classes,
+                      device=device, seed=seed, **params)
+        written = write_result(case_out, res, case.meta, rater_names=case.rater_names)
+        row.update(status="fused", seconds=time.perf_counter() - t0,
+                   voxels=int(res.truth.size), raters=len(case.rater_names),
+                   classes=int(res.num_classes), error="",
+                   files=[p.name for p in written.values()],
+                   rater_stats=[{"rater": n, **{k: s[k] for k in
+                                                ("annotated", "sensitivity", "specificity", "dice")}}
+                                for n, s in zip(case.rater_names,
+                                                rater_table(case.raters, res.truth,
+                                                            res.num_classes))])
+        _write_text(case_out / MARKER, json.dumps(_jsonable(row), indent=2) + "\n")
+    except Exception as err:  # noqa: BLE001 - one case's failure must not stop the cohort
+        msg = str(err) if isinstance(err, RaterSegError) else f"{type(err).__name__}: {err}"
+        row.update(status="failed", seconds=time.perf_counter() - t0, error=" ".join(msg.split()))
+    return row
+
+
+def _init_worker(threads: int) -> None:
+    """Worker processes share the CPU cores instead of each taking them all."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str = "staple",
+                workers: int = 1, progress: Callable[[TrainingEvent], None] | None = None, *,
+                num_classes: int | None = None, device: Any = None, seed: int = 0,
+                on_case: Callable[[dict], None] | None = None, **params: Any) -> list[dict]:
+    """Fuse every case of a cohort into ``out_dir/<case>/``; resumable and parallel.
+
+    Args:
+        cohort_dir: a folder of case folders (``image.*`` + ``rater*`` files) and/or LIDC
+            patient folders (see :func:`raterseg.datasets.find_cases`).
+        out_dir: where ``<case>/`` result folders and ``summary.csv`` go.
+        method: any method (learned ones train on each case and need its image).
+        workers: processes fusing cases at once; 1 runs in this process.
+        progress: called with a :class:`TrainingEvent` (cases done / total) after each case.
+        num_classes, device, seed, **params: as for :func:`raterseg.fuse`.
+        on_case: called with each case's row as it finishes (e.g. to report failures).
+
+    Returns:
+        One dict per case, in cohort order: ``case``, ``status`` ("fused", "skipped": done
+        by an earlier run with the same method and parameters, "failed"), ``method``,
+        ``params``, ``seconds``, ``voxels``, ``raters``, ``classes``, ``error`` ("" unless
+        failed), ``files`` and ``rater_stats`` (per rater: ``rater`` name, ``annotated``,
+        ``sensitivity``, ``specificity``, ``dice`` against the fused truth).
+
+    Raises:
+        RaterSegError: missing cohort folder or no case in it, unknown method or
+            parameter, bad ``workers`` or ``device``. Problems of single cases do not
+            raise: they are rows with status "failed".
+    """
+    import raterseg as rs
+
+    from ._device import resolve_device
+    from .datasets import find_cases
+    from .io import _write_text
+
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise RaterSegError(f"workers: expected an integer >= 1, got {workers!r}")
+    workers = int(workers)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RaterSegError(f"out_dir: expected a folder, got the file '{out}'")
+    # every mistake of the arguments is reported before any case is read
+    m = rs.create(method, num_classes=num_classes, device=device, seed=seed, **params)
+    resolve_device(device)
+    root = Path(cohort_dir)
+    inside = out.resolve()
+    # results written inside the cohort folder hold rater_* files: never take them for cases
+    case_dirs = [d for d in find_cases(root)
+                 if d.resolve() != inside and inside not in d.resolve().parents]
+    if not case_dirs:
+        raise RaterSegError(f"cohort_dir: expected case folders in '{root}' besides the "
+                            f"output folder '{out}', found none")
+    names = _case_names(root, case_dirs)
+    settings = {"num_classes": num_classes, "seed": seed}
+    params = {k: v for k, v in m.params_dict.items() if k in params}  # coerced values
+    rows: dict[str, dict] = {}
+    todo: list[tuple[Path, str]] = []
+    for d, name in zip(case_dirs, names):
+        done = _finished(out / name, method, params, settings)
+        if done is not None:
+            rows[name] = {**done, "status": "skipped"}
+        else:
+            todo.append((d, name))
+    total, count = len(names), 0
+
+    def finished(row: dict) -> None:
+        nonlocal count
+        count += 1
+        rows[row["case"]] = row
+        if on_case is not None:
+            on_case(row)
+        if progress is not None:
+            progress(TrainingEvent(count, total, f"{row['case']} {row['status']}",
+                                   {"seconds": float(row.get("seconds") or 0.0)}))
+
+    for name in names:
+        if name in rows:
+            finished(rows[name])
+    args = [(str(d), name, str(out), method, params, num_classes, device, seed) for d, name in todo]
+    if workers == 1 or len(todo) <= 1:
+        for a in args:
+            finished(_fuse_one(*a))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn: a forked child of a process that already ran torch's thread pool can hang
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                    initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = {pool.submit(_fuse_one, *a): a[1] for a in args}
+            for fut in cf.as_completed(futures):
+                try:
+                    row = fut.result()
+                except Exception as err:  # noqa: BLE001 - a worker died (out of memory, ...)
+                    row = {"case": futures[fut], "method": method, "status": "failed",
+                           "error": f"worker process failed: {type(err).__name__}: {err}"}
+                finished(row)
+    result = [rows[n] for n in names]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "summary.csv", summary_csv(result))
+    return result
+
+
+def summary_csv(rows: list[dict]) -> str:
+    """The text of ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`) for :func:`fuse_cohort`'s rows."""
+    buf = _pyio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SUMMARY_COLUMNS)
+
+    def num(x: Any, fmt: str = "{:.6g}") -> str:
+        if x is None or (isinstance(x, float) and not np.isfinite(x)):
+            return ""
+        return fmt.format(x) if isinstance(x, float) else str(x)
+
+    for row in rows:
+        head = [row["case"], row.get("status", ""), row.get("method", ""),
+                num(row.get("seconds"), "{:.3f}"), num(row.get("voxels")), num(row.get("raters")),
+                num(row.get("classes"))]
+        stats = row.get("rater_stats") or [{}]
+        for s in stats:
+            w.writerow(head + [s.get("rater", ""), num(s.get("annotated")),
+                               num(s.get("sensitivity")), num(s.get("specificity")),
+                               num(s.get("dice")), row.get("error", "")])
+    return buf.getvalue()
+
+
+# -- stacking a cohort for training ----------------------------------------------------
+
+
+def load_training_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images and raters for ``fit`` from an ``.npz`` dataset or a cohort folder.
+
+    A cohort's raters are matched across cases by name (``rater1`` is the same person in
+    every case); a rater absent from a case is a map of -1 there.
+
+    Returns:
+        ``(images, raters, ids)``: ``images`` ``(N, C, *S)`` (npz: as stored, ``(N, *S)``
+        allowed), ``raters`` int ``(N, R, *S)``, ``ids`` N case names.
+
+    Raises:
+        RaterSegError: not an ``.npz`` file or a folder, a case without an image, cases
+            of different spatial shapes or channel counts (naming the first that differs).
+    """
+    from .datasets import iter_cohort, load_npz_dataset, natural_key
+
+    p = Path(path)
+    if not p.exists():
+        raise RaterSegError(f"DATA: no such file or folder '{p}'")
+    if p.is_file():
+        ds = load_npz_dataset(p)
+        ids = [str(i) for i in ds.ids] if ds.ids is not None else \
+            [f"case{i}" for i in range(ds.raters.shape[0])]
+        return ds.images, ds.raters, ids
+    cases = []
+    for case in iter_cohort(p):
+        if case.image is None:
+            raise RaterSegError(f"DATA: case '{case.name}' has no image (image.* file); "
+                                "training needs one per case")
+        img = case.image if case.image.ndim > case.raters.ndim - 1 else case.image[None]
+        if cases:
+            first, fimg = cases[0][0], cases[0][1]
+            if case.raters.shape[1:] != first.raters.shape[1:]:
+                raise RaterSegError(
+                    f"DATA: expected every case to have the spatial shape "
+                    f"{first.raters.shape[1:]} of '{first.name}', got "
+                    f"{case.raters.shape[1:]} in '{case.name}' (resample the cases to one "
+                    "shape first)")
+            if img.shape[0] != fimg.shape[0]:
+                raise RaterSegError(
+                    f"DATA: expected every image to have {fimg.shape[0]} channel(s) like "
+                    f"'{first.name}', got {img.shape[0]} in '{case.name}'")
+        cases.append((case, img))
+    names = sorted({n for c, _ in cases for n in c.rater_names}, key=natural_key)
+    index = {n: r for r, n in enumerate(names)}
+    first = cases[0][0]
+    dtype = np.result_type(*(c.raters.dtype for c, _ in cases))
+    raters = np.full((len(cases), len(names), *first.raters.shape[1:]), -1, dtype=dtype)
+    for i, (c, _) in enumerate(cases):
+        for r, n in enumerate(c.rater_names):
+            raters[i, index[n]] = c.raters[r]
+    images = np.stack([img for _, img in cases])
+    return images, raters, [c.name for c, _ in cases]

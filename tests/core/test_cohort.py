@@ -1,0 +1,203 @@
+"""Fusing a cohort folder: same results as rs.fuse per case, failures reported and skipped,
+reruns resume, several workers give the same outputs, summary.csv holds the rater table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import raterseg as rs
+from raterseg import io as rio
+from raterseg import metrics, synth
+from raterseg.cli import main
+from raterseg.cohort import MARKER, fuse_cohort, load_training_set
+
+# (dims, shape, raters) of the six synthetic cases
+CASES = [(2, (32, 32), 3), (2, (24, 40), 4), (3, (8, 24, 24), 3), (2, (32, 32), 5),
+         (3, (10, 16, 20), 4), (2, (16, 16), 2)]
+
+
+def _write_cohort(root, cases=CASES):
+    data = {}
+    for i, (dims, shape, n_r) in enumerate(cases):
+        image, raters, _ = synth.sample_case(dims=dims, num_raters=n_r, seed=i, shape=shape)
+        folder = root / f"case{i + 1}"
+        rio.write_array(folder / "image.nii.gz", image, {"spacing": (1.5,) * dims})
+        for r in range(n_r):
+            rio.write_array(folder / f"rater{r + 1}.nii.gz", raters[r], {"spacing": (1.5,) * dims})
+        data[folder.name] = raters
+    return data
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    return root, _write_cohort(root)
+
+
+@pytest.fixture(scope="module")
+def fused(cohort, tmp_path_factory):
+    """The cohort fused once with staple in-process."""
+    root, _ = cohort
+    out = tmp_path_factory.mktemp("fused")
+    events = []
+    rows = fuse_cohort(root, out, "staple", progress=events.append)
+    return out, rows, events
+
+
+def _truths(out, names):
+    return {n: rio.read_array(out / n / "truth.nii.gz")[0] for n in names}
+
+
+def test_every_case_equals_rs_fuse(cohort, fused):
+    _, data = cohort
+    out, rows, events = fused
+    assert [r["case"] for r in rows] == list(data)
+    assert all(r["status"] == "fused" and r["error"] == "" for r in rows)
+    assert [(e.step, e.total) for e in events] == [(i + 1, len(data)) for i in range(len(data))]
+    for name, raters in data.items():
+        want = rs.fuse(raters, method="staple")
+        truth, meta = rio.read_array(out / name / "truth.nii.gz")
+        np.testing.assert_array_equal(truth, want.truth)
+        prob, _ = rio.read_array(out / name / "probabilities.nii.gz")
+        np.testing.assert_allclose(prob, want.probabilities, atol=1e-6)
+        assert meta["spacing"] == pytest.approx((1.5,) * raters[0].ndim)  # geometry kept
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["rater_names"] == [f"rater{r + 1}" for r in range(len(raters))]
+
+
+def test_summary_csv_holds_each_rater_against_the_fused_truth(cohort, fused):
+    _, data = cohort
+    out = fused[0]
+    with open(out / "summary.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == sum(len(r) for r in data.values())  # one row per rater of each case
+    for name, raters in data.items():
+        mine = [t for t in table if t["case"] == name]
+        truth = rs.fuse(raters, method="staple").truth
+        want = metrics.rater_table(raters, truth)
+        assert [t["rater"] for t in mine] == [f"rater{r + 1}" for r in range(len(raters))]
+        for t, w in zip(mine, want):
+            assert t["status"] == "fused" and t["method"] == "staple" and t["error"] == ""
+            assert int(t["voxels"]) == truth.size and int(t["raters"]) == len(raters)
+            assert float(t["seconds"]) >= 0
+            for k in ("sensitivity", "specificity", "dice"):
+                assert float(t[k]) == pytest.approx(w[k], abs=1e-5), (name, k)
+
+
+def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(cohort, fused, tmp_path):
+    root, data = cohort
+    out = tmp_path / "out"
+    shutil.copytree(fused[0], out)
+    names = list(data)
+    mtimes = {n: (out / n / "truth.nii.gz").stat().st_mtime_ns for n in names}
+    rows = fuse_cohort(root, out, "staple")
+    assert [r["status"] for r in rows] == ["skipped"] * len(names)
+    assert {n: (out / n / "truth.nii.gz").stat().st_mtime_ns for n in names} == mtimes
+    # the summary still holds the statistics of the skipped cases
+    assert (out / "summary.csv").read_text() == (fused[0] / "summary.csv").read_text() \
+        .replace(",fused,", ",skipped,")
+    # an interrupted case (no marker) and a case with a lost file are fused again
+    (out / "case2" / MARKER).unlink()
+    (out / "case5" / "uncertainty.nii.gz").unlink()
+    rows = fuse_cohort(root, out, "staple")
+    assert [r["case"] for r in rows if r["status"] == "fused"] == ["case2", "case5"]
+    assert (out / "case5" / "uncertainty.nii.gz").is_file()
+    assert (out / "case1" / "truth.nii.gz").stat().st_mtime_ns == mtimes["case1"]
+    # another method or parameter is not "finished": everything is redone
+    rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
+    assert [r["status"] for r in rows] == ["fused"] * len(names)
+    for name, raters in data.items():
+        np.testing.assert_array_equal(rio.read_array(out / name / "truth.nii.gz")[0],
+                                      rs.fuse(raters, method="majority_vote",
+                                              tie="undecided").truth)
+
+
+def test_a_corrupt_case_is_reported_and_skipped(cohort, tmp_path, capsys):
+    root, data = cohort
+    shutil.copytree(root, tmp_path / "c")
+    (tmp_path / "c" / "case3" / "rater2.nii.gz").write_bytes(b"not a nifti file")
+    shutil.copytree(root / "case1", tmp_path / "c" / "case7")
+    rio.write_array(tmp_path / "c" / "case7" / "rater3.nii.gz", np.zeros((5, 5), np.int16))
+    code = main(["fuse-dir", str(tmp_path / "c"), "-m", "majority_vote", "-o",
+                 str(tmp_path / "out"), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err
+    assert lines[0].startswith("raterseg fuse-dir: case 'case3' failed: raters: ")
+    assert "rater2.nii.gz' is not a readable nifti file" in lines[0]
+    assert lines[1].startswith("raterseg fuse-dir: case 'case7' failed: raters: expected every "
+                               "rater in")
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    failed = [t for t in table if t["status"] == "failed"]
+    assert [t["case"] for t in failed] == ["case3", "case7"]
+    assert all(t["rater"] == "" and t["error"] for t in failed)
+    for name, raters in data.items():  # the other cases are complete and right
+        if name != "case3":
+            np.testing.assert_array_equal(
+                rio.read_array(tmp_path / "out" / name / "truth.nii.gz")[0],
+                rs.fuse(raters, method="majority_vote").truth)
+    assert not (tmp_path / "out" / "case3" / MARKER).exists()
+    assert "5 fused, 0 already done, 2 failed, of 7 cases" in out
+    # once repaired, a rerun fuses only the failed cases
+    shutil.copy(root / "case3" / "rater2.nii.gz", tmp_path / "c" / "case3" / "rater2.nii.gz")
+    shutil.rmtree(tmp_path / "c" / "case7")
+    code = main(["fuse-dir", str(tmp_path / "c"), "-m", "majority_vote", "-o",
+                 str(tmp_path / "out"), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""
+    assert "1 fused, 5 already done, 0 failed, of 6 cases" in out
+
+
+def test_two_workers_give_the_same_outputs(cohort, fused, tmp_path):
+    root, data = cohort
+    rows = fuse_cohort(root, tmp_path / "out", "staple", workers=2)
+    assert [r["case"] for r in rows] == list(data)
+    assert all(r["status"] == "fused" for r in rows)
+    for name in data:
+        for f in ("truth", "probabilities", "uncertainty"):
+            a = rio.read_array(tmp_path / "out" / name / f"{f}.nii.gz")[0]
+            b = rio.read_array(fused[0] / name / f"{f}.nii.gz")[0]
+            np.testing.assert_array_equal(a, b)
+        assert (tmp_path / "out" / name / "rater_confusion.csv").read_text() == \
+            (fused[0] / name / "rater_confusion.csv").read_text()
+
+
+def test_bad_arguments_exit_2_before_any_work(cohort, tmp_path, capsys):
+    root, _ = cohort
+    for argv, match in [
+        (["fuse-dir", str(tmp_path / "absent"), "-o", str(tmp_path / "o")], "no such folder"),
+        (["fuse-dir", str(root), "-m", "stapel", "-o", str(tmp_path / "o")], "did you mean 'staple'"),
+        (["fuse-dir", str(root), "--set", "prior=x", "-o", str(tmp_path / "o")], "prior"),
+        (["fuse-dir", str(root), "--workers", "0", "-o", str(tmp_path / "o")], "workers: expected"),
+        (["fuse-dir", str(tmp_path), "-o", str(tmp_path / "o")], "found no case"),
+    ]:
+        code = main(argv)
+        _, err = capsys.readouterr()
+        assert code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and match in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_the_cohort_is_not_taken_for_cases(cohort, tmp_path):
+    root, data = cohort
+    shutil.copytree(root, tmp_path / "c")
+    for _ in range(2):  # the second run must not see c/fused/case*/rater_maps... as cases
+        rows = fuse_cohort(tmp_path / "c", tmp_path / "c" / "fused", "mean")
+        assert [r["case"] for r in rows] == list(data)
+
+
+def test_load_training_set_matches_raters_by_name(tmp_path):
+    _write_cohort(tmp_path / "a", [(2, (16, 16), 3), (2, (16, 16), 2)])
+    (tmp_path / "a" / "case2" / "rater2.nii.gz").rename(tmp_path / "a" / "case2" / "rater3.nii.gz")
+    images, raters, ids = load_training_set(tmp_path / "a")
+    assert ids == ["case1", "case2"] and images.shape == (2, 1, 16, 16)
+    assert raters.shape == (2, 3, 16, 16)
+    assert (raters[1, 1] == -1).all() and (raters[1, 2] >= 0).all()  # rater2 absent in case2
+    case2 = rio.read_case(tmp_path / "a" / "case2")
+    np.testing.assert_array_equal(raters[1, 2], case2.raters[1])

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import raterseg as rs
 from raterseg import metrics, synth
 from raterseg.methods._base import empirical_confusion
@@ -186,8 +185,8 @@ def main(argv=None) -> int:
     if not MNIST.is_dir():
         print(f"MNIST not found at {MNIST}", file=sys.stderr)
         return 1
-    params = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  features=tuple(int(v) for v in args.features.split(",")), patience=args.patience)
+    params = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "features": tuple(int(v) for v in args.features.split(",")), "patience": args.patience}
     tgce_params = {"q": args.q, "reliability": args.reliability}
     if args.initial_reliability is not None:
         tgce_params["initial_reliability"] = args.initial_reliability

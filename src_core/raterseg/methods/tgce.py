@@ -36,11 +36,13 @@ set of trusted raters: f follows the raters Λ trusts and Λ trusts the raters f
 agrees with. Early in training f is blurred, close to the raters' mean label, so a
 rater that over-segments looks right; if Λ adapts to that f at once, it locks in —
 on MNIST with the CM paper's five raters, starting from Λ = ½ TGCE ends up trusting
-the over-segmenting raters, distrusting the good one, and returns the over-segmented
-mask (Dice ≈ 52 vs ≈ 91 for a U-Net on the majority vote; docs/BENCHMARKS.md). Starting
-from Λ ≈ 1 (``initial_reliability``, default 0.95) makes the first epochs plain GCE on
-every rater (eq. 2-1, a sharpened mean label), and raters lose trust only where they
-disagree with a network that has already sharpened. The opposite failure, Λ → 0
+the over-segmenting raters and returns their dilated mask (Dice 57 against the truth,
+98 against the over rater; docs/BENCHMARKS.md). Starting from Λ ≈ 1
+(``initial_reliability``, default 0.95) makes the first epochs plain GCE on every rater
+(eq. 2-1, a sharpened mean label), and raters lose trust only where they disagree with
+a network that has already sharpened (Dice 90). Even so, Λ only learns to distrust
+raters who miss foreground; over-segmenting raters keep Λ ≈ 1 where they are wrong, and
+long training drifts back towards them. The opposite failure, Λ → 0
 everywhere, would need every rater worse than a uniform guess (see
 :mod:`raterseg.nn.tgce_loss`); we have not seen it.
 

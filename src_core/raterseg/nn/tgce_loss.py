@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gce_per_pixel", "uniform_gce", "tgce_loss"]
+__all__ = ["gce_per_pixel", "tgce_loss", "uniform_gce"]
 
 
 def uniform_gce(num_classes: int, q: float) -> float:

@@ -59,6 +59,17 @@ def test_loss_matches_hand_worked_example():
     assert metrics["trace"] == pytest.approx(trace, abs=1e-9)
 
 
+def test_traces_below_the_floor_are_not_rewarded():
+    # rater 1 becomes uninformative-and-worse: A = [[0.3, 0.5], [0.7, 0.5]], trace 0.8 < 1
+    bad = np.array([[0.3, 0.5], [0.7, 0.5]])
+    floored = rs.create("cm", trace_weight=0.5, warmup_epochs=0)  # trace_floor=1 by default
+    printed = rs.create("cm", trace_weight=0.5, warmup_epochs=0, trace_floor=0.0)
+    _, met_f = _loss(floored, _outputs(cms=(A0, bad)))
+    _, met_p = _loss(printed, _outputs(cms=(A0, bad)))
+    assert met_p["trace"] == pytest.approx((1.6 + 1.6 + 0.8) / 2)
+    assert met_f["trace"] == pytest.approx((1.6 + 1.6 + 1.0) / 2)
+
+
 def test_trace_term_sign_and_warmup():
     m = rs.create("cm", trace_weight=0.5, warmup_epochs=2)
     after, met = _loss(m, _outputs(), epoch=2)

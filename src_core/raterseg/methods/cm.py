@@ -15,10 +15,20 @@ Differences from the authors' code, on purpose: the NLL is taken on
 the last one in the loop; and the warm-up the paper describes (CMs driven towards
 identity first) is done: for ``warmup_epochs`` epochs the trace is maximised
 (the term's sign flipped) instead of minimised.
+
+One deliberate change to eq. (4): by default a trace below 1 is not rewarded
+(``trace_floor=1``: the penalty is ``λ·max(tr A_r, 1)``). Theorem 1 assumes diagonally
+dominant CMs, and a column-stochastic matrix with ``A[i, i] > A[i, j]`` has trace > 1;
+trace 1 is a rater whose labels do not depend on the truth. With pixel-wise CMs the
+plain trace keeps pushing the column of the class that is absent at a pixel (which the
+likelihood cannot see) below that level, after which the likelihood itself prefers to
+flip ``p``: in our MNIST runs ``trace_floor=0`` with λ = 0.7 ended with every pixel
+background (Dice 0; docs/BENCHMARKS.md). ``trace_floor=0`` restores the printed loss.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +40,11 @@ from ..types import RaterSegError
 from ._base import param
 from ._learned import LearnedMethod
 from ._registry import register_method
+
+
+#: Initial diagonal logit of the CMs: p(says j | true j) = e²/(e² + 1) ≈ 0.88 at the start
+#: for two classes (the log(L-1) added in the code keeps it so for L classes).
+DIAGONAL_LOGIT = 2.0
 
 
 class CMNetwork(nn.Module):
@@ -49,6 +64,23 @@ class CMNetwork(nn.Module):
             pooled["cm"] = k
         self.unet = MultiHeadUNet(spatial_dims, in_channels, features, heads, pooled)
         self.global_cm = nn.Parameter(torch.zeros(k)) if level == "global" else None
+        if rank == 0:
+            self._start_near_identity(num_raters, num_classes)
+
+    @torch.no_grad()
+    def _start_near_identity(self, num_raters: int, num_classes: int) -> None:
+        """Start every CM near the identity (section 3.4: the CMs are initialised as
+        identities). With the CMs' columns all alike at the start — what a random head
+        gives — ``A·p`` hardly depends on ``p`` and the segmentation head gets no signal."""
+        L = num_classes
+        diag = torch.zeros(num_raters, L, L)
+        diag[:, range(L), range(L)] = DIAGONAL_LOGIT + math.log(L - 1)
+        if self.global_cm is not None:
+            self.global_cm.copy_(diag.flatten())
+            return
+        head = (self.unet.heads if "cm" in self.unet.heads else self.unet.pooled_heads)["cm"]
+        head.weight.mul_(0.1)
+        head.bias.copy_(diag.flatten())
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.unet(x)
@@ -86,6 +118,8 @@ class ConfusionMatrices(LearnedMethod):
                               choices=("pixel", "image", "global"))
         rank: int = param(0, "0: full CMs; l >= 2: low-rank CMs B1·B2ᵀ of rank l (appendix A.4)",
                           low=0)
+        trace_floor: float = param(1.0, "traces below this are not rewarded (1: an uninformative "
+                                   "rater; 0: eq. 4 as printed)", low=0.0)
         warmup_epochs: int = param(2, "first epochs that maximise the trace (CMs towards identity)",
                                    low=0)
 
@@ -137,7 +171,8 @@ class ConfusionMatrices(LearnedMethod):
         lam = self.config.trace_weight
         if state.training and state.epoch < self.config.warmup_epochs:
             lam = -lam
-        loss, nll, tr = cm_loss(log_q, trace, raters, annotated, lam)
+        loss, nll, tr = cm_loss(log_q, trace, raters, annotated, lam,
+                                trace_floor=self.config.trace_floor if lam > 0 else 0.0)
         return loss, {"nll": float(nll.detach()), "trace": float(tr.detach())}
 
     def interpret(self, outputs):

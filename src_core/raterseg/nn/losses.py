@@ -82,7 +82,8 @@ def low_rank_annotator_probs(seg_logits: torch.Tensor, b1: torch.Tensor,
 
 
 def cm_loss(log_q: torch.Tensor, trace: torch.Tensor, raters: torch.Tensor,
-            annotated: torch.Tensor, trace_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            annotated: torch.Tensor, trace_weight: float,
+            trace_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zhang et al. 2020, eq. (4), averaged over pixels.
 
     ``(1/P) Σ_pixels Σ_r 1[r annotated] · (−log q_r[y_r] + λ · tr A_r)`` with ``P`` the
@@ -95,6 +96,9 @@ def cm_loss(log_q: torch.Tensor, trace: torch.Tensor, raters: torch.Tensor,
         trace: ``(B, R, *s)`` traces of the CMs.
         raters: long ``(B, R, *s)``; annotated: bool ``(B, R, *s)``.
         trace_weight: λ; a negative λ maximises the trace (the warm-up towards identity).
+        trace_floor: traces below this are not rewarded (``max(tr A, floor)``). 1 is the
+            trace of an uninformative rater (all columns equal); a CM below it is no longer
+            diagonally dominant, which Theorem 1 assumes. 0 gives eq. (4) as printed.
 
     Returns:
         ``(loss, nll_term, trace_term)`` scalars (the last two without λ).
@@ -103,7 +107,7 @@ def cm_loss(log_q: torch.Tensor, trace: torch.Tensor, raters: torch.Tensor,
     w = annotated.to(nll.dtype)
     pixels = raters.shape[0] * math.prod(raters.shape[2:])
     nll_term = (nll * w).sum() / pixels
-    trace_term = (trace * w).sum() / pixels
+    trace_term = (trace.clamp_min(trace_floor) * w).sum() / pixels
     return nll_term + trace_weight * trace_term, nll_term, trace_term
 
 

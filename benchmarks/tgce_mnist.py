@@ -41,10 +41,13 @@ KINDS = ("good", "over", "under", "wrong", "blank")
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
-def make_data(n_train: int, n_test: int, seed: int, mnist: Path = MNIST):
-    """Images (N, 28, 28), truth (N, 28, 28) and raters (N, 5, 28, 28) for train and test."""
+def make_data(n_train: int, n_test: int, seed: int, mnist: Path = MNIST,
+              good_strength: float | None = None):
+    """Images (N, 28, 28), truth (N, 28, 28) and raters (N, 5, 28, 28) for train and test;
+    ``good_strength``: the good rater's boundary noise (None: the synth default)."""
     images, truth = synth.load_mnist(mnist, n=n_train + n_test)
-    raters = np.stack([synth.simulate_raters(t, KINDS, seed=seed * 100003 + i)
+    strength = [good_strength, None, None, None, None]
+    raters = np.stack([synth.simulate_raters(t, KINDS, strength, seed=seed * 100003 + i)
                        for i, t in enumerate(truth)])
     return (images[:n_train], truth[:n_train], raters[:n_train],
             images[n_train:], truth[n_train:], raters[n_train:])
@@ -55,8 +58,10 @@ def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
-        methods: list[str], tgce_params: dict, **params) -> dict:
-    tr_img, _, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed)
+        methods: list[str], tgce_params: dict, good_strength: float | None = None,
+        **params) -> dict:
+    tr_img, _, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed,
+                                                                  good_strength=good_strength)
     if setting == "single":
         tr_raters = synth.drop_raters(tr_raters, mode="one_per_case", seed=seed, batched=True)
     out: dict = {"setting": setting, "seed": seed, "results": {}}
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--initial-reliability", type=float, default=None,
                     help="TGCE's Λ at the start (default: the method's own, 0.95)")
     ap.add_argument("--reliability", default="pixel", choices=["pixel", "image", "global"])
+    ap.add_argument("--good-strength", type=float, default=None,
+                    help="good rater's boundary noise in pixels (default: synth's, 0.5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--settings", nargs="+", default=["dense"], choices=["dense", "single"])
     ap.add_argument("--methods", nargs="+", default=["tgce", "unet_mv"])
@@ -195,7 +202,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for setting in args.settings:
             runs.append(run(setting, seed, args.n_train, args.n_test, args.device, args.methods,
-                            tgce_params, **params))
+                            tgce_params, good_strength=args.good_strength, **params))
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"benchmark": "tgce_mnist", "args": {**vars(args), "out": str(args.out)},

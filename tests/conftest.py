@@ -23,3 +23,23 @@ def shared_dir() -> Path:
 def rng() -> np.random.Generator:
     """A fresh generator with a fixed seed, so every test is repeatable."""
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """One torch thread for the whole suite (override with RATERSEG_TEST_THREADS).
+
+    The test models are tiny: a second thread buys little on them, and on a busy
+    2-core machine torch's thread pool can make small operations 20x slower.
+    """
+    import os
+
+    try:
+        import torch
+    except ImportError:  # the core's numpy-only parts are testable without torch
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("RATERSEG_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)

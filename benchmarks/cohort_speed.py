@@ -160,11 +160,11 @@ def table(res: dict) -> str:
         "",
         *notes,
         "",
-        ("Most of a case's time is reading and writing compressed NIfTI, not fusing. With 2 "
-        "workers the command also starts a fork server that imports raterseg and torch once "
-        "(about 3 s on this machine) before the workers fork from it, so a second worker pays "
-        "off only once the cohort's work is well above that; on a 2-core machine shared with "
-        "other jobs the second process also competes for the same cores."),
+        ("Most of a case's time is reading and writing compressed NIfTI, not fusing. Both "
+        "commands pay Python start-up and the torch import (about 3 s here); with 2 workers a "
+        "fork server imports raterseg and torch once, alongside the command's own imports, and "
+        "the workers fork from it. A second worker can only help as far as a second core is "
+        "free: on this 2-core machine other jobs were using both."),
         "",
         ("Reproduce: `python benchmarks/cohort_speed.py` (`--shapes 2d 3d 3d-large`, "
          "`--cases`, `--repeats`)."),

@@ -161,9 +161,10 @@ def table(res: dict) -> str:
         *notes,
         "",
         ("Most of a case's time is reading and writing compressed NIfTI, not fusing. Both "
-        "commands pay Python start-up and the torch import (about 3 s here); with 2 workers a "
-        "fork server imports raterseg and torch once, alongside the command's own imports, and "
-        "the workers fork from it. A second worker can only help as far as a second core is "
+        "commands pay Python start-up and the torch import (about 3 s here). With 2 workers "
+        "the command fuses cases itself while a fork server imports raterseg and torch once "
+        "(alongside the command's own imports) and one worker process forks from it and takes "
+        "cases as soon as it runs. A second worker can only help as far as a second core is "
         "free: on this 2-core machine other jobs were using both."),
         "",
         ("Reproduce: `python benchmarks/cohort_speed.py` (`--shapes 2d 3d 3d-large`, "

@@ -575,7 +575,7 @@ def _add_fuse_dir(sub) -> None:
     p.add_argument("--set", dest="params", action="append", metavar="KEY=VALUE",
                    help="a method parameter, repeatable")
     p.add_argument("--workers", "-j", type=int, default=1,
-                   help="cases fused at once in separate processes (default 1: in-process)")
+                   help="processes fusing cases at once, this one included (default 1)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: per case, "
                    "max label + 1)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")

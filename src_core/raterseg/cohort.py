@@ -79,7 +79,8 @@ def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
     from .metrics import rater_table
 
     row: dict[str, Any] = {"case": name, "method": method, "params": _jsonable(params),
-                           "settings": {"num_classes": num_classes, "seed": seed}}
+                           "settings": {"num_classes": num_classes, "seed": seed},
+                           "process": os.getpid()}
     case_out = Path(out_dir) / name
     t0 = time.perf_counter()
     try:
@@ -146,7 +147,8 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             patient folders (see :func:`raterseg.datasets.find_cases`).
         out_dir: where ``<case>/`` result folders and ``summary.csv`` go.
         method: any method (learned ones train on each case and need its image).
-        workers: processes fusing cases at once; 1 runs in this process.
+        workers: processes fusing cases at once, this one included (``workers - 1`` worker
+            processes are started); 1 runs everything in this process.
         progress: called with a :class:`TrainingEvent` (cases done / total) after each case.
         num_classes, device, seed, **params: as for :func:`raterseg.fuse`.
         on_case: called with each case's row as it finishes (e.g. to report failures).
@@ -155,7 +157,8 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
         One dict per case, in cohort order: ``case``, ``status`` ("fused", "skipped": done
         by an earlier run with the same method and parameters, "failed"), ``method``,
         ``params``, ``seconds``, ``voxels``, ``raters``, ``classes``, ``error`` ("" unless
-        failed), ``files`` and ``rater_stats`` (per rater: ``rater`` name, ``annotated``,
+        failed), ``process`` (the id of the process that fused it), ``files`` and
+        ``rater_stats`` (per rater: ``rater`` name, ``annotated``,
         ``sensitivity``, ``specificity``, ``dice`` against the fused truth).
 
     Raises:
@@ -219,21 +222,56 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
         for a in args:
             finished(_fuse_one(*a))
     else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
-                                    initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_fuse_one, *a): a[1] for a in args}
-            for fut in cf.as_completed(futures):
-                try:
-                    row = fut.result()
-                except Exception as err:  # noqa: BLE001 - a worker died (out of memory, ...)
-                    row = {"case": futures[fut], "method": method, "status": "failed",
-                           "error": f"worker process failed: {type(err).__name__}: {err}"}
-                finished(row)
+        _fuse_parallel(args, workers, context, finished)
     result = [rows[n] for n in names]
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "summary.csv", summary_csv(result))
     return result
+
+
+def _fuse_parallel(args: list[tuple], workers: int, context, finished: Callable[[dict], None]) -> None:
+    """Fuse the cases of ``args`` in this process and ``workers - 1`` worker processes.
+
+    This process takes cases too, so work starts at once while the workers start up (the
+    fork server imports torch: seconds). Each worker keeps one case queued so it never
+    waits for this process to hand out the next one. (The pool's shutdown still waits for
+    its workers to have started, so a cohort of a few small cases takes the start-up time.)
+    """
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # this process is one of the workers while the pool runs
+    inflight: dict[cf.Future, str] = {}
+
+    def collect(block: bool) -> None:
+        ready, _ = cf.wait(list(inflight), timeout=None if block else 0,
+                           return_when=cf.FIRST_COMPLETED)
+        for fut in ready:
+            name = inflight.pop(fut)
+            try:
+                row = fut.result()
+            except Exception as err:  # noqa: BLE001 - a worker died (out of memory, ...)
+                row = {"case": name, "status": "failed", "method": args[0][3],
+                       "error": f"worker process failed: {type(err).__name__}: {err}"}
+            finished(row)
+
+    try:
+        with cf.ProcessPoolExecutor(max_workers=workers - 1, mp_context=context,
+                                    initializer=_init_worker, initargs=(threads,)) as pool:
+            i = 0
+            while i < len(args) or inflight:
+                while i < len(args) and len(inflight) < 2 * (workers - 1):
+                    inflight[pool.submit(_fuse_one, *args[i])] = args[i][1]
+                    i += 1
+                if i < len(args):
+                    finished(_fuse_one(*args[i]))
+                    i += 1
+                    collect(block=False)
+                else:
+                    collect(block=True)
+    finally:
+        torch.set_num_threads(before)
 
 
 def summary_csv(rows: list[dict]) -> str:

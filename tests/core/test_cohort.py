@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -159,6 +160,8 @@ def test_two_workers_give_the_same_outputs(cohort, fused, tmp_path):
     rows = fuse_cohort(root, tmp_path / "out", "staple", workers=2)
     assert [r["case"] for r in rows] == list(data)
     assert all(r["status"] == "fused" for r in rows)
+    # this process and one worker process shared the cases
+    assert len({r["process"] for r in rows}) == 2 and os.getpid() in {r["process"] for r in rows}
     for name in data:
         for f in ("truth", "probabilities", "uncertainty"):
             a = rio.read_array(tmp_path / "out" / name / f"{f}.nii.gz")[0]

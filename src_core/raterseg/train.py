@@ -232,7 +232,7 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
             loss, metrics = _batch_loss(method, network, x, y, device, state)
             if not torch.isfinite(loss):
                 raise RaterSegError(
-                    f"lr: training diverged (loss {float(loss)}) in epoch {epoch + 1} with "
+                    f"lr: training diverged (loss {float(loss.detach())}) in epoch {epoch + 1} with "
                     f"lr={lr}; try a smaller lr"
                 )
             optimizer.zero_grad(set_to_none=True)

@@ -231,7 +231,11 @@ class LearnedMethod(FusionMethod):
         Raises:
             RaterSegError: missing or mismatched image, bad labels.
         """
-        stack = as_rater_stack(raters, self.num_classes)
+        if isinstance(raters, RaterStack) and not raters.batched and \
+                self.num_classes in (None, raters.num_classes):
+            stack = raters
+        else:
+            stack = as_rater_stack(raters, self.num_classes)
         self._check_raters(stack)
         return self._iter_fuse(stack, image)
 

@@ -189,7 +189,7 @@ def test_fuse_phantom_cm_at_least_staple_with_defaults():
 def test_fuse_phantom_cm_at_least_staple_small():
     """The same check, smaller and shorter, kept in the default suite."""
     image, raters, truth = synth.sample_case(dims=3, num_raters=4, seed=0, shape=(12, 64, 64))
-    cm = rs.fuse(raters, image=image, method="cm", seed=0, epochs=60, batch_size=4, lr=3e-3,
+    cm = rs.fuse(raters, image=image, method="cm", seed=0, epochs=30, batch_size=4, lr=3e-3,
                  features=(8, 16, 32, 32, 32), val_fraction=0.0, patience=0)
     st = rs.fuse(raters, method="staple")
     d_cm, d_st = metrics.dice(cm.truth, truth), metrics.dice(st.truth, truth)

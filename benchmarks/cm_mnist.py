@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import raterseg as rs
 from raterseg import metrics, synth
 from raterseg.methods._base import empirical_confusion
@@ -58,7 +57,7 @@ def true_confusion(raters: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
         methods: list[str], cm_params: dict | None = None, **params) -> dict:
-    tr_img, tr_truth, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed)
+    tr_img, _tr_truth, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed)
     if setting == "single":
         tr_raters = synth.drop_raters(tr_raters, mode="one_per_case", seed=seed, batched=True)
     out: dict = {"setting": setting, "seed": seed, "results": {}}
@@ -148,9 +147,9 @@ def main(argv=None) -> int:
     if not MNIST.is_dir():
         print(f"MNIST not found at {MNIST}", file=sys.stderr)
         return 1
-    params = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  features=tuple(int(v) for v in args.features.split(",")),
-                  patience=args.patience)
+    params = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "features": tuple(int(v) for v in args.features.split(",")),
+                  "patience": args.patience}
     method_sets = {"dense": ["cm", "unet_staple", "unet_mv"], "single": ["cm", "unet_sample"]}
     runs = []
     t0 = time.perf_counter()

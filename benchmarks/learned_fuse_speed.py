@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             stamps = []
             t0 = time.perf_counter()
             res = rs.fuse(raters, image=image, method=name, device=device, seed=rep,
-                          progress=lambda e: stamps.append(time.perf_counter()), **params)
+                          progress=lambda e, s=stamps: s.append(time.perf_counter()), **params)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             total = time.perf_counter() - t0

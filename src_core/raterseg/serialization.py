@@ -25,7 +25,7 @@ from typing import Any
 
 from .types import RaterSegError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_method", "load_method", "read_header"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_method", "read_header", "save_method"]
 
 FORMAT = "raterseg-model"
 FORMAT_VERSION = 1

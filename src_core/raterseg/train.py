@@ -26,15 +26,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .types import RaterSegError, TrainingEvent
 
-__all__ = ["PATCH_3D", "TrainState", "zscore", "make_samples", "iter_train", "predict_outputs"]
+__all__ = ["PATCH_3D", "TrainState", "iter_train", "make_samples", "predict_outputs", "zscore"]
 
 #: Edge of the random training patches (and sliding-window tiles) of 3D networks.
 PATCH_3D = 64
@@ -114,7 +115,7 @@ def make_samples(images: np.ndarray, raters: np.ndarray, spatial_dims: int) -> S
 
 def _split(n: int, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(n, generator=gen)
-    n_val = int(math.floor(n * val_fraction))
+    n_val = math.floor(n * val_fraction)
     if n_val < 1 or n - n_val < 1:
         return order, order[:0]
     return order[n_val:], order[:n_val]

@@ -8,10 +8,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
 import raterseg as rs
-from raterseg.methods.cm import ConfusionMatrices
+import torch
 from raterseg.nn.losses import (
     cm_log_annotator_probs,
     low_rank_annotator_probs,

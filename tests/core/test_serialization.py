@@ -10,14 +10,13 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-
 import raterseg as rs
+import torch
 from raterseg.serialization import load_method, read_header
 
 torch.set_num_threads(2)
 
-TINY = dict(features=(4, 8, 8, 8, 8), batch_size=4, epochs=1)
+TINY = {"features": (4, 8, 8, 8, 8), "batch_size": 4, "epochs": 1}
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import raterseg as rs
+import torch
 from raterseg import metrics, synth, train
 from raterseg.methods.cm import ConfusionMatrices
 
 torch.set_num_threads(2)
 
-TINY = dict(features=(4, 8, 8, 8, 8), batch_size=4)
+TINY = {"features": (4, 8, 8, 8, 8), "batch_size": 4}
 
 
 def _data(n=6, size=24, seed=0):

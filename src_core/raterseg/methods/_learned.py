@@ -33,14 +33,29 @@ fitted one keeps its previous network. Nothing is half-written.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator
+from typing import Any
 
 import numpy as np
 
 from .._device import resolve_device
-from ..types import FusionResult, RaterSegError, RaterStack, TrainingEvent, as_rater_stack, check_image
-from ._base import FusionMethod, Progress, empirical_confusion, finish_result, normalized_entropy, param
+from ..types import (
+    FusionResult,
+    RaterSegError,
+    RaterStack,
+    TrainingEvent,
+    as_rater_stack,
+    check_image,
+)
+from ._base import (
+    FusionMethod,
+    Progress,
+    empirical_confusion,
+    finish_result,
+    normalized_entropy,
+    param,
+)
 
 __all__ = ["LearnedMethod"]
 

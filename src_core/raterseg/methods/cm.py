@@ -46,7 +46,6 @@ from ._base import param
 from ._learned import LearnedMethod
 from ._registry import register_method
 
-
 #: Initial diagonal logit of the CMs: p(says j | true j) = e²/(e² + 1) ≈ 0.88 at the start
 #: for two classes (the log(L-1) added in the code keeps it so for L classes).
 DIAGONAL_LOGIT = 2.0
@@ -164,7 +163,7 @@ class ConfusionMatrices(LearnedMethod):
 
     def matrices(self, outputs) -> torch.Tensor:
         """Column-normalised CMs ``(B, R, L, L, *s)`` from network outputs."""
-        seg, a, b2 = self._split(outputs)
+        _seg, a, b2 = self._split(outputs)
         return torch.softmax(a, dim=2) if b2 is None else low_rank_cm(a, b2)
 
     def loss(self, outputs, raters, annotated, state):

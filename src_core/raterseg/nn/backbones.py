@@ -8,14 +8,14 @@ learned method here builds on the same trunk so that comparisons are fair.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..types import RaterSegError
 
-__all__ = ["unet_trunk", "check_features", "MultiHeadUNet", "MIN_SIZE"]
+__all__ = ["MIN_SIZE", "MultiHeadUNet", "check_features", "unet_trunk"]
 
 #: Smallest edge the trunk takes without padding: 4 poolings by 2 must leave at least
 #: 2 voxels per axis for instance normalisation.

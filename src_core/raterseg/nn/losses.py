@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "cm_log_annotator_probs",
-    "low_rank_cm",
-    "low_rank_annotator_probs",
-    "cm_loss",
-    "soft_cross_entropy",
-    "normalized_relu",
     "adaptive_wing_loss",
+    "cm_log_annotator_probs",
+    "cm_loss",
+    "low_rank_annotator_probs",
+    "low_rank_cm",
+    "normalized_relu",
+    "soft_cross_entropy",
 ]
 
 

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import raterseg as rs
 from raterseg import metrics
 from raterseg.datasets import load_npz_dataset, split_by_patient

@@ -9,15 +9,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
-
 import raterseg as rs
+import torch
 from raterseg.methods.mrprism import rater_confidence_maps
 from raterseg.nn.mrprism_net import MrPrismNet, confidences, fuse
 from raterseg.synth import sample_case
 from raterseg.train import TrainState
 
-TINY = dict(features=(4, 8, 8, 16, 16), divp_width=8, divp_depth=1)
+TINY = {"features": (4, 8, 8, 16, 16), "divp_width": 8, "divp_depth": 1}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,8 +138,8 @@ def test_loss_ignores_labels_of_missing_raters(rng):
     y = torch.from_numpy(labels)
     ann = y >= 0
     out = _outputs(T, R, L, shape)
-    a, ma = m.loss(out, y.clamp_min(0), ann, _state())
-    b, mb = m.loss(out, torch.where(ann, y, torch.full_like(y, 2)), ann, _state())
+    a, _ma = m.loss(out, y.clamp_min(0), ann, _state())
+    b, _mb = m.loss(out, torch.where(ann, y, torch.full_like(y, 2)), ann, _state())
     assert float(a) == pytest.approx(float(b), abs=1e-12)
     # ...while the annotated labels do matter
     flipped = y.clamp_min(0).clone()

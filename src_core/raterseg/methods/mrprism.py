@@ -58,8 +58,9 @@ DivP's heads initialised at random (identical heads stay identical).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any
 
 import numpy as np
 import torch

@@ -43,7 +43,7 @@ which is not a dependency of this project; MONAI's ``MLPBlock`` and U-Net blocks
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +52,15 @@ from torch import nn
 from .backbones import MIN_SIZE, check_features, unet_trunk
 
 __all__ = [
+    "INIT_ALPHA",
+    "INIT_BETA_MEAN",
+    "ConPAttention",
+    "ConfidenceEmbedding",
+    "DivP",
+    "MrPrismNet",
     "confidences",
     "fuse",
     "sincos_positions",
-    "ConfidenceEmbedding",
-    "ConPAttention",
-    "DivP",
-    "MrPrismNet",
-    "INIT_ALPHA",
-    "INIT_BETA_MEAN",
 ]
 
 #: Eq. (14): the mean confidence α ~ U(0.1, 0.9) (one draw per batch, equal for every rater).

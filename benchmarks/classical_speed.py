@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_model, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
@@ -78,16 +78,6 @@ def _summary(pair: dict, target: float) -> dict:
         "speedup": med(s["wall"]) / med(o["wall"]), "cpu_ratio": med(s["cpu"]) / med(o["cpu"]),
         "target": target,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 _MEM_SCRIPT = r"""
@@ -261,16 +251,7 @@ def table(result: dict) -> str:
 
 
 def write_docs(text: str, heading: str = "## Classical fusion speed") -> None:
-    block = f"{START}\n{heading}\n\n{text}\n{END}"
-    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(doc)
-    tmp.replace(DOCS)
+    replace_section("classical_speed", f"{heading}\n\n{text}")
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,22 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_model, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- cohort:start -->", "<!-- cohort:end -->"
 #: Case shapes by name: small 2D and 3D cases (file work dominates) and a larger volume.
 SHAPES = {"2d": (256, 256), "3d": (32, 96, 96), "3d-large": (64, 128, 128)}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_cohort(root: Path, cases: int, shape: tuple[int, ...], raters: int = 4) -> list[np.ndarray]:
@@ -134,7 +122,7 @@ def table(res: dict) -> str:
         f"from `raterseg.synth.sample_case`), each run a fresh command in a fresh output "
         f"folder: start Python, read each case, fuse, write its result files (gzip NIfTI), "
         f"rater table and marker, then `summary.csv`. Median of {res['repeats']} runs, worker "
-        f"counts alternating; torch {res['torch']}, device cpu; CPU: {_cpu_name()} "
+        f"counts alternating; torch {res['torch']}, device cpu; CPU: {cpu_model()} "
         f"({res['cpus']} cores) shared with other jobs: 1-min load average {l1s:.1f} at the "
         f"start, {l1e:.1f} at the end."),
         "",
@@ -173,18 +161,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    block = f"{START}\n## Cohorts\n\n{text}\n{END}"
-    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, DOCS)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=100)
@@ -196,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(res)
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        replace_section("cohort", text)
     return 0
 
 

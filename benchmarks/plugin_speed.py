@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,10 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_model, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- plugin_speed:start -->", "<!-- plugin_speed:end -->"
 TARGET_S = 2.0
 
 
@@ -47,16 +45,6 @@ def _ensure_display() -> subprocess.Popen | None:
     os.environ["DISPLAY"] = display
     time.sleep(1.0)
     return proc
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run(repeats: int) -> dict:
@@ -139,7 +127,7 @@ def table(res: dict) -> str:
         "",
         (f"Fusing the 3D sample ({shape}, {res['num_raters']} raters) with `staple` in napari "
          f"{res['napari']}, headless (Xvfb); median of {res['repeats']} runs after a warm-up, "
-         f"the three ways interleaved; torch {res['torch']} with 2 threads; CPU: {_cpu_name()} "
+         f"the three ways interleaved; torch {res['torch']} with 2 threads; CPU: {cpu_model()} "
          f"({os.cpu_count()} cores), shared with other jobs (1-min load average "
          f"{res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end)."),
         "",
@@ -165,18 +153,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    body = f"{START}\n{text}\n{END}"
-    old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + body + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = DOCS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, DOCS)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -191,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(res)
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        replace_section("plugin_speed", text)
     return 0
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from _common import cpu_model, replace_section
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Case shapes by name: small 2D and 3D cases (file work dominates) and a larger volume.
 SHAPES = {"2d": (256, 256), "3d": (32, 96, 96), "3d-large": (64, 128, 128)}
 

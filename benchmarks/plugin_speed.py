@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from _common import cpu_model, replace_section
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 2.0
 
 

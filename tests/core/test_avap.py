@@ -25,16 +25,10 @@ from raterseg.nn.avap_net import (
 from raterseg.train import TrainState
 from scipy import ndimage as ndi
 
-# Small networks: one thread is several times faster than two on a shared machine.
+# Small networks (tests/conftest.py runs the suite on one torch thread).
 TINY = {"features": (4, 8, 8, 16, 16), "apm_channels": 4, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _state(training=True, seed=0):

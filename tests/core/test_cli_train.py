@@ -9,12 +9,9 @@ import re
 import numpy as np
 import pytest
 import raterseg as rs
-import torch
 from raterseg import io as rio
 from raterseg import synth
 from raterseg.cli import main
-
-torch.set_num_threads(2)
 
 TINY = ["--set", "features=4,8,8,8,8", "--set", "epochs=1", "--set", "batch_size=4",
         "--device", "cpu", "-q"]

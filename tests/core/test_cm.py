@@ -17,8 +17,6 @@ from raterseg.nn.losses import (
 )
 from raterseg.train import TrainState
 
-torch.set_num_threads(2)
-
 # Two pixels (H=1, W=2), two classes, two raters.
 P = np.array([[0.8, 0.3], [0.2, 0.7]])  # p[j, pixel]: pixel a = (0.8, 0.2), b = (0.3, 0.7)
 A0 = np.array([[0.9, 0.3], [0.1, 0.7]])  # rater 0, cm[i, j] = p(says i | true j)

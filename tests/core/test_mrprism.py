@@ -19,13 +19,6 @@ from raterseg.train import TrainState
 TINY = {"features": (4, 8, 8, 16, 16), "divp_width": 8, "divp_depth": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread is several times faster than two on a shared, loaded CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _state(training=True, seed=0):

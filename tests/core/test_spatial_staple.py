@@ -11,15 +11,6 @@ from raterseg.methods.spatial_staple import box_sum
 from raterseg.metrics import dice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These images are small: one thread avoids OpenMP overhead on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def half_good_half_bad(seed: int, size: int = 80):
     """Rater 0 is nearly perfect on the left half and over-segments by 6 voxels on the
     right; raters 1-3 are middling everywhere (under by 2, over by 2, 10 % flips)."""

@@ -16,13 +16,6 @@ sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The arrays here are small: one thread avoids OpenMP wake-up stalls on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- simulated raters

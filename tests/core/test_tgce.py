@@ -14,15 +14,6 @@ from raterseg import metrics, synth
 from raterseg.nn.tgce_loss import gce_per_pixel, tgce_loss, uniform_gce
 from raterseg.train import TrainState
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors on a shared machine: one thread avoids OpenMP wake-up stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # One image of two pixels (H=1, W=2), two classes, two raters.
 F = np.array([[0.2, 0.6], [0.8, 0.4]])  # f[k, pixel]: pixel a = (0.2, 0.8), b = (0.6, 0.4)
 # Rater 0 says 1 at a and 0 at b; rater 1 says 0 at a and did not annotate b.

@@ -10,8 +10,6 @@ import torch
 from raterseg import metrics, synth, train
 from raterseg.methods.cm import ConfusionMatrices
 
-torch.set_num_threads(2)
-
 TINY = {"features": (4, 8, 8, 8, 8), "batch_size": 4}
 
 

@@ -14,10 +14,8 @@ def saved_model(tmp_path_factory):
     learned = [m for m in ("cm", "unet") if m in rs.available_methods(learned=True)]
     if not learned:
         pytest.skip("no learned method registered yet")
-    import torch
     from raterseg.synth import sample_case
 
-    torch.set_num_threads(2)
     image, raters, _ = sample_case(dims=2, num_raters=2, seed=0, shape=(32, 32))
     model = rs.create(learned[0], device="cpu", epochs=2, features=(4, 8, 16, 32, 64))
     model.fit(image[None], raters[None])

@@ -38,3 +38,34 @@ def replace_section(name: str, text: str, docs: Path = DOCS) -> None:
     tmp = docs.with_suffix(".md.tmp")
     tmp.write_text(new)
     os.replace(tmp, docs)
+
+
+#: The LIDC-IDRI slices of ../shared (dev machine only; benchmarks that need it say so).
+LIDC = ROOT.parent / "shared" / "data" / "lidc" / "lidc_dev.npz"
+
+
+def load_lidc(path: Path, crop: int, n_train: int | None, n_test: int | None, seed: int):
+    """``((x_train, y_train), (x_test, y_test))``: images float32 (N, H, W), raters int16
+    (N, 4, H, W); patients never in both parts (80/20); optional random subsets and a
+    centre crop (LIDC slices are centred on the nodule)."""
+    import numpy as np
+    from raterseg.datasets import load_npz_dataset, split_by_patient
+
+    d = load_npz_dataset(path)
+    train, test = split_by_patient(d.ids, (0.8, 0.2), seed=seed)
+    rng = np.random.default_rng(seed)
+    if n_train is not None and n_train < len(train):
+        train = np.sort(rng.choice(train, n_train, replace=False))
+    if n_test is not None and n_test < len(test):
+        test = np.sort(rng.choice(test, n_test, replace=False))
+    size = d.images.shape[-1]
+    sl = slice(None)
+    if crop and crop < size:
+        lo = (size - crop) // 2
+        sl = slice(lo, lo + crop)
+
+    def take(idx):
+        return (d.images[idx][..., sl, sl].astype(np.float32),
+                d.raters[idx][..., sl, sl].astype(np.int16))
+
+    return take(train), take(test)

@@ -39,32 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import raterseg as rs
+from _common import LIDC
+from _common import load_lidc as load
 from raterseg import metrics
-from raterseg.datasets import load_npz_dataset, split_by_patient
-
-LIDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lidc" / "lidc_dev.npz"
-
-
-def load(path: Path, crop: int, n_train: int | None, n_test: int | None, seed: int):
-    """Train and test images (N, H, W) float32 and raters (N, R, H, W), split by patient."""
-    d = load_npz_dataset(path)
-    train, test = split_by_patient(d.ids, (0.8, 0.2), seed=seed)
-    rng = np.random.default_rng(seed)
-    if n_train is not None and n_train < len(train):
-        train = np.sort(rng.choice(train, n_train, replace=False))
-    if n_test is not None and n_test < len(test):
-        test = np.sort(rng.choice(test, n_test, replace=False))
-    size = d.images.shape[-1]
-    sl = slice(None)
-    if crop and crop < size:  # LIDC crops are centred on the nodule
-        lo = (size - crop) // 2
-        sl = slice(lo, lo + crop)
-
-    def take(idx):
-        return (d.images[idx][..., sl, sl].astype(np.float32),
-                d.raters[idx][..., sl, sl].astype(np.int16))
-
-    return take(train), take(test)
 
 
 def hard_dice(pred: np.ndarray, target: np.ndarray) -> float:

@@ -17,8 +17,12 @@ are int64, so they stay exact at any volume size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import numpy as np
+
+from .._device import resolve_device
+from ._base import FusionMethod, Progress
 
 #: Voxels per chunk when encoding: bounds temporaries, keeps them cache-friendly.
 CHUNK = 1 << 18
@@ -218,38 +222,81 @@ def pattern_confusion(hist: PatternHistogram, truth_table: np.ndarray) -> np.nda
     return np.where(col > 0, cm / np.where(col > 0, col, 1), eye).astype(np.float32)
 
 
-def result_from_patterns(hist: PatternHistogram, prob_table: np.ndarray, shape: tuple[int, ...],
-                         method: str, params: dict, *, truth_table: np.ndarray | None = None,
-                         **extra):
-    """A one-case :class:`FusionResult` from per-pattern tables.
+#: Per-voxel fields of a :class:`FusionResult` that are functions of the voxel's pattern,
+#: in the order :func:`output_tables` returns them.
+VOXEL_FIELDS = ("truth", "probabilities", "uncertainty", "disagreement")
 
-    Every per-voxel field is a function of the voxel's pattern, so computing it per
-    pattern and gathering gives exactly what :func:`~raterseg.methods._base.finish_result`
-    computes voxel by voxel, with one gather per output row.
 
-    Args:
-        prob_table: float32 ``(L, P)`` probabilities of each pattern.
-        shape: spatial shape S.
-        truth_table: int ``(P,)``; default argmax of ``prob_table`` (lowest label on ties).
-        **extra: further FusionResult fields (rater_confusion, history, ...).
+@dataclass
+class PatternFit:
+    """What a method with a global model (no spatial term) fits on a pattern histogram.
+
+    Attributes:
+        probabilities: float32 ``(L, P)`` p(true class) of each pattern.
+        truth: int ``(P,)`` label of each pattern; None = argmax of ``probabilities``
+            (lowest label on ties).
+        fields: further :class:`FusionResult` fields (``rater_confusion``, ``history``).
     """
-    from ..types import FusionResult
+
+    probabilities: np.ndarray
+    truth: np.ndarray | None = None
+    fields: dict = dataclass_field(default_factory=dict)
+
+
+def output_tables(hist: PatternHistogram, fit: PatternFit) -> dict[str, np.ndarray]:
+    """Per-pattern tables of :data:`VOXEL_FIELDS`: truth ``(P,)`` int16/int32, the others
+    float32 ``(L, P)`` or ``(P,)``. Gathering them to voxels gives exactly what
+    :func:`~raterseg.methods._base.finish_result` computes voxel by voxel."""
     from ._base import normalized_entropy, observed_disagreement
 
-    prob_table = np.ascontiguousarray(prob_table, dtype=np.float32)
-    L = prob_table.shape[0]
-    if truth_table is None:
-        truth_table = prob_table.argmax(axis=0)
-    truth_table = truth_table.astype(np.int16 if L < 32000 else np.int32)
+    prob = np.ascontiguousarray(fit.probabilities, dtype=np.float32)
+    L = prob.shape[0]
+    truth = prob.argmax(axis=0) if fit.truth is None else np.asarray(fit.truth)
     pat = hist.labels.cpu().numpy().astype(np.int32)
-    truth, prob, unc, dis = hist.to_voxels(truth_table, prob_table, normalized_entropy(prob_table),
-                                           observed_disagreement(pat, L))
-    return FusionResult(
-        truth=truth.reshape(shape),
-        probabilities=prob.reshape((L,) + tuple(shape)),
-        uncertainty=unc.reshape(shape),
-        disagreement=dis.reshape(shape),
-        method=method,
-        params=params,
-        **extra,
-    )
+    return {
+        "truth": truth.astype(np.int16 if L < 32000 else np.int32),
+        "probabilities": prob,
+        "uncertainty": normalized_entropy(prob),
+        "disagreement": observed_disagreement(pat, L),
+    }
+
+
+def result_from_patterns(hist: PatternHistogram, fit: PatternFit, shape: tuple[int, ...],
+                         method: str, params: dict):
+    """A one-case :class:`FusionResult`: the tables of :func:`output_tables` gathered to
+    the voxels (one gather per output row), plus ``fit.fields``.
+
+    Args:
+        hist: the case's histogram (with its voxel ``index``).
+        fit: the method's per-pattern results.
+        shape: spatial shape S.
+    """
+    from ..types import FusionResult
+
+    tables = output_tables(hist, fit)
+    voxels = hist.to_voxels(*(tables[k] for k in VOXEL_FIELDS))
+    out = {}
+    for k, v in zip(VOXEL_FIELDS, voxels):
+        out[k] = v.reshape(v.shape[:-1] + tuple(shape))
+    return FusionResult(method=method, params=params, **out, **fit.fields)
+
+
+class PatternMethod(FusionMethod):
+    """A classical method whose outputs depend on a voxel only through its pattern of
+    rater labels (a global model: no spatial term). Subclasses implement
+    :meth:`fit_patterns`; the same fit then serves one case in memory (``fuse``) and a
+    volume read in chunks (:func:`raterseg.fuse_chunked`), with identical results."""
+
+    def fit_patterns(self, hist: PatternHistogram, num_classes: int, progress: Progress) -> PatternFit:
+        """Fit on the histogram (only ``hist.labels`` and ``hist.counts`` may be used)."""
+        raise NotImplementedError
+
+    def _fuse(self, stack, image, progress: Progress):
+        import torch
+
+        labels = torch.as_tensor(stack.labels.reshape(stack.num_raters, -1),
+                                 device=resolve_device(self.device))
+        hist = pattern_histogram(labels, stack.num_classes)
+        del labels
+        fit = self.fit_patterns(hist, stack.num_classes, progress)
+        return result_from_patterns(hist, fit, stack.spatial_shape, self.name, self.params_dict)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._device import resolve_device
-from ..types import FusionResult, RaterStack
-from ._base import FusionMethod, Progress, param
-from ._patterns import pattern_confusion, pattern_histogram, pattern_votes, result_from_patterns
+from ..types import RaterStack
+from ._base import Progress, param
+from ._patterns import PatternFit, PatternHistogram, PatternMethod, pattern_confusion, pattern_votes
 from ._registry import register_method
 
 #: Label given to voxels whose vote is tied (``tie="undecided"``) or that no rater annotated.
@@ -37,23 +37,18 @@ def vote_fractions(stack: RaterStack, device=None):
     return frac, counts, total
 
 
-def _pattern_fractions(stack: RaterStack, device):
-    """Histogram of the case's rater patterns, their votes ``(L, P)`` and vote shares
-    ``(L, P)`` float32 (uniform where nobody annotated), computed as :func:`vote_fractions`."""
-    import torch
-
-    dev = resolve_device(device)
-    R, L = stack.num_raters, stack.num_classes
-    hist = pattern_histogram(torch.as_tensor(stack.labels.reshape(R, -1), device=dev), L)
-    counts = pattern_votes(hist, L)
+def _pattern_fractions(hist: PatternHistogram, num_classes: int):
+    """Votes ``(L, P)``, annotating raters ``(P,)`` and vote shares ``(L, P)`` float32 of
+    each pattern (uniform where nobody annotated), as :func:`vote_fractions` computes."""
+    counts = pattern_votes(hist, num_classes)
     total = counts.sum(0)
     frac = counts.astype(np.float32) / np.maximum(total, 1).astype(np.float32)
-    frac = np.where(total > 0, frac, np.float32(1.0 / L)).astype(np.float32)
-    return hist, counts, total, frac
+    frac = np.where(total > 0, frac, np.float32(1.0 / num_classes)).astype(np.float32)
+    return counts, total, frac
 
 
 @register_method("majority_vote")
-class MajorityVote(FusionMethod):
+class MajorityVote(PatternMethod):
     """Majority vote over the raters who annotated each voxel.
 
     ``probabilities`` are the vote shares, so ``uncertainty`` shows where the vote
@@ -70,20 +65,19 @@ class MajorityVote(FusionMethod):
         tie: str = param("lowest", "label for tied votes: lowest tied label, or -1 (undecided)",
                          choices=("lowest", "undecided"))
 
-    def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
-        hist, counts, total, frac = _pattern_fractions(stack, self.device)
-        L = stack.num_classes
+    def fit_patterns(self, hist: PatternHistogram, num_classes: int, progress: Progress) -> PatternFit:
+        counts, total, frac = _pattern_fractions(hist, num_classes)
+        L = num_classes
         truth = counts.argmax(0)  # first maximum = lowest tied label
         if self.config.tie == "undecided":
             n_top = (counts == counts.max(0)).sum(0)
             truth = np.where((n_top > 1) | (total == 0), UNDECIDED, truth)
         hard = (truth[None] == np.arange(L)[:, None]).astype(np.float32)
-        return result_from_patterns(hist, frac, stack.spatial_shape, self.name, self.params_dict,
-                                    truth_table=truth, rater_confusion=pattern_confusion(hist, hard))
+        return PatternFit(frac, truth, {"rater_confusion": pattern_confusion(hist, hard)})
 
 
 @register_method("mean")
-class MeanVote(FusionMethod):
+class MeanVote(PatternMethod):
     """Soft labels: the share of annotating raters per class (missing raters excluded).
 
     ``truth`` is the most voted class (lowest label on ties); ``rater_confusion``
@@ -94,7 +88,6 @@ class MeanVote(FusionMethod):
     class Config:
         pass
 
-    def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
-        hist, _, _, frac = _pattern_fractions(stack, self.device)
-        return result_from_patterns(hist, frac, stack.spatial_shape, self.name, self.params_dict,
-                                    rater_confusion=pattern_confusion(hist, frac))
+    def fit_patterns(self, hist: PatternHistogram, num_classes: int, progress: Progress) -> PatternFit:
+        _, _, frac = _pattern_fractions(hist, num_classes)
+        return PatternFit(frac, None, {"rater_confusion": pattern_confusion(hist, frac)})

@@ -30,15 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .._device import resolve_device
-from ..types import FusionResult, RaterSegError, RaterStack, TrainingEvent
-from ._base import (
-    FusionMethod,
-    Progress,
-    finish_result,
-    param,
-)
-from ._patterns import pattern_histogram, result_from_patterns
+from ..types import RaterSegError, TrainingEvent
+from ._base import Progress, param
+from ._patterns import PatternFit, PatternHistogram, PatternMethod, pattern_histogram
 from ._registry import register_method
 
 #: STAPLEImageFilter's rule: converged when every (Δp)² and (Δq)² ≤ 1e-14.
@@ -237,21 +231,43 @@ def staple_em(labels, num_classes: int, *, init: str = "mean_vote", prior=None,
     Returns:
         :class:`StapleFit` (``probabilities`` None on the pattern path: use ``table``).
     """
+    if patterns:
+        return staple_em_histogram(pattern_histogram(labels, num_classes), num_classes, init=init,
+                                   prior=prior, max_iterations=max_iterations,
+                                   tolerance=tolerance, progress=progress)
+    return _run_em(_Items(labels, num_classes), num_classes, init, prior, max_iterations,
+                   tolerance, progress)
+
+
+def staple_em_histogram(hist, num_classes: int, *, init: str = "mean_vote", prior=None,
+                        max_iterations: int = 10000, tolerance: float = 0.0,
+                        progress: Progress = None) -> StapleFit:
+    """STAPLE's EM on a histogram of rater-label patterns (see :func:`staple_em`).
+
+    Only ``hist.labels`` and ``hist.counts`` are used, so the histogram may have been
+    accumulated over chunks of a volume too big for memory (:mod:`raterseg.chunked`).
+    Returns a :class:`StapleFit` whose ``table`` holds the posterior per pattern.
+    """
     import torch
 
-    dev = labels.device
-    R = labels.shape[0]
-    L = num_classes
-    hist = None
-    if patterns:
-        hist = pattern_histogram(labels, L)
-        if hist.num_patterns <= EM_CHUNK:
-            # A few hundred items: EM on the CPU beats kernel launches on a GPU.
-            dev = torch.device("cpu")
-        items = _Items(hist.labels.to(dev), L, hist.counts.to(dev, torch.float64))
-    else:
-        items = _Items(labels, L)
+    dev = hist.labels.device
+    if hist.num_patterns <= EM_CHUNK:
+        # A few hundred items: EM on the CPU beats kernel launches on a GPU.
+        dev = torch.device("cpu")
+    items = _Items(hist.labels.to(dev), num_classes, hist.counts.to(dev, torch.float64))
+    fit = _run_em(items, num_classes, init, prior, max_iterations, tolerance, progress)
+    fit.hist, fit.table, fit.probabilities = hist, fit.probabilities, None
+    return fit
 
+
+def _run_em(items: _Items, num_classes: int, init: str, prior, max_iterations: int,
+            tolerance: float, progress: Progress) -> StapleFit:
+    """EM iterations over ``items`` (patterns or voxels); ``probabilities`` ``(L, P)``."""
+    import torch
+
+    dev = items.labels.device
+    R = items.labels.shape[0]
+    L = num_classes
     cm, data_prior = _initialise(items, R, L, init, dev)
     f = data_prior if prior is None else torch.as_tensor(prior, dtype=torch.float64, device=dev)
     ones = torch.ones(R, 1, L, dtype=torch.float64, device=dev)  # factor of a missing rater
@@ -291,12 +307,7 @@ def staple_em(labels, num_classes: int, *, init: str = "mean_vote", prior=None,
         W, s = _posterior(flat, cm_ext, f)
         W = torch.where((s > 0)[:, None], W, torch.full_like(W, 1.0 / L))  # impossible pattern
         out[:, s0 : s0 + W.shape[0]] = W.T.to(torch.float32).cpu().numpy()
-    fit = StapleFit(None, cm.cpu().numpy(), f.cpu().numpy(), history, converged)
-    if hist is not None:
-        fit.hist, fit.table = hist, out
-    else:
-        fit.probabilities = out
-    return fit
+    return StapleFit(out, cm.cpu().numpy(), f.cpu().numpy(), history, converged)
 
 
 def _identity_empty_columns(cm: np.ndarray) -> np.ndarray:
@@ -306,7 +317,7 @@ def _identity_empty_columns(cm: np.ndarray) -> np.ndarray:
 
 
 @register_method("staple")
-class Staple(FusionMethod):
+class Staple(PatternMethod):
     """STAPLE (Warfield, Zou & Wells 2004), binary and multi-class, matching SimpleITK.
 
     ``init="auto"`` behaves as SimpleITK's ``STAPLEImageFilter`` for two classes and as
@@ -360,23 +371,13 @@ class Staple(FusionMethod):
         p = np.asarray(vals, np.float64)
         return p / p.sum()
 
-    def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
-        import torch
-
-        dev = resolve_device(self.device)
-        L, R = stack.num_classes, stack.num_raters
-        shape = stack.spatial_shape
+    def fit_patterns(self, hist: PatternHistogram, num_classes: int, progress: Progress) -> PatternFit:
+        L = num_classes
         init = self.config.init
         if init == "auto":
             init = "mean_vote" if L == 2 else "majority_vote"
-        labels = torch.as_tensor(stack.labels.reshape(R, -1), device=dev)
-        fit = staple_em(labels, L, init=init, prior=self._prior_for(L),
-                        max_iterations=self.config.max_iterations,
-                        tolerance=self.config.tolerance, progress=progress)
-        del labels
+        fit = staple_em_histogram(hist, L, init=init, prior=self._prior_for(L),
+                                  max_iterations=self.config.max_iterations,
+                                  tolerance=self.config.tolerance, progress=progress)
         cm = _identity_empty_columns(fit.rater_confusion)
-        if fit.probabilities is not None:
-            return finish_result(fit.probabilities.reshape((L,) + shape), stack, self.name,
-                                 self.params_dict, rater_confusion=cm, history=fit.history)
-        return result_from_patterns(fit.hist, fit.table, shape, self.name, self.params_dict,
-                                    rater_confusion=cm, history=fit.history)
+        return PatternFit(fit.table, None, {"rater_confusion": cm, "history": fit.history})

@@ -9,6 +9,7 @@ Examples:
 """
 
 from .api import create, fuse, load
+from .chunked import fuse_chunked, load_chunked
 from .methods._base import FusionMethod, ParamInfo, param
 from .methods._registry import available_methods, get_method, register_method
 from .types import FusionResult, RaterSegError, RaterStack, TrainingEvent, as_rater_stack
@@ -19,6 +20,8 @@ __all__ = [
     "available_methods",
     "create",
     "fuse",
+    "fuse_chunked",
+    "load_chunked",
     "load",
     "get_method",
     "register_method",

@@ -1,0 +1,469 @@
+"""Fusion of volumes too big for memory: read in slabs, histogram, fit, gather, write.
+
+Methods with a global model (``majority_vote``, ``mean``, ``staple``; see
+:class:`~raterseg.methods._patterns.PatternMethod`) see a voxel only through its pattern
+of rater labels. So a volume can be fused in three streaming passes over slabs along one
+axis, holding one slab at a time:
+
+1. (only when ``num_classes`` is not given) the label range, to infer L;
+2. the histogram of rater-label patterns, merged over slabs (and every slab's labels
+   checked), then the method's fit on that histogram;
+3. per slab, each voxel's pattern looked up in the fitted tables and the outputs
+   written with plain file writes (no memory map grows the process's memory).
+
+The histogram, its pattern order and the fit are exactly those of the in-memory path,
+so the results are identical to ``raterseg.fuse`` on the same labels.
+
+Inputs are read lazily: ``.npy`` files (slabs read from the file), NIfTI files
+(through nibabel's array proxy), or any array-like that supports slicing (``np.memmap``,
+zarr, h5py). Outputs are ``.npy`` files (``truth``, ``probabilities``, ``uncertainty``,
+``disagreement``) plus ``fusion.json`` (method, parameters, rater confusion matrices,
+history), each written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .types import MISSING, FusionResult, RaterSegError, TrainingEvent
+
+__all__ = ["CHUNK_VOXELS", "fuse_chunked"]
+
+#: Default voxels per slab (8 Mi): about 300 MB of working memory for 5 binary raters.
+CHUNK_VOXELS = 1 << 23
+
+#: Output files, in the order of :data:`raterseg.methods._patterns.VOXEL_FIELDS`.
+OUTPUT_FILES = {"truth": "truth.npy", "probabilities": "probabilities.npy",
+                "uncertainty": "uncertainty.npy", "disagreement": "disagreement.npy"}
+META_FILE = "fusion.json"
+
+
+# -- inputs ---------------------------------------------------------------------------------
+class _Source:
+    """One rater's label map, read a slab at a time.
+
+    ``fortran`` says the data are stored with the last axis slowest (NIfTI, Fortran-order
+    NPY): slabs are then cut along the last axis, otherwise along the first.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    name: str
+
+    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _ArraySource(_Source):
+    def __init__(self, arr: Any, name: str, index: int | None = None) -> None:
+        self.arr, self.index, self.name = arr, index, name
+        shape = tuple(int(s) for s in arr.shape)
+        self.shape = shape[1:] if index is not None else shape
+        self.dtype = np.dtype(arr.dtype)
+        order = getattr(arr, "order", None)  # nibabel's ArrayProxy
+        if order is None and isinstance(arr, np.ndarray):
+            order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+        self.fortran = order == "F" and index is None
+
+    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
+        sl = [slice(None)] * len(self.shape)
+        sl[axis] = slice(start, stop)
+        key = tuple(sl) if self.index is None else (self.index, *sl)
+        return np.asarray(self.arr[key])
+
+
+class _NpySource(_Source):
+    """A ``.npy`` file read with seeks (no memory map), ``index`` = rater of an (R, *S) file."""
+
+    def __init__(self, path: Path, index: int | None = None) -> None:
+        self.path, self.index, self.name = path, index, str(path)
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            except ValueError as exc:
+                raise RaterSegError(f"raters: {path} is not a valid .npy file ({exc})") from None
+            self.offset = f.tell()
+        if dtype.hasobject:
+            raise RaterSegError(f"raters: {path} holds Python objects; expected integer labels")
+        self.dtype, self.fortran = dtype, bool(fortran)
+        self.file_shape = tuple(shape)
+        self.shape = self.file_shape[1:] if index is not None else self.file_shape
+        if index is not None and self.fortran:
+            raise RaterSegError(
+                f"raters: {path} is a Fortran-ordered (R, *S) array; save it in C order or "
+                "as one file per rater")
+
+    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
+        contiguous = (axis == 0 and not self.fortran) or (axis == len(self.shape) - 1 and self.fortran)
+        if not contiguous:  # a strided slab: let numpy's memory map pick it out
+            arr = np.load(self.path, mmap_mode="r")
+            return _ArraySource(arr, self.name, self.index).read(axis, start, stop)
+        plane = math.prod(self.shape) // self.shape[axis]
+        n = (stop - start) * plane
+        first = start * plane + (0 if self.index is None else self.index * math.prod(self.shape))
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + first * self.dtype.itemsize)
+            flat = np.fromfile(f, dtype=self.dtype, count=n)
+        if flat.size != n:
+            raise RaterSegError(f"raters: {self.path} is truncated (expected {n} more values)")
+        slab = list(self.shape)
+        slab[axis] = stop - start
+        return flat.reshape(slab, order="F" if self.fortran else "C")
+
+
+def _source_from_path(path: Path, where: str) -> list[_Source]:
+    name = path.name.lower()
+    if not path.exists():
+        raise RaterSegError(f"{where}: file not found: {path}")
+    if name.endswith(".npy"):
+        src = _NpySource(path)
+        return [src]
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path), keep_file_open=True)
+        except Exception as exc:  # nibabel raises several types for bad files
+            raise RaterSegError(f"{where}: cannot read {path} as NIfTI ({exc})") from None
+        return [_ArraySource(img.dataobj, str(path))]
+    raise RaterSegError(
+        f"{where}: expected .npy or .nii/.nii.gz files for chunked fusion, got {path.name!r}")
+
+
+def _open_raters(raters: Any) -> list[_Source]:
+    """One :class:`_Source` per rater from paths, array-likes, or one ``(R, *S)`` array-like."""
+    if raters is None:
+        raise RaterSegError("raters: expected one label map per rater, got None")
+    if isinstance(raters, (str, os.PathLike)):
+        path = Path(raters)
+        srcs = _source_from_path(path, "raters")
+        src = srcs[0]
+        if isinstance(src, _NpySource) and len(src.shape) in (3, 4):
+            return [_NpySource(path, r) for r in range(src.shape[0])]
+        raise RaterSegError(
+            f"raters: a single file must hold an (R, *S) .npy array with S 2D or 3D, got {path} "
+            f"with shape {src.shape}; give one file per rater otherwise")
+    if isinstance(raters, (list, tuple)):
+        if not raters:
+            raise RaterSegError("raters: expected at least one rater, got an empty list")
+        out: list[_Source] = []
+        for i, item in enumerate(raters):
+            if isinstance(item, (str, os.PathLike)):
+                out.extend(_source_from_path(Path(item), f"raters[{i}]"))
+            elif hasattr(item, "shape") and hasattr(item, "dtype") and hasattr(item, "__getitem__"):
+                out.append(_ArraySource(item, f"raters[{i}]"))
+            else:
+                raise RaterSegError(
+                    f"raters[{i}]: expected a path or an array-like label map, got {type(item).__name__}")
+        return out
+    if hasattr(raters, "shape") and hasattr(raters, "dtype") and hasattr(raters, "__getitem__"):
+        if len(raters.shape) not in (3, 4):
+            raise RaterSegError(
+                f"raters: expected an array (R, *S) with S 2D or 3D, got shape {tuple(raters.shape)}")
+        return [_ArraySource(raters, f"raters[{r}]", r) for r in range(int(raters.shape[0]))]
+    raise RaterSegError(
+        f"raters: expected paths, a list of array-likes or an (R, *S) array-like, got "
+        f"{type(raters).__name__}")
+
+
+def _check_sources(srcs: list[_Source]) -> tuple[tuple[int, ...], int]:
+    """Common spatial shape and the slab axis; checks shapes and dtypes."""
+    shapes = {s.shape for s in srcs}
+    if len(shapes) != 1:
+        raise RaterSegError(
+            "raters: expected every rater's label map to have the same shape, got shapes "
+            f"{[s.shape for s in srcs]}")
+    shape = srcs[0].shape
+    if len(shape) not in (2, 3):
+        raise RaterSegError(f"raters: expected 2D or 3D label maps, got shape {shape}")
+    for s in srcs:
+        if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
+            raise RaterSegError(
+                f"raters: expected integer class labels (0..L-1, -1 for missing), got dtype "
+                f"{s.dtype} in {s.name}")
+    axis = len(shape) - 1 if all(s.fortran for s in srcs) else 0
+    return shape, axis
+
+
+# -- outputs --------------------------------------------------------------------------------
+class _NpyOut:
+    """An ``.npy`` file ``(K?, *S)`` written slab by slab with seeks, renamed when done.
+
+    ``fortran``: stored in Fortran order, so a slab along the last spatial axis is one
+    contiguous run (with the K values of a voxel side by side).
+    """
+
+    def __init__(self, path: Path, lead: tuple[int, ...], shape: tuple[int, ...], dtype,
+                 fortran: bool) -> None:
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.dtype, self.fortran = np.dtype(dtype), fortran
+        self.K = math.prod(lead)
+        self.N = math.prod(shape)
+        self.f = open(self.tmp, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": fortran,
+                  "shape": tuple(lead) + tuple(shape)}
+        np.lib.format.write_array_header_1_0(self.f, header)
+        self.offset = self.f.tell()
+        self.f.truncate(self.offset + self.K * self.N * self.dtype.itemsize)
+
+    def write(self, block: np.ndarray, start: int) -> None:
+        """``block`` ``(K, n)`` (or ``(n,)``): the slab's voxels in file order from flat
+        spatial index ``start``."""
+        b = np.asarray(block, self.dtype).reshape(self.K, -1)
+        size = self.dtype.itemsize
+        if self.fortran:
+            self.f.seek(self.offset + start * self.K * size)
+            self.f.write(np.ascontiguousarray(b.T).tobytes())
+        else:
+            for k in range(self.K):
+                self.f.seek(self.offset + (k * self.N + start) * size)
+                self.f.write(np.ascontiguousarray(b[k]).tobytes())
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- the three passes -----------------------------------------------------------------------
+def _slabs(shape: tuple[int, ...], axis: int, chunk_voxels: int):
+    plane = math.prod(shape) // shape[axis]
+    step = max(1, chunk_voxels // max(plane, 1))
+    for start in range(0, shape[axis], step):
+        yield start, min(shape[axis], start + step), start * plane
+
+
+def _read_slab(srcs: list[_Source], axis: int, start: int, stop: int, dtype,
+               num_classes: int | None) -> tuple[np.ndarray, int]:
+    """Labels of a slab, ``(R, n)`` of ``dtype`` in file order (Fortran order when slabs
+    run along the last axis), each rater's range checked before the cast; and the
+    largest label seen."""
+    order = "F" if axis == len(srcs[0].shape) - 1 and axis > 0 else "C"
+    out, hi = None, 0
+    for r, s in enumerate(srcs):
+        a = s.read(axis, start, stop)
+        hi = max(hi, _check_range(a, num_classes)[1])
+        if out is None:
+            out = np.empty((len(srcs), a.size), dtype)
+        out[r] = a.ravel(order=order)
+    return out, hi
+
+
+def _check_range(lab: np.ndarray, num_classes: int | None) -> tuple[int, int]:
+    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    if lo < MISSING:
+        raise RaterSegError(
+            f"raters: expected labels >= -1 (-1 = rater did not annotate), got minimum {lo}")
+    if num_classes is not None and hi >= num_classes:
+        raise RaterSegError(
+            f"raters: expected labels in 0..{num_classes - 1} (num_classes={num_classes}), "
+            f"got a label {hi}")
+    return lo, hi
+
+
+def _merge(pats: np.ndarray | None, counts: np.ndarray | None, new_pats: np.ndarray,
+           new_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union of two pattern histograms ``(R, P)``, columns in lexicographic order (the
+    order of :func:`~raterseg.methods._patterns.pattern_histogram`)."""
+    if pats is not None:
+        new_pats = np.concatenate([pats, new_pats], axis=1)
+        new_counts = np.concatenate([counts, new_counts])
+    uniq, inverse = np.unique(new_pats, axis=1, return_inverse=True)
+    merged = np.zeros(uniq.shape[1], np.int64)
+    np.add.at(merged, inverse.reshape(-1), new_counts)  # int64: exact at any size
+    return uniq, merged
+
+
+class _Lookup:
+    """Global pattern number of each of a slab's patterns (all of which are in the table)."""
+
+    def __init__(self, pats: np.ndarray, base: int) -> None:
+        self.base = base
+        R = pats.shape[0]
+        self.coded = R * math.log2(base) < 62
+        if self.coded:
+            self.keys = self._codes(pats)  # ascending: lexicographic order = code order
+        else:
+            self.table = {tuple(col): i for i, col in enumerate(pats.T.tolist())}
+
+    def _codes(self, pats: np.ndarray) -> np.ndarray:
+        code = np.zeros(pats.shape[1], np.int64)
+        for row in pats:
+            code = code * self.base + (row.astype(np.int64) + 1)
+        return code
+
+    def __call__(self, pats: np.ndarray) -> np.ndarray:
+        if self.coded:
+            return np.searchsorted(self.keys, self._codes(pats))
+        return np.array([self.table[tuple(c)] for c in pats.T.tolist()], np.int64)
+
+
+def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "staple",
+                 num_classes: int | None = None, device: Any = None, seed: int = 0,
+                 chunk_voxels: int = CHUNK_VOXELS, progress=None, **params: Any) -> FusionResult:
+    """Fuse a case too big for memory, reading it in slabs and writing the outputs to disk.
+
+    Results are identical to :func:`raterseg.fuse` on the same labels; peak memory is
+    about ``chunk_voxels`` × (2·R + 4·L + 12) bytes plus the (small) pattern tables.
+
+    Args:
+        raters: one path per rater (``.npy``, ``.nii``, ``.nii.gz``), one ``.npy`` path
+            holding ``(R, *S)``, a list of array-likes ``(*S)`` (``np.load(..., mmap_mode="r")``,
+            nibabel ``img.dataobj``, zarr, h5py), or one ``(R, *S)`` array-like. -1 = missing.
+        output_dir: folder for ``truth.npy`` int16 ``(*S)``, ``probabilities.npy``
+            float32 ``(L, *S)``, ``uncertainty.npy``, ``disagreement.npy`` float32 ``(*S)``
+            and ``fusion.json``; created if needed. Stored in Fortran order when the inputs
+            are (NIfTI), so slabs stay contiguous on disk.
+        method: a method with a global model: ``majority_vote``, ``mean`` or ``staple``.
+        num_classes: L; inferred (one extra pass over the data) when None.
+        device: where histograms and gathers run ("cpu", "cuda", None = CUDA if available).
+        chunk_voxels: voxels per slab (whole planes along the slab axis; at least one).
+        progress: called with a :class:`TrainingEvent` per slab and pass.
+        **params: the method's Config fields.
+
+    Returns:
+        :class:`FusionResult` whose arrays are read-only memory maps of the written files.
+
+    Raises:
+        RaterSegError: a method without a global model, unreadable or mismatched inputs,
+            labels out of range, or no rater annotating anything. Nothing is written then.
+
+    Examples:
+        >>> res = rs.fuse_chunked(["r1.nii", "r2.nii", "r3.nii"], "out", method="staple")
+        >>> res.rater_confusion[:, 1, 1]  # sensitivities
+    """
+    import torch
+
+    from ._device import resolve_device
+    from .api import create
+    from .methods._patterns import (
+        VOXEL_FIELDS,
+        PatternHistogram,
+        PatternMethod,
+        output_tables,
+        pattern_histogram,
+    )
+
+    m = create(method, num_classes=num_classes, device=device, seed=seed, **params)
+    if not isinstance(m, PatternMethod):
+        from .methods._registry import available_methods
+
+        ok = [n for n in available_methods() if isinstance(create(n), PatternMethod)]
+        raise RaterSegError(
+            f"method: chunked fusion needs a method with a global model ({', '.join(ok)}), "
+            f"got {method!r}")
+    if int(chunk_voxels) < 1:
+        raise RaterSegError(f"chunk_voxels: expected a positive number of voxels, got {chunk_voxels!r}")
+    if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
+        raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    srcs = _open_raters(raters)
+    shape, axis = _check_sources(srcs)
+    R, N = len(srcs), math.prod(shape)
+    dev = resolve_device(device)
+    slabs = list(_slabs(shape, axis, int(chunk_voxels)))
+
+    def report(pass_name: str, i: int) -> None:
+        if progress is not None:
+            progress(TrainingEvent(i + 1, len(slabs), f"{method}: {pass_name} slab {i + 1}/{len(slabs)}"))
+
+    # Pass 1: the label range, when L is not given.
+    L = num_classes
+    if L is None:
+        hi_all = 1
+        for i, (a, b, _) in enumerate(slabs):
+            hi_all = max(hi_all, _read_slab(srcs, axis, a, b, np.int32, None)[1])
+            report("checking labels,", i)
+        L = max(hi_all + 1, 2)
+    L = int(L)
+    lab_dtype = np.int16 if L < 32000 else np.int32
+
+    # Pass 2: the pattern histogram.
+    pats = counts = None
+    for i, (a, b, _) in enumerate(slabs):
+        lab, _ = _read_slab(srcs, axis, a, b, lab_dtype, L)
+        h = pattern_histogram(torch.as_tensor(lab, device=dev), L)
+        pats, counts = _merge(pats, counts, h.labels.cpu().numpy(), h.counts.cpu().numpy())
+        report("histogram,", i)
+    if (pats < 0).all(axis=0).all():
+        raise RaterSegError(
+            "raters: expected at least one rater to annotate each case, but every rater is -1 "
+            "(missing) in this case")
+    hist = PatternHistogram(torch.as_tensor(pats, device=dev), torch.as_tensor(counts, device=dev),
+                            None, None)
+    fit = m.fit_patterns(hist, L, progress)
+    tables = output_tables(hist, fit)
+    lookup = _Lookup(pats, L + 1)
+
+    # Pass 3: gather the tables to each slab's voxels and write them.
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fortran = axis > 0
+    writers: dict[str, _NpyOut] = {}
+    try:
+        for k in VOXEL_FIELDS:
+            t = tables[k]
+            lead = t.shape[:-1]
+            writers[k] = _NpyOut(out_dir / OUTPUT_FILES[k], lead, shape, t.dtype, fortran)
+        for i, (a, b, start) in enumerate(slabs):
+            lab, _ = _read_slab(srcs, axis, a, b, lab_dtype, L)
+            h = pattern_histogram(torch.as_tensor(lab, device=dev), L)
+            del lab
+            g = lookup(h.labels.cpu().numpy())
+            blocks = h.to_voxels(*(tables[k][..., g] for k in VOXEL_FIELDS))
+            for k, block in zip(VOXEL_FIELDS, blocks):
+                writers[k].write(block, start)
+            report("writing,", i)
+        for w in writers.values():
+            w.commit()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    params_dict = m.params_dict
+    meta = {"method": m.name, "params": params_dict, "shape": list(shape), "num_classes": L,
+            "num_raters": R, "raters": [s.name for s in srcs],
+            "rater_confusion": np.asarray(fit.fields.get("rater_confusion")).tolist()
+            if fit.fields.get("rater_confusion") is not None else None,
+            "history": fit.fields.get("history", [])}
+    tmp = out_dir / f".{META_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / META_FILE)
+    return load_chunked(out_dir)
+
+
+def load_chunked(output_dir: str | os.PathLike) -> FusionResult:
+    """The :class:`FusionResult` written by :func:`fuse_chunked`, arrays as read-only memory maps.
+
+    Raises:
+        RaterSegError: the folder does not hold a complete chunked result.
+    """
+    out_dir = Path(output_dir)
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+        arrays = {k: np.load(out_dir / f, mmap_mode="r", allow_pickle=False)
+                  for k, f in OUTPUT_FILES.items()}
+    except (OSError, ValueError) as exc:
+        raise RaterSegError(
+            f"output_dir: expected a folder written by fuse_chunked, got {out_dir} ({exc})") from None
+    cm = meta.get("rater_confusion")
+    return FusionResult(
+        **arrays,
+        rater_confusion=None if cm is None else np.asarray(cm, np.float32),
+        method=meta["method"], params=meta["params"], history=meta.get("history", []))

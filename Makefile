@@ -37,6 +37,7 @@ test-all: apt $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/classical_speed.py
+	$(BIN)/python benchmarks/accuracy.py --device cpu
 
 napari: $(STAMP)
 	$(BIN)/napari

@@ -1,0 +1,532 @@
+"""Accuracy of every registered method on simulated (MNIST) and real (LIDC) raters (issue #8).
+
+Every learned method of ``raterseg.available_methods()`` (``unet`` once per ``target``:
+mv / mean / staple / sample) trains with the same budget — U-Net widths ``features``,
+``epochs``, batch size, learning rate, no early stop — for each seed; tables give the
+mean ± sd over seeds.
+
+MNIST (CM paper, Zhang et al. 2020, tables 1-2 and figure 4): truth = digit > 0.5;
+five simulated raters good / over / under / wrong / blank (``raterseg.synth``); "dense"
+(every rater on every digit) and "single" (one random rater per digit) labels; and a
+sweep over the raters' noise (each kind's default strength × a scale). Scores on
+held-out digits: Dice vs truth, CM RMSE of ``rater_confusion`` against the raters'
+empirical confusion on those digits, GED (d = 1 − IoU) of the method's samples (its
+rater estimates where it has them, else its one map) against the 5 raters, and ECE
+against the truth. The classical methods fuse the *training* raters and are scored
+against the known truth (their CM RMSE uses the confusion of the raters against the
+fused probabilities; "staple (whole set)" runs one STAPLE over all training digits).
+
+LIDC (CM paper tables 4-5; Lemay et al. 2022 §2.3): ``lidc_dev.npz`` split by patient
+(80/20; the methods hold out ``val_fraction`` of the training slices themselves);
+reference = STAPLE of the 4 radiologists per slice. Dice vs the reference, soft Dice
+vs the raters' mean, GED vs the 4 raters, ECE (top label, 10 bins, vs the reference) and
+reliability bins, Brier vs the raters' mean, entropy MAE (per-slice total entropy vs
+that of the raters' mean), and per-rater Dice A1..A4 / Average of rater estimates.
+
+    python benchmarks/accuracy.py --smoke --out /tmp/acc        # ~1 min, nothing in docs/
+    python benchmarks/accuracy.py --device cpu --seeds 0        # reduced CPU sizes -> docs/
+    python benchmarks/accuracy.py --device cuda                 # full sizes, 3 seeds -> docs/
+
+Sizes follow the device (``--device cuda``: full; otherwise reduced) unless given.
+Without ``--out`` results go to docs/BENCHMARKS.md (sections ``accuracy_mnist``,
+``accuracy_lidc``), docs/accuracy_*.json and docs/images/accuracy_*.png; with it (and
+always with ``--smoke``) into that folder instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+import numpy as np
+import raterseg as rs
+from raterseg import metrics
+from raterseg.methods._base import empirical_confusion
+from raterseg.methods._registry import get_method
+
+# CPU (reduced) and GPU (full) sizes; --smoke overrides both.
+PROFILES = {
+    "cpu": {"mnist_train": 300, "mnist_test": 200, "epochs": 8, "batch_size": 16,
+            "features": (8, 16, 32, 64, 128), "sweep": (0.5, 1.0, 1.5), "lidc_crop": 64,
+            "lidc_train": 400, "lidc_test": 150, "lidc_epochs": 4, "seeds": (0, 1, 2),
+            "sweep_methods": ("cm", "tgce", "unet_mv", "unet_staple")},
+    "gpu": {"mnist_train": 8000, "mnist_test": 2000, "epochs": 30, "batch_size": 32,
+            "features": (16, 32, 64, 128, 256), "sweep": (0.5, 1.0, 1.5, 2.0), "lidc_crop": 0,
+            "lidc_train": None, "lidc_test": None, "lidc_epochs": 30, "seeds": (0, 1, 2),
+            "sweep_methods": None},
+    "smoke": {"mnist_train": 48, "mnist_test": 24, "epochs": 2, "batch_size": 16,
+              "features": (8, 16, 32, 64, 128), "sweep": (1.0, 2.0), "lidc_crop": 32,
+              "lidc_train": 48, "lidc_test": 16, "lidc_epochs": 2, "seeds": (0,),
+              "sweep_methods": ("cm", "unet_mv")},
+}
+#: The CM paper's MNIST Dice (%) and CM RMSE (tables 1-2; its "naive CNN" rows = unet_*).
+PAPER_MNIST = {
+    "dense": {"cm": (82.92, 0.0893), "unet_mv": (62.89, None), "unet_mean": (38.36, None),
+              "staple": (78.03, 0.1241), "spatial_staple": (78.96, 0.1195)},
+    "single": {"cm": (76.48, 0.1329), "unet_sample": (32.79, None), "staple": (54.07, 0.2617),
+               "spatial_staple": (56.73, 0.2384)},
+}
+GALLERY = 3  # test cases shown in the gallery
+
+
+def learned_entries() -> dict[str, tuple[str, dict]]:
+    """Entry name -> (method, extra params): one per learned method, one per ``target``."""
+    out: dict[str, tuple[str, dict]] = {}
+    for name in rs.available_methods(learned=True):
+        target = next((p for p in get_method(name).params() if p.name == "target"), None)
+        if target is not None and target.choices:
+            out.update({f"{name}_{t}": (name, {"target": t}) for t in target.choices})
+        else:
+            out[name] = (name, {})
+    return out
+
+
+def select(entries, wanted: list[str] | None) -> list[str]:
+    """Entries named in ``wanted`` (an entry, or a method name for all its entries)."""
+    if not wanted:
+        return list(entries)
+    return [e for e in entries if e in wanted or e.split("_")[0] in wanted
+            or (e in rs.available_methods(learned=False) and e in wanted)]
+
+
+def _ged(samples_by_case, raters) -> float:
+    return float(np.mean([metrics.generalized_energy_distance(s, r, 2)
+                          for s, r in zip(samples_by_case, raters)]))
+
+
+def _samples(res) -> np.ndarray:
+    """(N, n, H, W): each rater estimate's argmax where the method has them, else its map."""
+    if res.rater_estimates is not None:
+        return res.rater_estimates.argmax(2).astype(np.int16)
+    return res.truth[:, None]
+
+
+def _bins(prob, target) -> dict:
+    """Top-label reliability bins and ECE of prob (N, L, H, W) against labels (N, H, W)."""
+    p = np.moveaxis(prob, 1, 0)
+    b = metrics.reliability_bins(p, target, 10)
+    out = {k: np.asarray(v).tolist() for k, v in b.items()}
+    out["ece"] = metrics.expected_calibration_error(p, target, 10)
+    return out
+
+
+def train(entry: str, spec, x, y, seed: int, common: dict):
+    method, extra = spec
+    t0 = time.perf_counter()
+    model = rs.create(method, num_classes=2, seed=seed, **common, **extra).fit(x, y)
+    return model, time.perf_counter() - t0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- MNIST -------------------------------------------------------------------------------
+def mnist_run(seed: int, labels: str, scale: float, cfg: dict, learned: list[str],
+              classical: list[str], keep: bool, save) -> dict:
+    d = C.load_mnist_raters(cfg["mnist_train"], cfg["mnist_test"], seed,
+                            strength=C.kind_strengths(C.MNIST_KINDS, scale), labels=labels)
+    tag = f"[mnist {labels} ×{scale:g} seed {seed}]"
+    run: dict = {"labels": labels, "scale": scale, "seed": seed, "fusion": {}, "learned": {},
+                 "rater_dice_test": {k: 100 * C.mean_dice(d["y_test"][:, r], d["t_test"])
+                                     for r, k in enumerate(C.MNIST_KINDS)}}
+    cm_train = C.true_confusion(d["y_train_dense"], d["t_train"])
+    cm_test = C.true_confusion(d["y_test"], d["t_test"])
+    run["true_confusion_train"] = cm_train.round(4).tolist()
+    ytr = d["y_train"]
+    for name in classical:  # fuse the training raters, score against the known truth
+        t0 = time.perf_counter()
+        res = [rs.fuse(y, method=name, num_classes=2, device="cpu") for y in ytr]
+        sec = time.perf_counter() - t0
+        truth = np.stack([r.truth for r in res])
+        prob = np.stack([r.probabilities for r in res], axis=1)  # (L, N, H, W)
+        implied = empirical_confusion(np.moveaxis(ytr, 1, 0), prob)
+        run["fusion"][name] = {"dice": 100 * C.mean_dice(truth, d["t_train"]),
+                               "cm_rmse": metrics.cm_rmse(implied, cm_train),
+                               "ged": _ged(truth[:, None], d["y_train_dense"]), "seconds": sec}
+    if "staple" in classical:  # one STAPLE over the whole training set: global rater CMs
+        t0 = time.perf_counter()
+        res = rs.fuse(np.moveaxis(ytr, 1, 0), method="staple", num_classes=2, device="cpu")
+        run["fusion"]["staple (whole set)"] = {
+            "dice": 100 * C.mean_dice(res.truth, d["t_train"]),
+            "cm_rmse": metrics.cm_rmse(res.rater_confusion, cm_train),
+            "ged": _ged(res.truth[:, None], d["y_train_dense"]),
+            "seconds": time.perf_counter() - t0, "rater_confusion": res.rater_confusion.round(4).tolist()}
+    for name, e in run["fusion"].items():
+        log(f"{tag} fusion {name}: Dice {e['dice']:.2f}, CM RMSE {e['cm_rmse']:.4f}")
+    if keep:
+        k = slice(0, GALLERY)
+        run["_gallery"] = {"images": d["x_test"][k], "raters": d["y_test"][k],
+                           "reference": d["t_test"][k], "preds": {}}
+    entries = learned_entries()
+    for name in learned:
+        model, sec = train(name, entries[name], d["x_train"], ytr, seed, cfg["common"])
+        res = model.predict(d["x_test"])
+        e = {"dice": 100 * C.mean_dice(res.truth, d["t_test"]), "fit_seconds": sec,
+             "epochs_run": len(model.history_), "ged": _ged(_samples(res), d["y_test"])}
+        b = _bins(res.probabilities, d["t_test"])
+        e["ece"], e["reliability"] = 100 * b["ece"], b
+        if res.rater_confusion is not None:
+            e["cm_rmse"] = metrics.cm_rmse(res.rater_confusion, cm_test)
+            e["rater_confusion"] = res.rater_confusion.round(4).tolist()
+        if res.rater_estimates is not None:
+            est = res.rater_estimates.argmax(2)
+            e["rater_dice"] = [100 * C.mean_dice(est[:, r], d["y_test"][:, r])
+                               for r in range(est.shape[1])]
+        if keep:
+            run["_gallery"]["preds"][name] = {"truth": res.truth[:GALLERY],
+                                              "uncertainty": res.uncertainty[:GALLERY]}
+        run["learned"][name] = e
+        log(f"{tag} {name}: Dice {e['dice']:.2f}, GED {e['ged']:.3f}"
+            + (f", CM RMSE {e['cm_rmse']:.4f}" if "cm_rmse" in e else "") + f" ({sec:.0f} s)")
+        save()
+    return run
+
+
+# -- LIDC --------------------------------------------------------------------------------
+def lidc_run(seed: int, cfg: dict, learned: list[str], keep: bool, save) -> dict:
+    (xtr, ytr), (xte, yte) = C.load_lidc(C.LIDC, cfg["lidc_crop"], cfg["lidc_train"],
+                                         cfg["lidc_test"], seed)
+    ytr, yte = ytr.astype(np.int16), yte.astype(np.int16)
+    ref = np.stack([rs.fuse(y, method="staple", num_classes=2, device="cpu").truth for y in yte])
+    mean = (yte == 1).mean(1)
+    run: dict = {"seed": seed, "n_train": len(xtr), "n_test": len(xte), "size": list(xte.shape[1:]),
+                 "learned": {},
+                 "raters_vs_reference": [100 * C.mean_dice(yte[:, r], ref) for r in range(yte.shape[1])]}
+    log(f"[lidc seed {seed}] {len(xtr)} train / {len(xte)} test slices of {xte.shape[1:]}")
+    if keep:
+        run["_gallery"] = {"images": xte[:GALLERY], "raters": yte[:GALLERY],
+                           "reference": ref[:GALLERY], "preds": {}}
+        # the gallery shows slices where the raters marked something
+        pick = np.flatnonzero((yte == 1).any((1, 2, 3)))[:GALLERY]
+        if len(pick):
+            run["_gallery"] = {"images": xte[pick], "raters": yte[pick], "reference": ref[pick],
+                               "preds": {}, "index": pick}
+    common = {**cfg["common"], "epochs": cfg["lidc_epochs"]}
+    entries = learned_entries()
+    for name in learned:
+        model, sec = train(name, entries[name], xtr, ytr, seed, common)
+        res = model.predict(xte)
+        fg = res.probabilities[:, 1]
+        e = {"fit_seconds": sec, "epochs_run": len(model.history_),
+             "dice": 100 * C.mean_dice(res.truth, ref),
+             "soft_dice": 100 * float(np.mean([metrics.soft_dice(p, m) for p, m in zip(fg, mean)])),
+             "ged": _ged(_samples(res), yte),
+             "brier": metrics.brier_score(fg, mean),
+             "entropy_mae": metrics.entropy_mae(fg, mean, batched=True)}
+        b = _bins(res.probabilities, ref)
+        e["ece"], e["reliability"] = 100 * b["ece"], b
+        if res.rater_estimates is not None:
+            est = res.rater_estimates.argmax(2)
+            e["rater_dice"] = [100 * C.mean_dice(est[:, r], yte[:, r]) for r in range(est.shape[1])]
+        if keep:
+            idx = run["_gallery"].get("index", np.arange(GALLERY))
+            run["_gallery"]["preds"][name] = {"truth": res.truth[idx],
+                                              "uncertainty": res.uncertainty[idx]}
+        run["learned"][name] = e
+        log(f"[lidc seed {seed}] {name}: Dice vs STAPLE {e['dice']:.2f}, soft Dice {e['soft_dice']:.2f}, "
+            f"GED {e['ged']:.3f}, ECE {e['ece']:.2f} ({sec:.0f} s)")
+        save()
+    return run
+
+
+# -- summaries and tables ------------------------------------------------------------------
+def _ms(vals, digits: int = 2, scale: float = 1.0) -> str:
+    """'mean ± sd' over seeds ('mean' for one seed, '–' for none)."""
+    v = [scale * x for x in vals if x is not None and np.isfinite(x)]
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.fmean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def _collect(runs: list[dict], part: str, name: str, key: str) -> list:
+    return [r[part][name].get(key) for r in runs if name in r[part]]
+
+
+def _median_s(runs, part, name, key="fit_seconds") -> str:
+    v = [x for x in _collect(runs, part, name, key) if x is not None]
+    if not v:
+        return "–"
+    m = statistics.median(v)
+    return f"{m:.1f}" if m < 10 else f"{m:.0f}"
+
+
+def _avg_rater(runs, name) -> list:
+    return [float(np.mean(x)) for x in _collect(runs, "learned", name, "rater_dice") if x]
+
+
+def mnist_tables(runs: list[dict], levels: list[float]) -> str:
+    lines = []
+    main = [r for r in runs if r["scale"] == 1.0]
+    for labels in dict.fromkeys(r["labels"] for r in main):
+        rs_ = [r for r in main if r["labels"] == labels]
+        rd = {k: _ms([r["rater_dice_test"][k] for r in rs_], 1) for k in C.MNIST_KINDS}
+        lines += [f"**{labels} labels** — raters' Dice vs truth on the held-out digits: "
+                  + ", ".join(f"{k} {v}" for k, v in rd.items()), "",
+                  ("| method | Dice % vs truth | CM RMSE | GED | ECE % | rater-estimate Dice % (avg) "
+                   "| fit s (median) | paper Dice % / CM RMSE |"), "|---" * 8 + "|"]
+        for name in dict.fromkeys(n for r in rs_ for n in r["learned"]):
+            p = PAPER_MNIST.get(labels, {}).get(name)
+            paper = "–" if p is None else f"{p[0]}" + (f" / {p[1]}" if p[1] else "")
+            lines.append(f"| {name} | {_ms(_collect(rs_, 'learned', name, 'dice'))} "
+                         f"| {_ms(_collect(rs_, 'learned', name, 'cm_rmse'), 4)} "
+                         f"| {_ms(_collect(rs_, 'learned', name, 'ged'), 3)} "
+                         f"| {_ms(_collect(rs_, 'learned', name, 'ece'))} "
+                         f"| {_ms(_avg_rater(rs_, name), 1)} | {_median_s(rs_, 'learned', name)} | {paper} |")
+        lines += ["", f"Classical fusions of the *training* raters ({labels} labels) against the known truth:",
+                  "", "| fusion | Dice % vs truth | CM RMSE | GED vs raters | seconds | paper Dice % / CM RMSE |",
+                  "|---" * 6 + "|"]
+        for name in dict.fromkeys(n for r in rs_ for n in r["fusion"]):
+            p = PAPER_MNIST.get(labels, {}).get(name)
+            paper = "–" if p is None else f"{p[0]} / {p[1]}"
+            lines.append(f"| {name} | {_ms(_collect(rs_, 'fusion', name, 'dice'))} "
+                         f"| {_ms(_collect(rs_, 'fusion', name, 'cm_rmse'), 4)} "
+                         f"| {_ms(_collect(rs_, 'fusion', name, 'ged'), 3)} "
+                         f"| {_median_s(rs_, 'fusion', name, 'seconds')} | {paper} |")
+        lines.append("")
+    sweep = [r for r in runs if r["labels"] == "dense"]
+    if len(levels) > 1 and sweep:
+        by = {lv: [r for r in sweep if r["scale"] == lv] for lv in levels}
+        rmean = {lv: [float(np.mean(list(r["rater_dice_test"].values()))) for r in by[lv]] for lv in levels}
+        lines += [("Noise sweep (dense labels; every rater's default strength × scale): Dice % vs "
+                   "truth (fusions: of the training raters)"),
+                  "", "| method | " + " | ".join(f"×{lv:g}" for lv in levels) + " |",
+                  "|---" * (len(levels) + 1) + "|",
+                  "| *raters' mean Dice* | " + " | ".join(_ms(rmean[lv], 1) for lv in levels) + " |"]
+        names = [("learned", n) for n in dict.fromkeys(n for r in sweep for n in r["learned"])]
+        names += [("fusion", n) for n in dict.fromkeys(n for r in sweep for n in r["fusion"])]
+        for part, n in names:
+            cells = [_ms(_collect(by[lv], part, n, "dice")) for lv in levels]
+            if "–" in cells:  # not in the sweep (--sweep-methods)
+                continue
+            lines.append(f"| {'fusion: ' if part == 'fusion' else ''}{n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def lidc_tables(runs: list[dict]) -> str:
+    R = len(runs[0]["raters_vs_reference"])
+    cols = ["Dice % vs STAPLE", "soft Dice % vs mean", "GED", "ECE %", "Brier", "entropy MAE"]
+    head = cols + [f"A{r + 1}" for r in range(R)] + ["Average", "fit s (median)"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    rv = [[r["raters_vs_reference"][i] for r in runs] for i in range(R)]
+    lines.append("| *each rater vs STAPLE* | – | – | – | – | – | – | "
+                 + " | ".join(_ms(v, 1) for v in rv) + f" | {_ms([float(np.mean(x)) for x in zip(*rv)], 1)} | – |")
+    for name in dict.fromkeys(n for r in runs for n in r["learned"]):
+        def g(k, name=name):
+            return _collect(runs, "learned", name, k)
+
+        per = [x for x in g("rater_dice") if x]
+        rater_cells = ([_ms([p[i] for p in per], 1) for i in range(R)] + [_ms(_avg_rater(runs, name), 1)]
+                       if per else ["–"] * (R + 1))
+        lines.append(f"| {name} | {_ms(g('dice'))} | {_ms(g('soft_dice'))} | {_ms(g('ged'), 3)} "
+                     f"| {_ms(g('ece'))} | {_ms(g('brier'), 4)} | {_ms(g('entropy_mae'), 1)} | "
+                     + " | ".join(rater_cells) + f" | {_median_s(runs, 'learned', name)} |")
+    return "\n".join(lines)
+
+
+# -- figures --------------------------------------------------------------------------------
+def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> list[Path]:
+    import _accuracy_plots as P
+
+    images.mkdir(parents=True, exist_ok=True)
+    out = []
+    first = next((r for r in runs if r.get("scale", 1.0) == 1.0 and "_gallery" in r), None)
+    if first is None:
+        return out
+    what = "held-out digits" if dataset == "mnist" else "test slices vs STAPLE"
+    bins = {n: e["reliability"] for n, e in first["learned"].items()}
+    if bins:
+        path = images / f"accuracy_{dataset}_reliability_{tag}.png"
+        P.reliability(bins, path, f"{dataset.upper()} reliability, {what}, seed {first['seed']}")
+        out.append(path)
+    g = first["_gallery"]
+    if g["preds"]:
+        path = images / f"accuracy_{dataset}_gallery_{tag}.png"
+        P.gallery(g["images"], g["raters"], g["reference"], "truth" if dataset == "mnist" else "STAPLE",
+                  g["preds"], path, f"{dataset.upper()}: raters, each method's truth and uncertainty")
+        out.append(path)
+    if dataset == "mnist":
+        for r in runs:
+            if r["scale"] != 1.0 or r["seed"] != first["seed"]:
+                continue
+            est = {n: np.array(e["rater_confusion"]) for n, e in r["learned"].items()
+                   if "rater_confusion" in e}
+            if "staple (whole set)" in r["fusion"]:
+                est["staple (whole set)"] = np.array(r["fusion"]["staple (whole set)"]["rater_confusion"])
+            if est:
+                path = images / f"accuracy_mnist_cms_{r['labels']}_{tag}.png"
+                P.confusions(np.array(r["true_confusion_train"]), est, C.MNIST_KINDS, path,
+                             f"MNIST {r['labels']} labels: p(says i | true j), seed {r['seed']}")
+                out.append(path)
+        dense = [r for r in runs if r["labels"] == "dense"]
+        if len(levels) > 1 and dense:
+            rmean = [statistics.fmean(float(np.mean(list(r["rater_dice_test"].values())))
+                                      for r in dense if r["scale"] == lv) for lv in levels]
+            curves = {}
+            for part, prefix in (("learned", ""), ("fusion", "fusion: ")):
+                for n in dict.fromkeys(n for r in dense for n in r[part]):
+                    ys = [_collect([r for r in dense if r["scale"] == lv], part, n, "dice") for lv in levels]
+                    if all(ys):
+                        curves[prefix + n] = [statistics.fmean(y) for y in ys]
+            path = images / f"accuracy_mnist_sweep_{tag}.png"
+            P.sweep(list(levels), rmean, curves, path, "MNIST, dense labels: Dice vs rater noise")
+            out.append(path)
+    return out
+
+
+# -- driver -----------------------------------------------------------------------------------
+def _machine(device: str) -> dict:
+    import os
+
+    import torch
+
+    return {"cpu": C.cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _jsonable(runs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+
+
+def _header(dataset: str, report: dict, figs: list[Path], docs: Path) -> str:
+    m, a = report["machine"], report["sizes"]
+    where = m["gpu"] or f"{m['cpu']}, {m['threads']} torch thread(s)"
+    kind = {"gpu": "full-size GPU run", "cpu": "**reduced CPU run**", "smoke": "smoke run"}[report["profile"]]
+    sizes = (f"{a['mnist_train']} training / {a['mnist_test']} held-out digits, {a['epochs']} epochs"
+             if dataset == "mnist" else
+             f"{report['runs'][0]['n_train']} training / {report['runs'][0]['n_test']} test slices of "
+             f"{report['runs'][0]['size'][0]}×{report['runs'][0]['size'][1]}, {a['lidc_epochs']} epochs")
+    title = ("MNIST with simulated raters (CM paper tables 1-2, figure 4)" if dataset == "mnist"
+             else "LIDC-IDRI, 4 radiologists (CM paper tables 4-5; Lemay et al. 2022)")
+    lines = [f"## Accuracy: {title}", "",
+             f"{kind}: `benchmarks/accuracy.py`, {where} ({m['device']}, torch {m['torch']}); "
+             f"{sizes}; batch {a['batch_size']}, Adam lr {a['lr']}, U-Net widths {tuple(a['features'])}, "
+             f"no early stop; seeds {report['seeds']} (mean ± sd over seeds; one number = one seed). "
+             f"Wall time {report['wall_seconds'] / 60:.1f} min"
+             + (f", load average at start {m['load_average_at_start'][0]:.1f}" if m["load_average_at_start"] else "")
+             + f". Command: `python benchmarks/accuracy.py {report['command']}`; every number in "
+             f"`{report['json']}`.", ""]
+    if figs:
+        lines += [" ".join(f"![{p.stem}]({p.relative_to(docs.parent).as_posix()})" for p in figs), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 seed, 2 epochs, all methods")
+    ap.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--datasets", nargs="+", default=["mnist", "lidc"], choices=["mnist", "lidc"])
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="entries or method names (default: every registered method)")
+    ap.add_argument("--sweep-methods", nargs="+", default=None,
+                    help="learned entries in the noise sweep (default: the profile's; all on GPU)")
+    ap.add_argument("--labels", nargs="+", default=["dense", "single"], choices=["dense", "single"])
+    ap.add_argument("--sweep", type=float, nargs="+", default=None, help="noise scales (1 = defaults)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="MNIST epochs")
+    ap.add_argument("--lidc-epochs", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--features", type=int, nargs=5, default=None)
+    ap.add_argument("--mnist-train", type=int, default=None)
+    ap.add_argument("--mnist-test", type=int, default=None)
+    ap.add_argument("--lidc-crop", type=int, default=None, help="centre crop (0: full 128)")
+    ap.add_argument("--lidc-train", type=int, default=None, help="training slices (0: all)")
+    ap.add_argument("--lidc-test", type=int, default=None, help="test slices (0: all)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for tables (BENCHMARKS.md), JSON and images instead of docs/")
+    ap.add_argument("--no-figures", action="store_true")
+    args = ap.parse_args(argv)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = "smoke" if args.smoke else ("gpu" if device.startswith("cuda") else "cpu")
+    cfg = dict(PROFILES[profile])
+    for key in ("mnist_train", "mnist_test", "epochs", "batch_size", "lidc_crop", "lidc_epochs",
+                "seeds", "features", "sweep", "lidc_train", "lidc_test"):
+        val = getattr(args, key)
+        if val is not None:
+            cfg[key] = (val or None) if key in ("lidc_train", "lidc_test") else val
+    cfg["lr"] = args.lr
+    cfg["common"] = {"epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": args.lr,
+                     "features": tuple(cfg["features"]), "patience": 0, "device": device}
+    levels = sorted(set(cfg["sweep"]) | {1.0})
+    entries = learned_entries()
+    learned = select(entries, args.methods)
+    sweep_wanted = args.sweep_methods or cfg["sweep_methods"]
+    sweep_learned = [e for e in select(entries, sweep_wanted) if e in learned] if sweep_wanted else learned
+    classical = select(rs.available_methods(learned=False), args.methods)
+    if args.methods and not (learned or classical):
+        ap.error(f"--methods: none of {args.methods} is a method or entry; "
+                 f"expected some of {list(entries) + rs.available_methods(learned=False)}")
+
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="accuracy_smoke_")) if args.smoke else C.ROOT / "docs")
+    docs = out_dir / "BENCHMARKS.md" if (args.out or args.smoke) else C.DOCS
+    images = out_dir / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = {"smoke": "smoke", "gpu": "gpu", "cpu": "cpu"}[profile]
+    cfg["sweep_methods"] = sweep_learned
+    sizes = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "common"}
+    log(f"accuracy: {profile} profile on {device}; learned {learned}; classical {classical}; "
+        f"writing to {docs}")
+    status = 0
+    for dataset in args.datasets:
+        path = C.MNIST if dataset == "mnist" else C.LIDC
+        if not path.exists():
+            log(f"SKIPPED {dataset}: {path} is absent (the shared data folder exists only on the "
+                "dev machine)")
+            continue
+        json_path = out_dir / f"accuracy_{dataset}_{tag}.json"
+        t0 = time.perf_counter()
+        runs: list[dict] = []
+        report = {"benchmark": f"accuracy_{dataset}", "profile": profile, "command": command,
+                  "machine": _machine(device), "sizes": sizes, "seeds": list(cfg["seeds"]),
+                  "json": json_path.relative_to(docs.parent).as_posix() if json_path.is_relative_to(docs.parent)
+                  else str(json_path), "runs": runs}
+
+        def save(partial: bool = True, report=report, runs=runs, t0=t0, json_path=json_path) -> None:
+            report["wall_seconds"] = time.perf_counter() - t0
+            report["partial"] = partial
+            json_path.write_text(json.dumps({**report, "runs": _jsonable(runs)}, indent=1))
+
+        for i, seed in enumerate(cfg["seeds"]):
+            if dataset == "lidc":
+                runs.append(None)
+                runs[-1] = lidc_run(seed, cfg, learned, keep=i == 0, save=lambda: None)
+                save()
+                continue
+            for labels in args.labels:
+                runs.append(mnist_run(seed, labels, 1.0, cfg, learned, classical, keep=i == 0, save=save))
+            if "dense" in args.labels:
+                for lv in levels:
+                    if lv != 1.0:
+                        runs.append(mnist_run(seed, "dense", lv, cfg, sweep_learned, classical,
+                                              keep=False, save=save))
+        save(partial=False)
+        figs = [] if args.no_figures else figures(dataset, runs, levels, images, tag)
+        table = mnist_tables(runs, levels if "dense" in args.labels else [1.0]) if dataset == "mnist" \
+            else lidc_tables(runs)
+        C.replace_section(f"accuracy_{dataset}", _header(dataset, report, figs, docs) + "\n" + table,
+                          docs)
+        print(table)
+        log(f"{dataset}: {report['wall_seconds'] / 60:.1f} min; tables in {docs}, numbers in {json_path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -395,7 +395,10 @@ def _add_train(sub) -> None:
                                    "name. The model is saved as safetensors with its "
                                    "configuration (no pickle).",
                        epilog="Example: raterseg train lidc_dev.npz --method cm --set epochs=20 "
-                              "-o cm.safetensors")
+                              "-o cm.safetensors. Under 'torchrun --nproc_per_node=N' the same "
+                              "command trains data-parallel on N processes (one GPU each, or "
+                              "CPU processes); batch_size is per process and only rank 0 "
+                              "prints and writes the model.")
     p.add_argument("data", metavar="DATA", help="cohort folder or .npz dataset")
     p.add_argument("--method", "-m", required=True, help="a learned method (see 'raterseg "
                    "methods')")
@@ -411,9 +414,20 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from . import _distributed
+
+    # under torchrun: join the process group (gloo on the CPU, nccl with cuda:LOCAL_RANK)
+    device = _distributed.setup(args.device)
+    try:
+        return _train_and_save(args, device)
+    finally:
+        _distributed.teardown()
+
+
+def _train_and_save(args: argparse.Namespace, device) -> int:
     import raterseg as rs
 
-    from ._device import resolve_device
+    from . import _distributed
     from .cohort import load_training_set
 
     params = _parse_sets(args.params)
@@ -421,24 +435,31 @@ def _run_train(args: argparse.Namespace) -> int:
         learned = ", ".join(rs.available_methods(learned=True))
         raise RaterSegError(f"--method: train needs a learned method ({learned}), got the "
                             f"classical {args.method!r}; use 'raterseg fuse' or 'fuse-dir'")
-    method = rs.create(args.method, num_classes=args.num_classes, device=args.device,
-                       seed=args.seed, **params)
-    device = resolve_device(args.device)
+    parallel = _distributed.is_distributed()
+    main_rank = _distributed.is_main()
+    quiet = args.quiet or not main_rank
+    method = rs.create(args.method, num_classes=args.num_classes,
+                       device=str(device) if parallel else args.device, seed=args.seed, **params)
     out = Path(args.output)
     if out.is_dir():
         raise RaterSegError(f"--output: expected a model file name, got the folder '{out}'")
     images, raters, ids = load_training_set(args.data)
     _info(f"raterseg train: {len(ids)} case{'s' * (len(ids) != 1)}, {raters.shape[1]} raters, "
-          f"shape {tuple(raters.shape[2:])}, method {args.method}, device {device}", args.quiet)
-    progress = TextProgress(args.method, quiet=args.quiet)
+          f"shape {tuple(raters.shape[2:])}, method {args.method}, device {device}"
+          + (f", {_distributed.world_size()} processes" if parallel else ""), quiet)
+    progress = TextProgress(args.method, quiet=quiet)
     t0 = time.perf_counter()
     try:
         method.fit(images, raters, progress=progress)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
+    if not main_rank:  # rank 0 writes and reports; the others wait until it has
+        _distributed.barrier()
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     method.save(out)
+    _distributed.barrier()
     history = getattr(method, "history_", [])
     last = history[-1] if history else {}
     losses = " ".join(f"{k}={v:.4g}" for k, v in last.items()

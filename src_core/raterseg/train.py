@@ -17,8 +17,17 @@ does the rest:
 - one :class:`TrainingEvent` per epoch from a generator: closing it stops training
   at once.
 
-Data parallelism (issue #9) would replace :func:`_batches` by a sharded sampler and
-wrap the network; nothing else here depends on there being one process.
+Data parallelism: when a process group of several processes is initialised (``torchrun``;
+see :mod:`raterseg._distributed`), the network trains wrapped in
+``DistributedDataParallel``. Every process draws the same validation split and, per
+epoch, the same permutation of the training samples, of which a ``DistributedSampler``
+gives it its shard (padded so that every process takes the same number of steps);
+``batch_size`` is per process. Flips, patches and the loss's random draws come from a
+generator seeded per rank. Training metrics and the validation loss (each process
+scores its share of the validation split with the plain network) are summed over the
+processes, and rank 0's batch-norm statistics are copied to all at the end of each
+epoch, so every process takes the same early-stopping decision and keeps the same
+best weights. In a single process nothing of this runs and training is unchanged.
 """
 
 from __future__ import annotations
@@ -197,8 +206,17 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     Raises:
         RaterSegError: the loss became NaN or infinite (the message suggests a lower ``lr``).
     """
+    from . import _distributed as dist_
+
+    ddp = dist_.is_distributed()
     gen = torch.Generator().manual_seed(seed)
     train_idx, val_idx = _split(len(samples), val_fraction, gen)
+    if ddp:
+        device = dist_.local_device(device)
+        rank, world = dist_.rank(), dist_.world_size()
+        val_idx = val_idx[rank::world]
+        # augmentation, patches and the loss's draws differ between processes
+        gen = torch.Generator().manual_seed(seed + 1_000_003 * (rank + 1))
     on_device = samples.images.element_size() * samples.images.numel() < 2**31
     images = samples.images.to(device) if on_device else samples.images
     raters = samples.raters.to(device) if on_device else samples.raters
@@ -219,7 +237,9 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
         return x, y
 
     network.to(device)
+    model = dist_.wrap(network, device) if ddp else network
     optimizer = method.configure_optimizer(network.parameters(), lr)
+    has_val = len(val_idx) > 0 if not ddp else dist_.all_reduce_sum([len(val_idx)])[0] > 0
     history: list[dict] = []
     best, best_state, since_best, step = math.inf, None, 0, 0
     for epoch in range(epochs):
@@ -227,11 +247,17 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
         state = TrainState(epoch, epochs, step, True, gen)
         sums: dict[str, float] = {}
         count = 0
-        for idx in _batches(train_idx.repeat(repeats), batch_size, gen):
+        epoch_idx = train_idx.repeat(repeats)
+        batches = (_sharded_batches(epoch_idx, batch_size, seed, epoch) if ddp
+                   else _batches(epoch_idx, batch_size, gen))
+        for idx in batches:
             x, y = batch(idx, augment=True)
             state.step = step
-            loss, metrics = _batch_loss(method, network, x, y, device, state)
-            if not torch.isfinite(loss):
+            loss, metrics = _batch_loss(method, model, x, y, device, state)
+            finite = bool(torch.isfinite(loss))
+            if ddp:  # every process stops together, or the others wait forever
+                finite = dist_.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
+            if not finite:
                 raise RaterSegError(
                     f"lr: training diverged (loss {float(loss.detach())}) in epoch {epoch + 1} with "
                     f"lr={lr}; try a smaller lr"
@@ -244,10 +270,18 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
             count += n
             for k, v in {"loss": float(loss.detach()), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
+        if ddp:
+            keys = list(sums)
+            count, *totals = dist_.all_reduce_sum([count, *(sums[k] for k in keys)])
+            sums = dict(zip(keys, totals))
+            dist_.broadcast_buffers(network)
         record: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
-        if len(val_idx):
-            record["val_loss"] = _validate(method, network, val_idx, batch, batch_size, device,
-                                           TrainState(epoch, epochs, step, False, gen))
+        if has_val:
+            total, n_val = _validate(method, network, val_idx, batch, batch_size, device,
+                                     TrainState(epoch, epochs, step, False, gen))
+            if ddp:
+                total, n_val = dist_.all_reduce_sum([total, n_val])
+            record["val_loss"] = total / max(n_val, 1)
         history.append(record)
         monitored = record.get("val_loss", record["loss"])
         if monitored < best:
@@ -268,11 +302,24 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     if best_state is not None:
         network.load_state_dict(best_state)
     network.eval()
+    del model
     return history
 
 
+def _sharded_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int):
+    """This process's mini-batches of ``indices`` for one epoch: a ``DistributedSampler``
+    (the same seeded permutation on every process, padded to a multiple of the world
+    size, every world-size-th element from this rank on), cut into batches."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(len(indices)), shuffle=True, seed=seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    yield from _batches(indices[torch.tensor(list(sampler), dtype=torch.long)], batch_size, None)
+
+
 @torch.no_grad()
-def _validate(method, network, val_idx, batch, batch_size, device, state) -> float:
+def _validate(method, network, val_idx, batch, batch_size, device, state) -> tuple[float, int]:
+    """Summed validation loss (batch losses weighted by batch size) and sample count."""
     network.eval()
     total, count = 0.0, 0
     for idx in _batches(val_idx, batch_size, None):
@@ -281,7 +328,7 @@ def _validate(method, network, val_idx, batch, batch_size, device, state) -> flo
         total += float(loss) * int(x.shape[0])
         count += int(x.shape[0])
     network.train()
-    return total / max(count, 1)
+    return total, count
 
 
 def _predict_batch(method, network, x: torch.Tensor, device, spatial_dims: int) -> dict[str, torch.Tensor]:

@@ -61,9 +61,9 @@ PROFILES = {
             "features": (16, 32, 64, 128, 256), "sweep": (0.5, 1.0, 1.5, 2.0), "lidc_crop": 0,
             "lidc_train": None, "lidc_test": None, "lidc_epochs": 30, "seeds": (0, 1, 2),
             "sweep_methods": None},
-    "smoke": {"mnist_train": 48, "mnist_test": 24, "epochs": 2, "batch_size": 16,
+    "smoke": {"mnist_train": 32, "mnist_test": 16, "epochs": 2, "batch_size": 16,
               "features": (8, 16, 32, 64, 128), "sweep": (1.0, 2.0), "lidc_crop": 32,
-              "lidc_train": 48, "lidc_test": 16, "lidc_epochs": 2, "seeds": (0,),
+              "lidc_train": 32, "lidc_test": 12, "lidc_epochs": 2, "seeds": (0,),
               "sweep_methods": ("cm", "unet_mv")},
 }
 #: The CM paper's MNIST Dice (%) and CM RMSE (tables 1-2; its "naive CNN" rows = unet_*).

@@ -83,7 +83,8 @@ class _NpySource(_Source):
     """A ``.npy`` file read with seeks (no memory map), ``index`` = rater of an (R, *S) file."""
 
     def __init__(self, path: Path, index: int | None = None) -> None:
-        self.path, self.index, self.name = path, index, str(path)
+        self.path, self.index = path, index
+        self.name = str(path) if index is None else f"{path}[{index}]"
         with open(path, "rb") as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -134,7 +135,7 @@ def _source_from_path(path: Path, where: str) -> list[_Source]:
 
         try:
             img = nib.load(str(path), keep_file_open=True)
-        except Exception as exc:  # nibabel raises several types for bad files
+        except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             raise RaterSegError(f"{where}: cannot read {path} as NIfTI ({exc})") from None
         return [_ArraySource(img.dataobj, str(path))]
     raise RaterSegError(
@@ -210,7 +211,7 @@ class _NpyOut:
         self.dtype, self.fortran = np.dtype(dtype), fortran
         self.K = math.prod(lead)
         self.N = math.prod(shape)
-        self.f = open(self.tmp, "wb")
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": fortran,
                   "shape": tuple(lead) + tuple(shape)}
         np.lib.format.write_array_header_1_0(self.f, header)
@@ -315,6 +316,19 @@ class _Lookup:
         return np.array([self.table[tuple(c)] for c in pats.T.tolist()], np.int64)
 
 
+def check_chunkable(method: Any) -> None:
+    """Raise :class:`RaterSegError` unless ``method`` (a created method) can run in slabs."""
+    from .api import create
+    from .methods._patterns import PatternMethod
+    from .methods._registry import available_methods
+
+    if not isinstance(method, PatternMethod):
+        ok = [n for n in available_methods() if isinstance(create(n), PatternMethod)]
+        raise RaterSegError(
+            f"method: chunked fusion needs a method with a global model ({', '.join(ok)}), "
+            f"got {method.name!r}")
+
+
 def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "staple",
                  num_classes: int | None = None, device: Any = None, seed: int = 0,
                  chunk_voxels: int = CHUNK_VOXELS, progress=None, **params: Any) -> FusionResult:
@@ -353,29 +367,17 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
     from ._device import resolve_device
     from .api import create
-    from .methods._patterns import (
-        VOXEL_FIELDS,
-        PatternHistogram,
-        PatternMethod,
-        output_tables,
-        pattern_histogram,
-    )
+    from .methods._patterns import VOXEL_FIELDS, PatternHistogram, output_tables, pattern_histogram
 
     m = create(method, num_classes=num_classes, device=device, seed=seed, **params)
-    if not isinstance(m, PatternMethod):
-        from .methods._registry import available_methods
-
-        ok = [n for n in available_methods() if isinstance(create(n), PatternMethod)]
-        raise RaterSegError(
-            f"method: chunked fusion needs a method with a global model ({', '.join(ok)}), "
-            f"got {method!r}")
+    check_chunkable(m)
     if int(chunk_voxels) < 1:
         raise RaterSegError(f"chunk_voxels: expected a positive number of voxels, got {chunk_voxels!r}")
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
     srcs = _open_raters(raters)
     shape, axis = _check_sources(srcs)
-    R, N = len(srcs), math.prod(shape)
+    R = len(srcs)
     dev = resolve_device(device)
     slabs = list(_slabs(shape, axis, int(chunk_voxels)))
 

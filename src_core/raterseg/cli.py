@@ -155,6 +155,12 @@ def _add_fuse(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--chunked", action="store_true",
+                   help="for volumes bigger than memory: read the raters (.npy or NIfTI files) "
+                        "in slabs and write .npy outputs slab by slab (majority_vote, mean, "
+                        "staple; results identical to the in-memory path)")
+    p.add_argument("--chunk-voxels", type=int, default=None, metavar="N",
+                   help="voxels per slab with --chunked (default: 8388608)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_fuse)
 
@@ -195,6 +201,10 @@ def _run_fuse(args: argparse.Namespace) -> int:
     # every mistake is reported before any work starts (and before any progress output)
     method = rs.create(args.method, num_classes=args.num_classes, seed=args.seed, **params)
     resolve_device(args.device)
+    if args.chunked:
+        return _run_fuse_chunked(args, params)
+    if args.chunk_voxels is not None:
+        raise RaterSegError("--chunk-voxels: only used with --chunked")
     raters, names, image, meta = _read_inputs(args.raters, args.image)
     stack = as_rater_stack(raters, args.num_classes)
     if image is not None:
@@ -221,6 +231,50 @@ def _run_fuse(args: argparse.Namespace) -> int:
     print("Each rater against the fused truth (foreground = any label > 0):")
     print(_table(rows, ["rater", "sensitivity", "specificity", "Dice"]))
     print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.output)}/")
+    return 0
+
+
+def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
+    """``raterseg fuse --chunked``: :func:`raterseg.fuse_chunked` on the rater files."""
+    import raterseg as rs
+
+    from .chunked import CHUNK_VOXELS, check_chunkable
+    from .datasets import _stem
+
+    check_chunkable(rs.create(args.method, **params))
+    if args.image is not None:
+        raise RaterSegError("--image: chunked fusion runs classical methods, which need no image")
+    paths = args.raters[0] if len(args.raters) == 1 else list(args.raters)
+    _info(f"raterseg fuse --chunked: method {args.method}, writing to {Path(args.output)}/",
+          args.quiet)
+    progress = TextProgress(args.method, quiet=args.quiet)
+    t0 = time.perf_counter()
+    try:
+        res = rs.fuse_chunked(paths, args.output, method=args.method,
+                              num_classes=args.num_classes, device=args.device, seed=args.seed,
+                              chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, progress=progress,
+                              **params)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - t0
+    if len(args.raters) == 1:  # one (R, *S) stack
+        names = [f"rater{r + 1}" for r in range(res.rater_confusion.shape[0])]
+    else:
+        names = [_stem(Path(n)) for n in args.raters]
+    cm = res.rater_confusion
+    L = res.num_classes
+    print(f"{args.method}: fused {len(names)} raters ({L} classes, shape "
+          f"{tuple(res.truth.shape)}) in {seconds:.2f} s, in slabs")
+    if L == 2:
+        rows = [[n, _fmt(float(c[1, 1])), _fmt(float(c[0, 0]))] for n, c in zip(names, cm)]
+        print("Each rater against the fused truth (from its confusion matrix):")
+        print(_table(rows, ["rater", "sensitivity", "specificity"]))
+    else:
+        rows = [[n] + [_fmt(float(c[j, j])) for j in range(L)] for n, c in zip(names, cm)]
+        print("Each rater: p(says class j | truth j), from its confusion matrix:")
+        print(_table(rows, ["rater"] + [f"class {j}" for j in range(L)]))
+    print(f"wrote truth.npy, probabilities.npy, uncertainty.npy, disagreement.npy, fusion.json "
+          f"to {Path(args.output)}/")
     return 0
 
 

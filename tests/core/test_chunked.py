@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import raterseg as rs
 from raterseg import synth
 
@@ -186,3 +185,31 @@ def test_peak_memory_stays_bounded(tmp_path):
     outputs_mib = np.prod(shape) * (2 + 4 * 2 + 4 + 4) / 2**20  # 144 MiB
     assert float(grown_mib) < outputs_mib, out.stdout
     assert int(fg_mid) > 0.5 * np.pi * 90 * 80  # the middle slice holds most of the ellipse
+
+
+def test_cli_fuse_chunked(tmp_path, capsys):
+    from raterseg.cli import main
+
+    nib = pytest.importorskip("nibabel")
+    raters = _raters_3d(missing=False)
+    paths = []
+    for r, lab in enumerate(raters):
+        paths.append(tmp_path / f"reader{r}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), paths[-1])
+    code = main(["fuse", *map(str, paths), "--chunked", "--chunk-voxels", "4000", "-q",
+                 "-m", "staple", "--set", "prior=0.3", "-o", str(tmp_path / "out")])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    ref = rs.fuse(raters, method="staple", prior=0.3)
+    assert np.array_equal(np.load(tmp_path / "out" / "truth.npy"), ref.truth)
+    assert "reader1" in out and f"{ref.rater_confusion[1, 1, 1]:.3f}" in out  # sensitivity
+    # mistakes: exit 2 and one line, before anything is written
+    for argv, msg in [(["-m", "cm"], "method: chunked fusion"),
+                      (["--image", str(paths[0])], "--image"),
+                      (["--set", "tie=lowest"], "tie")]:
+        code = main(["fuse", *map(str, paths), "--chunked", "-o", str(tmp_path / "bad"), *argv])
+        _, err = capsys.readouterr()
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
+    code = main(["fuse", *map(str, paths), "--chunk-voxels", "10", "-o", str(tmp_path / "bad")])
+    assert code == 2 and "--chunked" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Methods with a global model (``majority_vote``, ``mean``, ``staple``; see
 :class:`~raterseg.methods._patterns.PatternMethod`) see a voxel only through its pattern
-of rater labels. So a volume can be fused in three streaming passes over slabs along one
+of rater labels. So a volume can be fused in streaming passes over slabs along its first
 axis, holding one slab at a time:
 
 1. (only when ``num_classes`` is not given) the label range, to infer L;
@@ -14,11 +14,13 @@ axis, holding one slab at a time:
 The histogram, its pattern order and the fit are exactly those of the in-memory path,
 so the results are identical to ``raterseg.fuse`` on the same labels.
 
-Inputs are read lazily: ``.npy`` files (slabs read from the file), NIfTI files
-(through nibabel's array proxy), or any array-like that supports slicing (``np.memmap``,
-zarr, h5py). Outputs are ``.npy`` files (``truth``, ``probabilities``, ``uncertainty``,
-``disagreement``) plus ``fusion.json`` (method, parameters, rater confusion matrices,
-history), each written to a temporary name and renamed when complete.
+Inputs are read lazily: ``.npy`` files (slabs read from the file), NIfTI files (through
+nibabel's array proxy; as everywhere in raterseg, a NIfTI volume ``(x, y, z)`` is the
+array ``(z, y, x)``, so its slabs are contiguous runs of the file), or any array-like
+that supports slicing (``np.memmap``, zarr, h5py). Outputs (``truth``, ``probabilities``,
+``uncertainty``, ``disagreement``) are ``.npy`` files, or uncompressed ``.nii`` files with
+the first rater's geometry, plus ``fusion.json`` (method, parameters, rater confusion
+matrices, history); each is written to a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -39,44 +41,54 @@ __all__ = ["CHUNK_VOXELS", "fuse_chunked"]
 CHUNK_VOXELS = 1 << 23
 
 #: Output files, in the order of :data:`raterseg.methods._patterns.VOXEL_FIELDS`.
-OUTPUT_FILES = {"truth": "truth.npy", "probabilities": "probabilities.npy",
-                "uncertainty": "uncertainty.npy", "disagreement": "disagreement.npy"}
+OUTPUT_NAMES = ("truth", "probabilities", "uncertainty", "disagreement")
+#: Output formats: file ending of each array.
+FORMATS = {"npy": ".npy", "nii": ".nii"}
 META_FILE = "fusion.json"
 
 
 # -- inputs ---------------------------------------------------------------------------------
 class _Source:
-    """One rater's label map, read a slab at a time.
-
-    ``fortran`` says the data are stored with the last axis slowest (NIfTI, Fortran-order
-    NPY): slabs are then cut along the last axis, otherwise along the first.
-    """
+    """One rater's label map ``(*S)`` in C order, read a slab along the first axis at a time."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    fortran: bool
     name: str
 
-    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
 
 
 class _ArraySource(_Source):
+    """Any array-like with ``shape``, ``dtype`` and slicing; ``index`` = rater of ``(R, *S)``."""
+
     def __init__(self, arr: Any, name: str, index: int | None = None) -> None:
         self.arr, self.index, self.name = arr, index, name
         shape = tuple(int(s) for s in arr.shape)
         self.shape = shape[1:] if index is not None else shape
         self.dtype = np.dtype(arr.dtype)
-        order = getattr(arr, "order", None)  # nibabel's ArrayProxy
-        if order is None and isinstance(arr, np.ndarray):
-            order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        self.fortran = order == "F" and index is None
 
-    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
-        sl = [slice(None)] * len(self.shape)
-        sl[axis] = slice(start, stop)
-        key = tuple(sl) if self.index is None else (self.index, *sl)
+    def read(self, start: int, stop: int) -> np.ndarray:
+        key = slice(start, stop) if self.index is None else (self.index, slice(start, stop))
         return np.asarray(self.arr[key])
+
+
+class _NiftiSource(_Source):
+    """A NIfTI file through nibabel's proxy, seen as ``(z, y, x)`` (:mod:`raterseg.io`'s
+    convention): a slab of z is a contiguous run of the file."""
+
+    def __init__(self, img: Any, name: str) -> None:
+        self.proxy, self.name = img.dataobj, name
+        self.header = img.header
+        self.affine = np.asarray(img.affine, np.float64)
+        self.shape = tuple(int(s) for s in reversed(self.proxy.shape))
+        self.dtype = np.dtype(img.get_data_dtype())
+        if img.header.get_slope_inter() not in ((None, None), (1.0, 0.0)):
+            raise RaterSegError(f"raters: {name} has a data scaling (scl_slope/scl_inter); "
+                                "expected plain integer labels")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.proxy[..., start:stop]).T
 
 
 class _NpySource(_Source):
@@ -100,17 +112,12 @@ class _NpySource(_Source):
         self.dtype, self.fortran = dtype, bool(fortran)
         self.file_shape = tuple(shape)
         self.shape = self.file_shape[1:] if index is not None else self.file_shape
-        if index is not None and self.fortran:
-            raise RaterSegError(
-                f"raters: {path} is a Fortran-ordered (R, *S) array; save it in C order or "
-                "as one file per rater")
 
-    def read(self, axis: int, start: int, stop: int) -> np.ndarray:
-        contiguous = (axis == 0 and not self.fortran) or (axis == len(self.shape) - 1 and self.fortran)
-        if not contiguous:  # a strided slab: let numpy's memory map pick it out
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.fortran:  # slabs of the first axis are strided: let a memory map pick them out
             arr = np.load(self.path, mmap_mode="r")
-            return _ArraySource(arr, self.name, self.index).read(axis, start, stop)
-        plane = math.prod(self.shape) // self.shape[axis]
+            return _ArraySource(arr, self.name, self.index).read(start, stop)
+        plane = math.prod(self.shape[1:])
         n = (stop - start) * plane
         first = start * plane + (0 if self.index is None else self.index * math.prod(self.shape))
         with open(self.path, "rb") as f:
@@ -118,9 +125,7 @@ class _NpySource(_Source):
             flat = np.fromfile(f, dtype=self.dtype, count=n)
         if flat.size != n:
             raise RaterSegError(f"raters: {self.path} is truncated (expected {n} more values)")
-        slab = list(self.shape)
-        slab[axis] = stop - start
-        return flat.reshape(slab, order="F" if self.fortran else "C")
+        return flat.reshape((stop - start,) + self.shape[1:])
 
 
 def _source_from_path(path: Path, where: str) -> list[_Source]:
@@ -137,7 +142,9 @@ def _source_from_path(path: Path, where: str) -> list[_Source]:
             img = nib.load(str(path), keep_file_open=True)
         except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
             raise RaterSegError(f"{where}: cannot read {path} as NIfTI ({exc})") from None
-        return [_ArraySource(img.dataobj, str(path))]
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise RaterSegError(f"{where}: {path} is not a NIfTI image")
+        return [_NiftiSource(img, str(path))]
     raise RaterSegError(
         f"{where}: expected .npy or .nii/.nii.gz files for chunked fusion, got {path.name!r}")
 
@@ -178,8 +185,8 @@ def _open_raters(raters: Any) -> list[_Source]:
         f"{type(raters).__name__}")
 
 
-def _check_sources(srcs: list[_Source]) -> tuple[tuple[int, ...], int]:
-    """Common spatial shape and the slab axis; checks shapes and dtypes."""
+def _check_sources(srcs: list[_Source]) -> tuple[int, ...]:
+    """The common spatial shape; checks shapes and dtypes."""
     shapes = {s.shape for s in srcs}
     if len(shapes) != 1:
         raise RaterSegError(
@@ -193,43 +200,36 @@ def _check_sources(srcs: list[_Source]) -> tuple[tuple[int, ...], int]:
             raise RaterSegError(
                 f"raters: expected integer class labels (0..L-1, -1 for missing), got dtype "
                 f"{s.dtype} in {s.name}")
-    axis = len(shape) - 1 if all(s.fortran for s in srcs) else 0
-    return shape, axis
+    return shape
 
 
 # -- outputs --------------------------------------------------------------------------------
-class _NpyOut:
-    """An ``.npy`` file ``(K?, *S)`` written slab by slab with seeks, renamed when done.
-
-    ``fortran``: stored in Fortran order, so a slab along the last spatial axis is one
-    contiguous run (with the K values of a voxel side by side).
-    """
+class _Out:
+    """One output ``(K?, *S)`` in C order behind a header (``.npy``, or ``.nii`` whose
+    ``(x, y, z, K)`` Fortran-order data are the same bytes), written slab by slab with
+    seeks to a temporary file that :meth:`commit` renames."""
 
     def __init__(self, path: Path, lead: tuple[int, ...], shape: tuple[int, ...], dtype,
-                 fortran: bool) -> None:
+                 nifti: _NiftiSource | None) -> None:
         self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.dtype, self.fortran = np.dtype(dtype), fortran
-        self.K = math.prod(lead)
-        self.N = math.prod(shape)
+        self.dtype = np.dtype(dtype)
+        self.K, self.N = math.prod(lead), math.prod(shape)
         self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": fortran,
-                  "shape": tuple(lead) + tuple(shape)}
-        np.lib.format.write_array_header_1_0(self.f, header)
+        if nifti is None:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": tuple(lead) + tuple(shape)}
+            np.lib.format.write_array_header_1_0(self.f, header)
+        else:
+            self.f.write(_nifti_header(nifti, tuple(reversed(shape)) + tuple(lead), self.dtype))
         self.offset = self.f.tell()
         self.f.truncate(self.offset + self.K * self.N * self.dtype.itemsize)
 
     def write(self, block: np.ndarray, start: int) -> None:
-        """``block`` ``(K, n)`` (or ``(n,)``): the slab's voxels in file order from flat
-        spatial index ``start``."""
+        """``block`` ``(K, n)`` (or ``(n,)``): a slab's voxels from flat index ``start``."""
         b = np.asarray(block, self.dtype).reshape(self.K, -1)
-        size = self.dtype.itemsize
-        if self.fortran:
-            self.f.seek(self.offset + start * self.K * size)
-            self.f.write(np.ascontiguousarray(b.T).tobytes())
-        else:
-            for k in range(self.K):
-                self.f.seek(self.offset + (k * self.N + start) * size)
-                self.f.write(np.ascontiguousarray(b[k]).tobytes())
+        for k in range(self.K):
+            self.f.seek(self.offset + (k * self.N + start) * self.dtype.itemsize)
+            self.f.write(np.ascontiguousarray(b[k]).tobytes())
 
     def commit(self) -> None:
         self.f.flush()
@@ -243,27 +243,46 @@ class _NpyOut:
         self.tmp.unlink(missing_ok=True)
 
 
+def _nifti_header(src: _NiftiSource, shape_xyz: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """Header bytes (with the empty extension flag) for data right after it, keeping the
+    rater file's geometry (affine, voxel sizes, units)."""
+    import nibabel as nib
+
+    hdr = src.header.copy()
+    hdr.set_data_dtype(dtype)
+    hdr.set_data_shape(shape_xyz)
+    hdr.set_slope_inter(1.0, 0.0)
+    if len(shape_xyz) > 3:
+        zooms = list(hdr.get_zooms()[:3]) + [1.0] * (len(shape_xyz) - 3)
+        hdr.set_zooms(zooms)
+    head = len(hdr.binaryblock) + 4
+    offset = -(-head // 16) * 16
+    hdr["vox_offset"] = offset
+    if isinstance(hdr, nib.Nifti1Header) and hdr["magic"] != b"n+1":
+        hdr["magic"] = b"n+1"  # single file
+    return hdr.binaryblock + b"\x00" * (offset - len(hdr.binaryblock))
+
+
 # -- the three passes -----------------------------------------------------------------------
-def _slabs(shape: tuple[int, ...], axis: int, chunk_voxels: int):
-    plane = math.prod(shape) // shape[axis]
+def _slabs(shape: tuple[int, ...], chunk_voxels: int):
+    """``(start, stop, first voxel)`` of each slab of whole planes along the first axis."""
+    plane = math.prod(shape[1:])
     step = max(1, chunk_voxels // max(plane, 1))
-    for start in range(0, shape[axis], step):
-        yield start, min(shape[axis], start + step), start * plane
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step), start * plane
 
 
-def _read_slab(srcs: list[_Source], axis: int, start: int, stop: int, dtype,
+def _read_slab(srcs: list[_Source], start: int, stop: int, dtype,
                num_classes: int | None) -> tuple[np.ndarray, int]:
-    """Labels of a slab, ``(R, n)`` of ``dtype`` in file order (Fortran order when slabs
-    run along the last axis), each rater's range checked before the cast; and the
-    largest label seen."""
-    order = "F" if axis == len(srcs[0].shape) - 1 and axis > 0 else "C"
+    """Labels of a slab, ``(R, n)`` of ``dtype``, each rater's range checked before the
+    cast; and the largest label seen."""
     out, hi = None, 0
     for r, s in enumerate(srcs):
-        a = s.read(axis, start, stop)
+        a = s.read(start, stop)
         hi = max(hi, _check_range(a, num_classes)[1])
         if out is None:
             out = np.empty((len(srcs), a.size), dtype)
-        out[r] = a.ravel(order=order)
+        out[r] = a.reshape(-1)
     return out, hi
 
 
@@ -331,7 +350,8 @@ def check_chunkable(method: Any) -> None:
 
 def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "staple",
                  num_classes: int | None = None, device: Any = None, seed: int = 0,
-                 chunk_voxels: int = CHUNK_VOXELS, progress=None, **params: Any) -> FusionResult:
+                 chunk_voxels: int = CHUNK_VOXELS, output_format: str | None = None,
+                 progress=None, **params: Any) -> FusionResult:
     """Fuse a case too big for memory, reading it in slabs and writing the outputs to disk.
 
     Results are identical to :func:`raterseg.fuse` on the same labels; peak memory is
@@ -341,14 +361,16 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raters: one path per rater (``.npy``, ``.nii``, ``.nii.gz``), one ``.npy`` path
             holding ``(R, *S)``, a list of array-likes ``(*S)`` (``np.load(..., mmap_mode="r")``,
             nibabel ``img.dataobj``, zarr, h5py), or one ``(R, *S)`` array-like. -1 = missing.
-        output_dir: folder for ``truth.npy`` int16 ``(*S)``, ``probabilities.npy``
-            float32 ``(L, *S)``, ``uncertainty.npy``, ``disagreement.npy`` float32 ``(*S)``
-            and ``fusion.json``; created if needed. Stored in Fortran order when the inputs
-            are (NIfTI), so slabs stay contiguous on disk.
+        output_dir: folder for ``truth`` int16 ``(*S)``, ``probabilities`` float32
+            ``(L, *S)``, ``uncertainty`` and ``disagreement`` float32 ``(*S)`` and
+            ``fusion.json``; created if needed.
         method: a method with a global model: ``majority_vote``, ``mean`` or ``staple``.
         num_classes: L; inferred (one extra pass over the data) when None.
         device: where histograms and gathers run ("cpu", "cuda", None = CUDA if available).
-        chunk_voxels: voxels per slab (whole planes along the slab axis; at least one).
+        chunk_voxels: voxels per slab (whole planes of the first axis; at least one).
+        output_format: ``"npy"`` or ``"nii"`` (uncompressed NIfTI with the first NIfTI
+            rater's affine and voxel sizes; probabilities as ``(x, y, z, L)``); default
+            ``"nii"`` when the first rater is a NIfTI file, else ``"npy"``.
         progress: called with a :class:`TrainingEvent` per slab and pass.
         **params: the method's Config fields.
 
@@ -376,10 +398,18 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
     srcs = _open_raters(raters)
-    shape, axis = _check_sources(srcs)
+    shape = _check_sources(srcs)
+    nifti = next((s for s in srcs if isinstance(s, _NiftiSource)), None)
+    if output_format is None:
+        output_format = "nii" if isinstance(srcs[0], _NiftiSource) else "npy"
+    if output_format not in FORMATS:
+        raise RaterSegError(f"output_format: expected one of {sorted(FORMATS)}, got {output_format!r}")
+    if output_format == "nii" and (nifti is None or len(shape) != 3):
+        raise RaterSegError("output_format: 'nii' needs 3D NIfTI raters (their geometry is "
+                            f"copied); got {'shape ' + str(shape) if nifti else 'no NIfTI rater'}")
     R = len(srcs)
     dev = resolve_device(device)
-    slabs = list(_slabs(shape, axis, int(chunk_voxels)))
+    slabs = list(_slabs(shape, int(chunk_voxels)))
 
     def report(pass_name: str, i: int) -> None:
         if progress is not None:
@@ -390,7 +420,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     if L is None:
         hi_all = 1
         for i, (a, b, _) in enumerate(slabs):
-            hi_all = max(hi_all, _read_slab(srcs, axis, a, b, np.int32, None)[1])
+            hi_all = max(hi_all, _read_slab(srcs, a, b, np.int32, None)[1])
             report("checking labels,", i)
         L = max(hi_all + 1, 2)
     L = int(L)
@@ -399,7 +429,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     # Pass 2: the pattern histogram.
     pats = counts = None
     for i, (a, b, _) in enumerate(slabs):
-        lab, _ = _read_slab(srcs, axis, a, b, lab_dtype, L)
+        lab, _ = _read_slab(srcs, a, b, lab_dtype, L)
         h = pattern_histogram(torch.as_tensor(lab, device=dev), L)
         pats, counts = _merge(pats, counts, h.labels.cpu().numpy(), h.counts.cpu().numpy())
         report("histogram,", i)
@@ -416,15 +446,18 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     # Pass 3: gather the tables to each slab's voxels and write them.
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fortran = axis > 0
-    writers: dict[str, _NpyOut] = {}
+    ext = FORMATS[output_format]
+    for stale in [*(out_dir / f"{k}{e}" for k in OUTPUT_NAMES for e in FORMATS.values()),
+                  out_dir / META_FILE]:
+        stale.unlink(missing_ok=True)  # a previous result in another format
+    writers: dict[str, _Out] = {}
     try:
         for k in VOXEL_FIELDS:
             t = tables[k]
-            lead = t.shape[:-1]
-            writers[k] = _NpyOut(out_dir / OUTPUT_FILES[k], lead, shape, t.dtype, fortran)
+            writers[k] = _Out(out_dir / f"{k}{ext}", t.shape[:-1], shape, t.dtype,
+                              nifti if output_format == "nii" else None)
         for i, (a, b, start) in enumerate(slabs):
-            lab, _ = _read_slab(srcs, axis, a, b, lab_dtype, L)
+            lab, _ = _read_slab(srcs, a, b, lab_dtype, L)
             h = pattern_histogram(torch.as_tensor(lab, device=dev), L)
             del lab
             g = lookup(h.labels.cpu().numpy())
@@ -440,7 +473,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raise
     params_dict = m.params_dict
     meta = {"method": m.name, "params": params_dict, "shape": list(shape), "num_classes": L,
-            "num_raters": R, "raters": [s.name for s in srcs],
+            "num_raters": R, "raters": [s.name for s in srcs], "format": output_format,
+            "files": {k: f"{k}{ext}" for k in OUTPUT_NAMES},
             "rater_confusion": np.asarray(fit.fields.get("rater_confusion")).tolist()
             if fit.fields.get("rater_confusion") is not None else None,
             "history": fit.fields.get("history", [])}
@@ -459,9 +493,8 @@ def load_chunked(output_dir: str | os.PathLike) -> FusionResult:
     out_dir = Path(output_dir)
     try:
         meta = json.loads((out_dir / META_FILE).read_text())
-        arrays = {k: np.load(out_dir / f, mmap_mode="r", allow_pickle=False)
-                  for k, f in OUTPUT_FILES.items()}
-    except (OSError, ValueError) as exc:
+        arrays = {k: _load_output(out_dir / f) for k, f in meta["files"].items()}
+    except (OSError, ValueError, KeyError) as exc:
         raise RaterSegError(
             f"output_dir: expected a folder written by fuse_chunked, got {out_dir} ({exc})") from None
     cm = meta.get("rater_confusion")
@@ -469,3 +502,13 @@ def load_chunked(output_dir: str | os.PathLike) -> FusionResult:
         **arrays,
         rater_confusion=None if cm is None else np.asarray(cm, np.float32),
         method=meta["method"], params=meta["params"], history=meta.get("history", []))
+
+
+def _load_output(path: Path) -> np.ndarray:
+    """A written output as a read-only memory map, NIfTI seen as ``(L?, z, y, x)``."""
+    if path.suffix == ".nii":
+        import nibabel as nib
+
+        img = nib.load(str(path), mmap=True)
+        return np.asanyarray(img.dataobj).T
+    return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -19,6 +19,7 @@ summary). Progress goes to stderr, results and tables to stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -157,8 +158,9 @@ def _add_fuse(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--chunked", action="store_true",
                    help="for volumes bigger than memory: read the raters (.npy or NIfTI files) "
-                        "in slabs and write .npy outputs slab by slab (majority_vote, mean, "
-                        "staple; results identical to the in-memory path)")
+                        "in slabs and write the outputs slab by slab (.nii for NIfTI raters, "
+                        "else .npy; majority_vote, mean, staple; results identical to the "
+                        "in-memory path)")
     p.add_argument("--chunk-voxels", type=int, default=None, metavar="N",
                    help="voxels per slab with --chunked (default: 8388608)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
@@ -273,8 +275,8 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
         rows = [[n] + [_fmt(float(c[j, j])) for j in range(L)] for n, c in zip(names, cm)]
         print("Each rater: p(says class j | truth j), from its confusion matrix:")
         print(_table(rows, ["rater"] + [f"class {j}" for j in range(L)]))
-    print(f"wrote truth.npy, probabilities.npy, uncertainty.npy, disagreement.npy, fusion.json "
-          f"to {Path(args.output)}/")
+    files = json.loads((Path(args.output) / "fusion.json").read_text())["files"].values()
+    print(f"wrote {', '.join(files)}, fusion.json to {Path(args.output)}/")
     return 0
 
 

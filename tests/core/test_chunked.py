@@ -63,19 +63,35 @@ def test_npy_stack_identical_to_in_memory(tmp_path, method, num_classes):
     assert np.array_equal(np.load(tmp_path / "out" / "truth.npy"), ref.truth)
 
 
-def test_nifti_raters_read_in_slabs_along_the_last_axis(tmp_path):
+def test_nifti_in_nifti_out_with_the_raters_geometry(tmp_path):
     nib = pytest.importorskip("nibabel")
-    raters = _raters_3d(missing=False)
+    from raterseg.datasets import read_labels
+
+    raters = _raters_3d(missing=False)  # written as NIfTI (x, y, z) = these arrays' axes
+    affine = np.array([[0, 0, 0.7, 10], [0, 0.8, 0, -5], [2.5, 0, 0, 3], [0, 0, 0, 1]])
     paths = []
     for r, lab in enumerate(raters):
-        p = tmp_path / f"rater{r}.nii.gz"
-        nib.save(nib.Nifti1Image(lab.astype(np.int16), np.eye(4)), p)
-        paths.append(p)
-    ref = rs.fuse(raters, method="staple")
+        paths.append(tmp_path / f"rater{r}.nii.gz")
+        nib.save(nib.Nifti1Image(lab.astype(np.int16), affine), paths[-1])
+    # raterseg reads NIfTI (x, y, z) as arrays (z, y, x), everywhere
+    as_read = np.stack([read_labels(p)[0] for p in paths])
+    assert np.array_equal(as_read, raters.transpose(0, 3, 2, 1))
+    ref = rs.fuse(as_read, method="staple")
     res = rs.fuse_chunked(paths, tmp_path / "out", method="staple", chunk_voxels=3000)
     _same(ref, res)
-    # stored in Fortran order, so each slab along the last axis was one contiguous write
-    assert np.load(tmp_path / "out" / "probabilities.npy", mmap_mode="r").flags.f_contiguous
+    truth_img = nib.load(tmp_path / "out" / "truth.nii")
+    np.testing.assert_allclose(truth_img.affine, affine)
+    assert np.array_equal(np.asanyarray(truth_img.dataobj), ref.truth.T)
+    prob_img = nib.load(tmp_path / "out" / "probabilities.nii")
+    assert prob_img.shape == raters.shape[1:] + (2,)
+    assert np.array_equal(np.asanyarray(prob_img.dataobj)[..., 1], ref.probabilities[1].T)
+    # .npy on request; a second run replaces the first result's files
+    res2 = rs.fuse_chunked(paths, tmp_path / "out", method="staple", output_format="npy")
+    _same(ref, res2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "disagreement.npy", "fusion.json", "probabilities.npy", "truth.npy", "uncertainty.npy"]
+    with pytest.raises(rs.RaterSegError, match="output_format"):
+        rs.fuse_chunked(raters, tmp_path / "o2", output_format="nii")
 
 
 def test_array_likes_and_2d(tmp_path):
@@ -200,8 +216,8 @@ def test_cli_fuse_chunked(tmp_path, capsys):
                  "-m", "staple", "--set", "prior=0.3", "-o", str(tmp_path / "out")])
     out, _ = capsys.readouterr()
     assert code == 0
-    ref = rs.fuse(raters, method="staple", prior=0.3)
-    assert np.array_equal(np.load(tmp_path / "out" / "truth.npy"), ref.truth)
+    ref = rs.fuse(raters.transpose(0, 3, 2, 1), method="staple", prior=0.3)  # NIfTI axes
+    assert np.array_equal(rs.load_chunked(tmp_path / "out").truth, ref.truth)
     assert "reader1" in out and f"{ref.rater_confusion[1, 1, 1]:.3f}" in out  # sensitivity
     # mistakes: exit 2 and one line, before anything is written
     for argv, msg in [(["-m", "cm"], "method: chunked fusion"),

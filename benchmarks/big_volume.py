@@ -147,7 +147,10 @@ def main(argv=None) -> int:
     if args.no_docs:
         return 0
     lines = [
-        (f"Machine: {cpu_model()}, {os.cpu_count()} cores; load average at start "
+        "## Bounded memory: volumes bigger than RAM (issue 9)",
+        "",
+        ("`raterseg.fuse_chunked` / `raterseg fuse --chunked`. "
+         f"Machine: {cpu_model()}, {os.cpu_count()} cores; load average at start "
          f"{os.getloadavg()[0]:.1f}. Measured {time.strftime('%Y-%m-%d')} with "
          f"`python benchmarks/big_volume.py`: one `.npy` rater stack of {R} × "
          f"{' × '.join(map(str, shape))} int8 ({voxels / 1e6:.0f} M voxels, "

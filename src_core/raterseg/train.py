@@ -248,19 +248,20 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
         sums: dict[str, float] = {}
         count = 0
         epoch_idx = train_idx.repeat(repeats)
-        batches = (_sharded_batches(epoch_idx, batch_size, seed, epoch) if ddp
+        batches = (_sharded_batches(epoch_idx, batch_size, seed, epoch, rank, world) if ddp
                    else _batches(epoch_idx, batch_size, gen))
         for idx in batches:
             x, y = batch(idx, augment=True)
             state.step = step
             loss, metrics = _batch_loss(method, model, x, y, device, state)
             finite = bool(torch.isfinite(loss))
+            bad = 0.0 if finite else 1.0
             if ddp:  # every process stops together, or the others wait forever
-                finite = dist_.all_reduce_sum([0.0 if finite else 1.0])[0] == 0
-            if not finite:
+                bad = dist_.all_reduce_sum([bad])[0]
+            if bad:
+                where = f"loss {float(loss.detach())}" if not finite else "non-finite loss on another process"
                 raise RaterSegError(
-                    f"lr: training diverged (loss {float(loss.detach())}) in epoch {epoch + 1} with "
-                    f"lr={lr}; try a smaller lr"
+                    f"lr: training diverged ({where}) in epoch {epoch + 1} with lr={lr}; try a smaller lr"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,13 +307,15 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     return history
 
 
-def _sharded_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int):
-    """This process's mini-batches of ``indices`` for one epoch: a ``DistributedSampler``
-    (the same seeded permutation on every process, padded to a multiple of the world
-    size, every world-size-th element from this rank on), cut into batches."""
+def _sharded_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int,
+                     world: int):
+    """Process ``rank``'s mini-batches of ``indices`` for one epoch: a ``DistributedSampler``
+    (the same seeded permutation on every process, padded to a multiple of ``world``,
+    every ``world``-th element from ``rank`` on), cut into batches."""
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(len(indices)), shuffle=True, seed=seed, drop_last=False)
+    sampler = DistributedSampler(range(len(indices)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     yield from _batches(indices[torch.tensor(list(sampler), dtype=torch.long)], batch_size, None)
 

@@ -98,3 +98,24 @@ def test_torchrun_two_cpu_processes_match_single_process_and_only_rank0_writes(d
     assert d_single > 0.8, d_single  # measured 0.91 at this budget
     assert abs(d_ddp - d_single) < 0.05, (d_ddp, d_single)  # measured 0.92 vs 0.91
     assert d_ddp > d_blank + 0.4, (d_ddp, d_blank)
+
+
+@pytest.mark.parametrize("n, world", [(29, 2), (5, 4), (3, 8)])
+def test_shards_cover_every_sample_with_equal_steps_per_process(n, world):
+    """Every process takes the same number of steps of the same sizes (or DDP waits forever),
+    the shards together hold every training sample, and each epoch is a new permutation."""
+    import torch
+    from raterseg.train import _sharded_batches
+
+    indices = torch.arange(100, 100 + n)
+    epochs = []
+    for epoch in (0, 1):
+        shards = [[b.tolist() for b in _sharded_batches(indices, 4, 7, epoch, r, world)]
+                  for r in range(world)]
+        assert len({tuple(len(b) for b in s) for s in shards}) == 1, shards
+        flat = [i for s in shards for b in s for i in b]
+        assert set(flat) == set(indices.tolist())
+        assert len(flat) == world * -(-n // world)  # padded to a multiple of the world size
+        epochs.append(shards)
+    if n > 3:
+        assert epochs[0] != epochs[1]

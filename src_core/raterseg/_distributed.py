@@ -85,20 +85,33 @@ def setup(device: Any = None):
         ``torch.device``; in a single process, :func:`raterseg._device.resolve_device`'s.
 
     Raises:
-        RaterSegError: an unknown or unavailable device.
+        RaterSegError: an unknown or unavailable device; under torchrun, a GPU index
+            named while several processes share the machine, or fewer GPUs than processes.
     """
     global _OWNED
     import torch
     import torch.distributed as dist
 
     from ._device import resolve_device
+    from .types import RaterSegError
 
     dev = resolve_device(device)
     if not launched():
         return dev
     if dev.type == "cuda":
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if dev.index is not None and local_size > 1:
+            raise RaterSegError(
+                f"device: under torchrun each of the {local_size} processes on this machine "
+                f"uses its own GPU (cuda:LOCAL_RANK); pass 'cuda' or leave --device out, "
+                f"got {str(dev)!r}")
+        if local_rank >= torch.cuda.device_count():
+            raise RaterSegError(
+                f"device: process {local_rank} of {local_size} on this machine needs a GPU of "
+                f"its own, but only {torch.cuda.device_count()} GPU(s) exist; start at most "
+                f"that many processes per machine (--nproc_per_node) or use --device cpu")
+        dev = torch.device("cuda", local_rank) if dev.index is None else dev
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         if dev.type == "cuda":

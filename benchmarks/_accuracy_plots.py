@@ -82,7 +82,8 @@ def confusions(true_cm: np.ndarray, estimated: dict[str, np.ndarray], kinds, pat
 
 
 def gallery(images: np.ndarray, raters: np.ndarray, reference: np.ndarray, ref_name: str,
-            preds: dict[str, dict[str, np.ndarray]], path: Path, title: str) -> None:
+            preds: dict[str, dict[str, np.ndarray]], path: Path, title: str,
+            rater_names=None) -> None:
     """For each case three rows: image, raters and reference; each method's truth; each
     method's uncertainty (normalised entropy, magma, 0..1). ``preds[name]`` holds
     ``truth`` and ``uncertainty`` ``(K, H, W)``."""
@@ -94,7 +95,8 @@ def gallery(images: np.ndarray, raters: np.ndarray, reference: np.ndarray, ref_n
     for ax in axes.ravel():
         ax.axis("off")
     for k in range(K):
-        top = [("image", images[k], "gray")] + [(f"rater {r + 1}", raters[k, r], "gray")
+        names_r = list(rater_names) if rater_names is not None else [f"rater {r + 1}" for r in range(R)]
+        top = [("image", images[k], "gray")] + [(names_r[r], raters[k, r], "gray")
                                                 for r in range(R)] + [(ref_name, reference[k], "gray")]
         for c, (label, arr, cmap) in enumerate(top):
             ax = axes[3 * k, c]

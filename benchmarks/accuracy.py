@@ -28,9 +28,9 @@ that of the raters' mean), and per-rater Dice A1..A4 / Average of rater estimate
     python benchmarks/accuracy.py --device cuda                 # full sizes, 3 seeds -> docs/
 
 Sizes follow the device (``--device cuda``: full; otherwise reduced) unless given.
-Without ``--out`` results go to docs/BENCHMARKS.md (sections ``accuracy_mnist``,
-``accuracy_lidc``), docs/accuracy_*.json and docs/images/accuracy_*.png; with it (and
-always with ``--smoke``) into that folder instead.
+Without ``--out`` results go to docs/BENCHMARKS.md (sections ``accuracy_mnist_cpu``,
+``accuracy_lidc_gpu``, ...: one per dataset and machine kind), docs/accuracy_*.json and
+docs/images/accuracy_*.png; with it (and always with ``--smoke``) into that folder instead.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from raterseg.methods._registry import get_method
 PROFILES = {
     "cpu": {"mnist_train": 300, "mnist_test": 200, "epochs": 8, "batch_size": 16,
             "features": (8, 16, 32, 64, 128), "sweep": (0.5, 1.0, 1.5), "lidc_crop": 64,
-            "lidc_train": 400, "lidc_test": 150, "lidc_epochs": 4, "seeds": (0, 1, 2),
+            "lidc_train": 300, "lidc_test": 150, "lidc_epochs": 4, "seeds": (0, 1, 2),
             "sweep_methods": ("cm", "tgce", "unet_mv", "unet_staple")},
     "gpu": {"mnist_train": 8000, "mnist_test": 2000, "epochs": 30, "batch_size": 32,
             "features": (16, 32, 64, 128, 256), "sweep": (0.5, 1.0, 1.5, 2.0), "lidc_crop": 0,
@@ -353,7 +353,8 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
     if g["preds"]:
         path = images / f"accuracy_{dataset}_gallery_{tag}.png"
         P.gallery(g["images"], g["raters"], g["reference"], "truth" if dataset == "mnist" else "STAPLE",
-                  g["preds"], path, f"{dataset.upper()}: raters, each method's truth and uncertainty")
+                  g["preds"], path, f"{dataset.upper()}: raters, each method's truth and uncertainty",
+                  rater_names=C.MNIST_KINDS if dataset == "mnist" else None)
         out.append(path)
     if dataset == "mnist":
         for r in runs:
@@ -521,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         figs = [] if args.no_figures else figures(dataset, runs, levels, images, tag)
         table = mnist_tables(runs, levels if "dense" in args.labels else [1.0]) if dataset == "mnist" \
             else lidc_tables(runs)
-        C.replace_section(f"accuracy_{dataset}", _header(dataset, report, figs, docs) + "\n" + table,
-                          docs)
+        # one section per dataset and machine kind, so a GPU run does not replace the CPU tables
+        C.replace_section(f"accuracy_{dataset}_{tag}",
+                          _header(dataset, report, figs, docs) + "\n" + table, docs)
         print(table)
         log(f"{dataset}: {report['wall_seconds'] / 60:.1f} min; tables in {docs}, numbers in {json_path}")
     return status

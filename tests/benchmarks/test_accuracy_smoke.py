@@ -82,7 +82,7 @@ def check_rows(table, names, bounds: dict[str, tuple[float, float]], required: s
 
 def test_mnist_table_has_a_row_per_method_with_numbers_in_range(smoke):
     out, _ = smoke
-    md = section((out / "BENCHMARKS.md").read_text(), "accuracy_mnist")
+    md = section((out / "BENCHMARKS.md").read_text(), "accuracy_mnist_smoke")
     assert "smoke run" in md and "seeds [0]" in md and "Wall time" in md
     learned = tables(md)
     dense, single = learned[0], learned[2]  # learned / fusion tables per label setting
@@ -132,7 +132,7 @@ def test_lidc_table_and_figures(smoke, shared_dir):
     if not (shared_dir / "data" / "lidc" / "lidc_dev.npz").exists():
         assert "SKIPPED lidc" in proc.stderr
         return
-    (table,) = tables(section(md, "accuracy_lidc"))
+    (table,) = tables(section(md, "accuracy_lidc_smoke"))
     check_rows(table, expected_entries(),
                {"Dice % vs STAPLE": (0, 100), "soft Dice % vs mean": (0, 100), "GED": (-0.05, 2.0),
                 "ECE %": (0, 100), "Brier": (0, 1), "entropy MAE": (0, 1e5), "Average": (0, 100)},

@@ -55,7 +55,7 @@ from raterseg.methods._registry import get_method
 PROFILES = {
     "cpu": {"mnist_train": 300, "mnist_test": 200, "epochs": 8, "batch_size": 16,
             "features": (8, 16, 32, 64, 128), "sweep": (0.5, 1.0, 1.5), "lidc_crop": 64,
-            "lidc_train": 300, "lidc_test": 150, "lidc_epochs": 4, "seeds": (0, 1, 2),
+            "lidc_train": 400, "lidc_test": 150, "lidc_epochs": 8, "seeds": (0, 1, 2),
             "sweep_methods": ("cm", "tgce", "unet_mv", "unet_staple")},
     "gpu": {"mnist_train": 8000, "mnist_test": 2000, "epochs": 30, "batch_size": 32,
             "features": (16, 32, 64, 128, 256), "sweep": (0.5, 1.0, 1.5, 2.0), "lidc_crop": 0,

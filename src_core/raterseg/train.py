@@ -211,6 +211,7 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     ddp = dist_.is_distributed()
     gen = torch.Generator().manual_seed(seed)
     train_idx, val_idx = _split(len(samples), val_fraction, gen)
+    has_val = len(val_idx) > 0
     if ddp:
         device = dist_.local_device(device)
         rank, world = dist_.rank(), dist_.world_size()
@@ -239,7 +240,6 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     network.to(device)
     model = dist_.wrap(network, device) if ddp else network
     optimizer = method.configure_optimizer(network.parameters(), lr)
-    has_val = len(val_idx) > 0 if not ddp else dist_.all_reduce_sum([len(val_idx)])[0] > 0
     history: list[dict] = []
     best, best_state, since_best, step = math.inf, None, 0, 0
     for epoch in range(epochs):

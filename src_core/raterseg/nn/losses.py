@@ -84,30 +84,43 @@ def low_rank_annotator_probs(seg_logits: torch.Tensor, b1: torch.Tensor,
 def cm_loss(log_q: torch.Tensor, trace: torch.Tensor, raters: torch.Tensor,
             annotated: torch.Tensor, trace_weight: float,
             trace_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zhang et al. 2020, eq. (4), averaged over pixels.
+    """Zhang et al. 2020, eq. (4), averaged over pixels, with the trace averaged over raters.
 
-    ``(1/P) Σ_pixels Σ_r 1[r annotated] · (−log q_r[y_r] + λ · tr A_r)`` with ``P`` the
-    number of pixels in the batch. With dense labels the first term is the sum over
-    raters of each rater's mean cross-entropy, as in the authors' code (but on
-    ``log(A·p)``, not a second softmax).
+    ``(1/P) Σ_pixels Σ_{r∈S} [ −log q_r[y_r]  +  (λ/R) · tr A_r ]`` with ``S`` the raters
+    who annotated the pixel, ``R`` the number of raters of the model and ``P`` the number
+    of pixels that at least one rater annotated. With dense labels the first term is the
+    sum over raters of each rater's mean cross-entropy, as in the authors' code
+    (appendix B, but on ``log(A·p)``, not a second softmax), and the second is λ times the
+    *mean* trace over the raters — section 3.3: "the mean trace represents the average
+    probability that a randomly selected annotator provides an accurate label"; the
+    authors' code adds the mean trace of one annotator (the last of its loop), so its
+    λ = 0.7 weighs one annotator's trace against the sum of five cross-entropies.
+    Summing the traces over the raters instead (λ·Σ_r tr A_r) multiplies λ by R: with the
+    paper's λ and five MNIST annotators the trace then outweighs the likelihood and the
+    segmentation follows the over-segmenting annotators (docs/BENCHMARKS.md,
+    ``cm_baselines``). Each annotation carries the same weight λ/R of trace as of
+    cross-entropy, so a rater who did not annotate adds neither, and with one label per
+    image the trace is as strong, relative to the likelihood, as with dense labels (as in
+    Theorem 1, where each rater's CM is weighted by the probability ``π_r`` that the rater
+    labels the image).
 
     Args:
         log_q: ``(B, R, L, *s)`` log annotator distributions.
         trace: ``(B, R, *s)`` traces of the CMs.
         raters: long ``(B, R, *s)``; annotated: bool ``(B, R, *s)``.
         trace_weight: λ; a negative λ maximises the trace (the warm-up towards identity).
-        trace_floor: traces below this are not rewarded (``max(tr A, floor)``). 1 is the
-            trace of an uninformative rater (all columns equal); a CM below it is no longer
-            diagonally dominant, which Theorem 1 assumes. 0 gives eq. (4) as printed.
+        trace_floor: traces below this are not rewarded (``max(tr A, floor)``); 0 (the
+            default) is eq. (4).
 
     Returns:
-        ``(loss, nll_term, trace_term)`` scalars (the last two without λ).
+        ``(loss, nll_term, trace_term)`` scalars (the last two without λ): the summed NLL
+        per pixel and ``(1/(P·R)) Σ Σ_{r∈S} tr A_r`` (the mean trace with dense labels).
     """
     nll = -log_q.gather(2, raters.unsqueeze(2)).squeeze(2)
     w = annotated.to(nll.dtype)
-    pixels = raters.shape[0] * math.prod(raters.shape[2:])
+    pixels = (w.sum(1) > 0).sum().clamp_min(1)
     nll_term = (nll * w).sum() / pixels
-    trace_term = (trace.clamp_min(trace_floor) * w).sum() / pixels
+    trace_term = (trace.clamp_min(trace_floor) * w).sum() / (pixels * raters.shape[1])
     return nll_term + trace_weight * trace_term, nll_term, trace_term
 
 

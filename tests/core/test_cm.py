@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import raterseg as rs
 import torch
+from raterseg.methods._base import empirical_confusion
 from raterseg.nn.losses import (
     cm_log_annotator_probs,
     low_rank_annotator_probs,
     low_rank_cm,
 )
-from raterseg.methods._base import empirical_confusion
 from raterseg.train import TrainState
 
 # Two pixels (H=1, W=2), two classes, two raters.

@@ -7,8 +7,6 @@ valid class index and flagged False in ``annotated`` ``(B, R, *s)``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

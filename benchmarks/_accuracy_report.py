@@ -119,7 +119,8 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
 
     images.mkdir(parents=True, exist_ok=True)
     out = []
-    first = next((r for r in runs if r.get("scale", 1.0) == 1.0 and "_gallery" in r), None)
+    main = [r for r in runs if r.get("scale", 1.0) == 1.0]
+    first = next((r for r in main if "_gallery" in r), main[0] if main else None)
     if first is None:
         return out
     what = "held-out digits" if dataset == "mnist" else "test slices vs STAPLE"
@@ -128,7 +129,7 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
         path = images / f"accuracy_{dataset}_reliability_{tag}.png"
         P.reliability(bins, path, f"{dataset.upper()} reliability, {what}, seed {first['seed']}")
         out.append(path)
-    g = first["_gallery"]
+    g = first.get("_gallery", {"preds": {}})
     if g["preds"]:
         path = images / f"accuracy_{dataset}_gallery_{tag}.png"
         P.gallery(g["images"], g["raters"], g["reference"], "truth" if dataset == "mnist" else "STAPLE",
@@ -165,23 +166,28 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
 
 
 def header(dataset: str, report: dict, figs: list[Path], docs: Path) -> str:
+    """The section's first paragraph: which machine, sizes, seeds, wall time, commands, files."""
     m, a = report["machine"], report["sizes"]
     where = m["gpu"] or f"{m['cpu']}, {m['threads']} torch thread(s)"
     kind = {"gpu": "full-size GPU run", "cpu": "**reduced CPU run**", "smoke": "smoke run"}[report["profile"]]
+    first = report["runs"][0]
     sizes = (f"{a['mnist_train']} training / {a['mnist_test']} held-out digits, {a['epochs']} epochs"
              if dataset == "mnist" else
-             f"{report['runs'][0]['n_train']} training / {report['runs'][0]['n_test']} test slices of "
-             f"{report['runs'][0]['size'][0]}×{report['runs'][0]['size'][1]}, {a['lidc_epochs']} epochs")
+             f"{first['n_train']} training / {first['n_test']} test slices of "
+             f"{first['size'][0]}×{first['size'][1]}, {a['lidc_epochs']} epochs")
     title = ("MNIST with simulated raters (CM paper tables 1-2, figure 4)" if dataset == "mnist"
              else "LIDC-IDRI, 4 radiologists (CM paper tables 4-5; Lemay et al. 2022)")
+    partial = (f" (seeds {report['partial_seeds']} unfinished: some rows have fewer seeds)"
+               if report.get("partial_seeds") else "")
+    load = m.get("load_average_at_start")
     lines = [f"## Accuracy: {title}", "",
              f"{kind}: `benchmarks/accuracy.py`, {where} ({m['device']}, torch {m['torch']}); "
              f"{sizes}; batch {a['batch_size']}, Adam lr {a['lr']}, U-Net widths {tuple(a['features'])}, "
-             f"no early stop; seeds {report['seeds']} (mean ± sd over seeds; one number = one seed). "
-             f"Wall time {report['wall_seconds'] / 60:.1f} min"
-             + (f", load average at start {m['load_average_at_start'][0]:.1f}" if m["load_average_at_start"] else "")
-             + f". Command: `python benchmarks/accuracy.py {report['command']}`; every number in "
-             f"`{report['json']}`.", ""]
+             f"no early stop; seeds {report['seeds']}{partial} (mean ± sd over seeds; one number = "
+             f"one seed). Wall time {report['wall_seconds'] / 60:.1f} min in all"
+             + (f", load average at start {load[0]:.1f}" if load else "")
+             + ". Command: " + "; ".join(f"`python benchmarks/accuracy.py {c}`" for c in report["commands"])
+             + "; every number in " + ", ".join(f"`{j}`" for j in report["json"]) + ".", ""]
     if figs:
         lines += [" ".join(f"![{p.stem}]({p.relative_to(docs.parent).as_posix()})" for p in figs), ""]
     return "\n".join(lines)

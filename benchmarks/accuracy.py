@@ -29,8 +29,12 @@ that of the raters' mean), and per-rater Dice A1..A4 / Average of rater estimate
 
 Sizes follow the device (``--device cuda``: full; otherwise reduced) unless given.
 Without ``--out`` results go to docs/BENCHMARKS.md (sections ``accuracy_mnist_cpu``,
-``accuracy_lidc_gpu``, ...: one per dataset and machine kind), docs/accuracy_*.json and
-docs/images/accuracy_*.png; with it (and always with ``--smoke``) into that folder instead.
+``accuracy_lidc_gpu``, ...: one per dataset and machine kind), one JSON per dataset and
+seed (docs/accuracy_mnist_gpu_seed0.json, ...) and docs/images/accuracy_*.png; with it
+(and always with ``--smoke``) into that folder instead. Each invocation draws the tables
+from every seed file of the same sizes, so seeds and datasets can run as separate
+commands; ``--resume`` keeps the methods an interrupted invocation finished (the JSON is
+written after every method) and ``--render-only`` trains nothing.
 """
 
 from __future__ import annotations
@@ -123,7 +127,9 @@ def log(msg: str) -> None:
 
 # -- MNIST -------------------------------------------------------------------------------
 def mnist_run(seed: int, labels: str, scale: float, cfg: dict, learned: list[str],
-              classical: list[str], keep: bool, save) -> dict:
+              classical: list[str], keep: bool, save, done: dict | None = None) -> dict:
+    """One MNIST setting for one seed; ``save(run)`` after each method; methods already in
+    ``done`` (a run record of an earlier, interrupted invocation) are not trained again."""
     d = C.load_mnist_raters(cfg["mnist_train"], cfg["mnist_test"], seed,
                             strength=C.kind_strengths(C.MNIST_KINDS, scale), labels=labels)
     tag = f"[mnist {labels} ×{scale:g} seed {seed}]"
@@ -160,6 +166,10 @@ def mnist_run(seed: int, labels: str, scale: float, cfg: dict, learned: list[str
                            "reference": d["t_test"][k], "preds": {}}
     entries = learned_entries()
     for name in learned:
+        if done and name in done.get("learned", {}):
+            run["learned"][name] = done["learned"][name]
+            log(f"{tag} {name}: kept from the earlier run")
+            continue
         model, sec = train(name, entries[name], d["x_train"], ytr, seed, cfg["common"])
         res = model.predict(d["x_test"])
         e = {"dice": 100 * C.mean_dice(res.truth, d["t_test"]), "fit_seconds": sec,
@@ -179,12 +189,14 @@ def mnist_run(seed: int, labels: str, scale: float, cfg: dict, learned: list[str
         run["learned"][name] = e
         log(f"{tag} {name}: Dice {e['dice']:.2f}, GED {e['ged']:.3f}"
             + (f", CM RMSE {e['cm_rmse']:.4f}" if "cm_rmse" in e else "") + f" ({sec:.0f} s)")
-        save()
+        save(run)
     return run
 
 
 # -- LIDC --------------------------------------------------------------------------------
-def lidc_run(seed: int, cfg: dict, learned: list[str], keep: bool, save) -> dict:
+def lidc_run(seed: int, cfg: dict, learned: list[str], keep: bool, save,
+             done: dict | None = None) -> dict:
+    """LIDC for one seed; ``save``/``done`` as :func:`mnist_run`."""
     (xtr, ytr), (xte, yte) = C.load_lidc(C.LIDC, cfg["lidc_crop"], cfg["lidc_train"],
                                          cfg["lidc_test"], seed)
     ytr, yte = ytr.astype(np.int16), yte.astype(np.int16)
@@ -205,6 +217,10 @@ def lidc_run(seed: int, cfg: dict, learned: list[str], keep: bool, save) -> dict
     common = {**cfg["common"], "epochs": cfg["lidc_epochs"]}
     entries = learned_entries()
     for name in learned:
+        if done and name in done.get("learned", {}):
+            run["learned"][name] = done["learned"][name]
+            log(f"[lidc seed {seed}] {name}: kept from the earlier run")
+            continue
         model, sec = train(name, entries[name], xtr, ytr, seed, common)
         res = model.predict(xte)
         fg = res.probabilities[:, 1]
@@ -226,7 +242,7 @@ def lidc_run(seed: int, cfg: dict, learned: list[str], keep: bool, save) -> dict
         run["learned"][name] = e
         log(f"[lidc seed {seed}] {name}: Dice vs STAPLE {e['dice']:.2f}, soft Dice {e['soft_dice']:.2f}, "
             f"GED {e['ged']:.3f}, ECE {e['ece']:.2f} ({sec:.0f} s)")
-        save()
+        save(run)
     return run
 
 
@@ -240,6 +256,46 @@ def _machine(device: str) -> dict:
             "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+#: The sizes that must agree for runs of a dataset to share a table (seeds may differ).
+_SIZES = {"mnist": ("mnist_train", "mnist_test", "epochs", "batch_size", "features", "lr", "sweep",
+                    "sweep_methods"),
+          "lidc": ("lidc_crop", "lidc_train", "lidc_test", "lidc_epochs", "batch_size", "features", "lr")}
+
+
+def _same(a: dict, b: dict, dataset: str) -> bool:
+    def pick(d):
+        return json.loads(json.dumps({k: d.get(k) for k in _SIZES[dataset]}))
+
+    return pick(a) == pick(b)
+
+
+def _earlier(path: Path, sizes: dict, dataset: str) -> dict:
+    """An earlier invocation's record for this seed, runs keyed by (labels, scale)."""
+    if not path.exists():
+        return {}
+    rep = json.loads(path.read_text())
+    if not _same(rep["sizes"], sizes, dataset):
+        log(f"--resume: {path} has other sizes; starting this seed afresh")
+        return {}
+    return {"wall_seconds": rep.get("wall_seconds"),
+            "runs": {(r.get("labels", "lidc"), r.get("scale", 1.0)): r for r in rep["runs"]}}
+
+
+def _reports(out_dir: Path, dataset: str, tag: str, sizes: dict) -> list[dict]:
+    reports = []
+    for p in sorted(out_dir.glob(f"accuracy_{dataset}_{tag}_seed*.json")):
+        rep = json.loads(p.read_text())
+        if _same(rep["sizes"], sizes, dataset):
+            reports.append(rep)
+        else:
+            log(f"{p.name}: other sizes than this invocation's; left out of the tables")
+    return sorted(reports, key=lambda r: r["seed"])
+
+
+def _rel(path: Path, docs: Path) -> str:
+    return path.relative_to(docs.parent).as_posix() if path.is_relative_to(docs.parent) else str(path)
 
 
 def _jsonable(runs: list[dict]) -> list[dict]:
@@ -272,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for tables (BENCHMARKS.md), JSON and images instead of docs/")
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the methods already in this seed's JSON (same sizes); train the rest")
+    ap.add_argument("--render-only", action="store_true",
+                    help="train nothing: redo the tables (and figures but the gallery) from the JSON")
     args = ap.parse_args(argv)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     import torch
@@ -314,41 +374,62 @@ def main(argv: list[str] | None = None) -> int:
             log(f"SKIPPED {dataset}: {path} is absent (the shared data folder exists only on the "
                 "dev machine)")
             continue
-        json_path = out_dir / f"accuracy_{dataset}_{tag}.json"
-        t0 = time.perf_counter()
-        runs: list[dict] = []
-        report = {"benchmark": f"accuracy_{dataset}", "profile": profile, "command": command,
-                  "machine": _machine(device), "sizes": sizes, "seeds": list(cfg["seeds"]),
-                  "json": json_path.relative_to(docs.parent).as_posix() if json_path.is_relative_to(docs.parent)
-                  else str(json_path), "runs": runs}
+        fresh: dict[int, list[dict]] = {}  # this invocation's runs (they hold the gallery arrays)
+        for i, seed in enumerate([] if args.render_only else cfg["seeds"]):
+            json_path = out_dir / f"accuracy_{dataset}_{tag}_seed{seed}.json"
+            earlier = _earlier(json_path, sizes, dataset) if args.resume else {}
+            runs: list[dict] = []
+            report = {"benchmark": f"accuracy_{dataset}", "profile": profile, "command": command,
+                      "machine": _machine(device), "sizes": sizes, "seed": seed, "runs": runs}
+            t0 = time.perf_counter() - (earlier.get("wall_seconds") or 0.0)
 
-        def save(partial: bool = True, report=report, runs=runs, t0=t0, json_path=json_path) -> None:
-            report["wall_seconds"] = time.perf_counter() - t0
-            report["partial"] = partial
-            json_path.write_text(json.dumps({**report, "runs": _jsonable(runs)}, indent=1))
+            def save(current=None, partial=True, report=report, runs=runs, t0=t0, json_path=json_path):
+                report["wall_seconds"] = time.perf_counter() - t0
+                report["partial"] = partial
+                new = current is not None and all(current is not r for r in runs)
+                done = runs + ([current] if new else [])
+                json_path.write_text(json.dumps({**report, "runs": _jsonable(done)}, indent=1))
 
-        for i, seed in enumerate(cfg["seeds"]):
+            def prev(labels, scale, earlier=earlier):
+                return earlier.get("runs", {}).get((labels, scale))
+
             if dataset == "lidc":
-                runs.append(None)
-                runs[-1] = lidc_run(seed, cfg, learned, keep=i == 0, save=lambda: None)
-                save()
-                continue
-            for labels in args.labels:
-                runs.append(mnist_run(seed, labels, 1.0, cfg, learned, classical, keep=i == 0, save=save))
-            if "dense" in args.labels:
-                for lv in levels:
-                    if lv != 1.0:
-                        runs.append(mnist_run(seed, "dense", lv, cfg, sweep_learned, classical,
-                                              keep=False, save=save))
-        save(partial=False)
+                runs.append(lidc_run(seed, cfg, learned, keep=i == 0, save=save,
+                                     done=prev("lidc", 1.0)))
+            else:
+                for labels in args.labels:
+                    runs.append(mnist_run(seed, labels, 1.0, cfg, learned, classical, keep=i == 0,
+                                          save=save, done=prev(labels, 1.0)))
+                    save()
+                if "dense" in args.labels:
+                    for lv in levels:
+                        if lv != 1.0:
+                            runs.append(mnist_run(seed, "dense", lv, cfg, sweep_learned, classical,
+                                                  keep=False, save=save, done=prev("dense", lv)))
+                            save()
+            save(partial=False)
+            fresh[seed] = runs
+            log(f"{dataset} seed {seed}: {report['wall_seconds'] / 60:.1f} min, numbers in {json_path}")
+        # tables from every seed file of this dataset and machine kind with the same sizes
+        reports = _reports(out_dir, dataset, tag, sizes)
+        if not reports:
+            log(f"{dataset}: no results with these sizes in {out_dir}")
+            continue
+        runs = [r for rep in reports for r in (fresh.get(rep["seed"]) or rep["runs"])]
+        summary = {**reports[-1], "seeds": [rep["seed"] for rep in reports],
+                   "partial_seeds": [rep["seed"] for rep in reports if rep.get("partial")],
+                   "wall_seconds": sum(rep["wall_seconds"] for rep in reports),
+                   "commands": list(dict.fromkeys(rep["command"] for rep in reports)),
+                   "json": [_rel(out_dir / f"accuracy_{dataset}_{tag}_seed{rep['seed']}.json", docs)
+                            for rep in reports], "runs": runs}
         figs = [] if args.no_figures else R.figures(dataset, runs, levels, images, tag)
         table = R.mnist_tables(runs, levels if "dense" in args.labels else [1.0]) if dataset == "mnist" \
             else R.lidc_tables(runs)
         # one section per dataset and machine kind, so a GPU run does not replace the CPU tables
         C.replace_section(f"accuracy_{dataset}_{tag}",
-                          R.header(dataset, report, figs, docs) + "\n" + table, docs)
+                          R.header(dataset, summary, figs, docs) + "\n" + table, docs)
         print(table)
-        log(f"{dataset}: {report['wall_seconds'] / 60:.1f} min; tables in {docs}, numbers in {json_path}")
+        log(f"{dataset}: tables in {docs}")
     return status
 
 

@@ -105,7 +105,7 @@ def test_mnist_table_has_a_row_per_method_with_numbers_in_range(smoke):
 
 def test_classical_fusions_score_as_expected_on_simulated_raters(smoke):
     out, _ = smoke
-    report = json.loads((out / "accuracy_mnist_smoke.json").read_text())
+    report = json.loads((out / "accuracy_mnist_smoke_seed0.json").read_text())
     assert report["partial"] is False
     dense = next(r for r in report["runs"] if r["labels"] == "dense" and r["scale"] == 1.0)
     raters, fusion = dense["rater_dice_test"], dense["fusion"]

@@ -54,6 +54,10 @@ class _Source:
     shape: tuple[int, ...]
     dtype: np.dtype
     name: str
+    #: Files may hold labels as floats (checked to be whole numbers slab by slab), as
+    #: :func:`raterseg.io.read_labels` reads them; array-likes must be integers, as in
+    #: :func:`raterseg.fuse`.
+    float_ok = False
 
     def read(self, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
@@ -75,17 +79,19 @@ class _ArraySource(_Source):
 
 class _NiftiSource(_Source):
     """A NIfTI file through nibabel's proxy, seen as ``(z, y, x)`` (:mod:`raterseg.io`'s
-    convention): a slab of z is a contiguous run of the file."""
+    convention): a slab of z is a contiguous run of the file. Values are read as nibabel
+    (and :mod:`raterseg.io`) reads them, scl_slope/scl_inter applied."""
+
+    float_ok = True
 
     def __init__(self, img: Any, name: str) -> None:
         self.proxy, self.name = img.dataobj, name
         self.header = img.header
         self.affine = np.asarray(img.affine, np.float64)
         self.shape = tuple(int(s) for s in reversed(self.proxy.shape))
-        self.dtype = np.dtype(img.get_data_dtype())
-        if img.header.get_slope_inter() not in ((None, None), (1.0, 0.0)):
-            raise RaterSegError(f"raters: {name} has a data scaling (scl_slope/scl_inter); "
-                                "expected plain integer labels")
+        # nibabel moves the scaling from the header into the proxy when it loads a file
+        scaled = (getattr(self.proxy, "slope", 1.0), getattr(self.proxy, "inter", 0.0)) != (1.0, 0.0)
+        self.dtype = np.dtype(np.float64) if scaled else np.dtype(img.get_data_dtype())
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.proxy[..., start:stop]).T
@@ -93,6 +99,8 @@ class _NiftiSource(_Source):
 
 class _NpySource(_Source):
     """A ``.npy`` file read with seeks (no memory map), ``index`` = rater of an (R, *S) file."""
+
+    float_ok = True
 
     def __init__(self, path: Path, index: int | None = None) -> None:
         self.path, self.index = path, index
@@ -196,7 +204,8 @@ def _check_sources(srcs: list[_Source]) -> tuple[int, ...]:
     if len(shape) not in (2, 3):
         raise RaterSegError(f"raters: expected 2D or 3D label maps, got shape {shape}")
     for s in srcs:
-        if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
+        if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool
+                or (s.float_ok and s.dtype.kind == "f")):
             raise RaterSegError(
                 f"raters: expected integer class labels (0..L-1, -1 for missing), got dtype "
                 f"{s.dtype} in {s.name}")
@@ -258,8 +267,8 @@ def _nifti_header(src: _NiftiSource, shape_xyz: tuple[int, ...], dtype: np.dtype
     head = len(hdr.binaryblock) + 4
     offset = -(-head // 16) * 16
     hdr["vox_offset"] = offset
-    if isinstance(hdr, nib.Nifti1Header) and hdr["magic"] != b"n+1":
-        hdr["magic"] = b"n+1"  # single file
+    # single file (the NIfTI-2 header is a subclass of the NIfTI-1 one)
+    hdr["magic"] = b"n+2" if isinstance(hdr, nib.Nifti2Header) else b"n+1"
     return hdr.binaryblock + b"\x00" * (offset - len(hdr.binaryblock))
 
 
@@ -279,6 +288,11 @@ def _read_slab(srcs: list[_Source], start: int, stop: int, dtype,
     out, hi = None, 0
     for r, s in enumerate(srcs):
         a = s.read(start, stop)
+        if a.dtype.kind == "f":  # a file's labels stored as floats, or scaled
+            bad = ~np.isfinite(a) | (a != np.round(a))
+            if bad.any():
+                raise RaterSegError(f"raters ('{s.name}'): expected integer class labels, got "
+                                    f"the value {a[bad].flat[0]}")
         hi = max(hi, _check_range(a, num_classes)[1])
         if out is None:
             out = np.empty((len(srcs), a.size), dtype)
@@ -361,6 +375,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raters: one path per rater (``.npy``, ``.nii``, ``.nii.gz``), one ``.npy`` path
             holding ``(R, *S)``, a list of array-likes ``(*S)`` (``np.load(..., mmap_mode="r")``,
             nibabel ``img.dataobj``, zarr, h5py), or one ``(R, *S)`` array-like. -1 = missing.
+            Files may store labels as floats (or scaled NIfTI) if the values are whole
+            numbers, as :func:`raterseg.io.read_labels` accepts; array-likes must be integers.
         output_dir: folder for ``truth`` int16 ``(*S)``, ``probabilities`` float32
             ``(L, *S)``, ``uncertainty`` and ``disagreement`` float32 ``(*S)`` and
             ``fusion.json``; created if needed.
@@ -370,7 +386,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         chunk_voxels: voxels per slab (whole planes of the first axis; at least one).
         output_format: ``"npy"`` or ``"nii"`` (uncompressed NIfTI with the first NIfTI
             rater's affine and voxel sizes; probabilities as ``(x, y, z, L)``); default
-            ``"nii"`` when the first rater is a NIfTI file, else ``"npy"``.
+            ``"nii"`` when the first rater is a 3D NIfTI file, else ``"npy"``.
         progress: called with a :class:`TrainingEvent` per slab and pass.
         **params: the method's Config fields.
 
@@ -379,7 +395,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
     Raises:
         RaterSegError: a method without a global model, unreadable or mismatched inputs,
-            labels out of range, or no rater annotating anything. Nothing is written then.
+            labels out of range or not whole numbers, no rater annotating anything, or
+            ``output_dir`` naming a file. Nothing is written then.
 
     Examples:
         >>> res = rs.fuse_chunked(["r1.nii", "r2.nii", "r3.nii"], "out", method="staple")
@@ -397,11 +414,14 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raise RaterSegError(f"chunk_voxels: expected a positive number of voxels, got {chunk_voxels!r}")
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RaterSegError(f"output_dir: expected a folder, got the file {out_dir}")
     srcs = _open_raters(raters)
     shape = _check_sources(srcs)
     nifti = next((s for s in srcs if isinstance(s, _NiftiSource)), None)
     if output_format is None:
-        output_format = "nii" if isinstance(srcs[0], _NiftiSource) else "npy"
+        output_format = "nii" if isinstance(srcs[0], _NiftiSource) and len(shape) == 3 else "npy"
     if output_format not in FORMATS:
         raise RaterSegError(f"output_format: expected one of {sorted(FORMATS)}, got {output_format!r}")
     if output_format == "nii" and (nifti is None or len(shape) != 3):
@@ -444,7 +464,6 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     lookup = _Lookup(pats, L + 1)
 
     # Pass 3: gather the tables to each slab's voxels and write them.
-    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[output_format]
     for stale in [*(out_dir / f"{k}{e}" for k in OUTPUT_NAMES for e in FORMATS.values()),

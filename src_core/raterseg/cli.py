@@ -158,7 +158,7 @@ def _add_fuse(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--chunked", action="store_true",
                    help="for volumes bigger than memory: read the raters (.npy or NIfTI files) "
-                        "in slabs and write the outputs slab by slab (.nii for NIfTI raters, "
+                        "in slabs and write the outputs slab by slab (.nii for 3D NIfTI raters, "
                         "else .npy; majority_vote, mean, staple; results identical to the "
                         "in-memory path)")
     p.add_argument("--chunk-voxels", type=int, default=None, metavar="N",
@@ -246,16 +246,19 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
     check_chunkable(rs.create(args.method, **params))
     if args.image is not None:
         raise RaterSegError("--image: chunked fusion runs classical methods, which need no image")
+    if args.chunk_voxels is not None and args.chunk_voxels < 1:
+        raise RaterSegError(f"--chunk-voxels: expected a positive number of voxels, got "
+                            f"{args.chunk_voxels}")
     paths = args.raters[0] if len(args.raters) == 1 else list(args.raters)
     _info(f"raterseg fuse --chunked: method {args.method}, writing to {Path(args.output)}/",
           args.quiet)
+    chunk_voxels = CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels
     progress = TextProgress(args.method, quiet=args.quiet)
     t0 = time.perf_counter()
     try:
         res = rs.fuse_chunked(paths, args.output, method=args.method,
                               num_classes=args.num_classes, device=args.device, seed=args.seed,
-                              chunk_voxels=args.chunk_voxels or CHUNK_VOXELS, progress=progress,
-                              **params)
+                              chunk_voxels=chunk_voxels, progress=progress, **params)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0

@@ -229,3 +229,85 @@ def test_cli_fuse_chunked(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     code = main(["fuse", *map(str, paths), "--chunk-voxels", "10", "-o", str(tmp_path / "bad")])
     assert code == 2 and "--chunked" in capsys.readouterr().err
+
+
+def _save_nifti(nib, path, data, cls=None):
+    cls = cls or nib.Nifti1Image
+    nib.save(cls(data, np.eye(4)), path)
+    return path
+
+
+def test_nifti2_and_2d_nifti_raters(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from raterseg.datasets import read_labels
+
+    raters = _raters_3d(missing=False)
+    # NIfTI-2 raters: the outputs are NIfTI-2 too (a NIfTI-1 magic in a NIfTI-2 header
+    # made nibabel refuse to write them)
+    paths = [_save_nifti(nib, tmp_path / f"r{r}.nii", lab, nib.Nifti2Image)
+             for r, lab in enumerate(raters)]
+    ref = rs.fuse(np.stack([read_labels(p)[0] for p in paths]), method="staple")
+    res = rs.fuse_chunked(paths, tmp_path / "out", method="staple", chunk_voxels=3000)
+    _same(ref, res)
+    assert isinstance(nib.load(tmp_path / "out" / "truth.nii"), nib.Nifti2Image)
+    # 2D NIfTI raters: the default output format is one that can hold them (.npy)
+    paths2 = [_save_nifti(nib, tmp_path / f"s{r}.nii.gz", lab[12]) for r, lab in enumerate(raters)]
+    ref2 = rs.fuse(np.stack([read_labels(p)[0] for p in paths2]), method="majority_vote")
+    res2 = rs.fuse_chunked(paths2, tmp_path / "out2", method="majority_vote", chunk_voxels=50)
+    _same(ref2, res2)
+    assert (tmp_path / "out2" / "truth.npy").exists()
+
+
+def _set_nifti_scaling(path: Path, slope: float, inter: float = 0.0) -> None:
+    """Write scl_slope/scl_inter (bytes 112-119 of an uncompressed NIfTI-1 header)."""
+    with open(path, "r+b") as f:
+        f.seek(112)
+        f.write(np.array([slope, inter], "<f4").tobytes())
+
+
+def test_float_and_scaled_nifti_labels_read_as_raterseg_fuse_reads_them(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from raterseg.datasets import read_labels
+
+    raters = _raters_3d(missing=False)
+    # labels stored as float32 (as many tools write them): accepted, like the in-memory path
+    paths = [_save_nifti(nib, tmp_path / f"f{r}.nii.gz", lab.astype(np.float32))
+             for r, lab in enumerate(raters)]
+    ref = rs.fuse(np.stack([read_labels(p)[0] for p in paths]), method="staple")
+    _same(ref, rs.fuse_chunked(paths, tmp_path / "out", chunk_voxels=3000))
+    # stored 0/2 with scl_slope 0.5: labels 0/1, as nibabel (and raterseg.io) read them
+    paths = [_save_nifti(nib, tmp_path / f"s{r}.nii", (2 * lab).astype(np.int16))
+             for r, lab in enumerate(raters)]
+    for p in paths:
+        _set_nifti_scaling(p, 0.5)
+    as_read = np.stack([read_labels(p)[0] for p in paths])
+    assert np.array_equal(as_read, raters.transpose(0, 3, 2, 1))
+    _same(rs.fuse(as_read, method="staple"), rs.fuse_chunked(paths, tmp_path / "out2",
+                                                             chunk_voxels=3000))
+    # a scaling that makes labels fractional is refused (it was silently truncated)
+    _set_nifti_scaling(paths[1], 0.3)
+    with pytest.raises(rs.RaterSegError, match=r"raters.*s1\.nii.*integer class labels"):
+        rs.fuse_chunked(paths, tmp_path / "out3", chunk_voxels=3000)
+    bad = np.full(raters.shape[1:], 0.5, np.float32)
+    _save_nifti(nib, tmp_path / "half.nii", bad)
+    with pytest.raises(rs.RaterSegError, match=r"half\.nii.*got the value 0\.5"):
+        rs.fuse_chunked([paths[0], tmp_path / "half.nii"], tmp_path / "out4")
+    assert not (tmp_path / "out3").exists() and not (tmp_path / "out4").exists()
+
+
+def test_bad_output_dir_and_chunk_voxels_refused_up_front(tmp_path, capsys):
+    from raterseg.cli import main
+
+    raters = _raters_3d(missing=False)
+    np.save(tmp_path / "raters.npy", raters)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(rs.RaterSegError, match="output_dir"):
+        rs.fuse_chunked(raters, tmp_path / "afile")
+    code = main(["fuse", str(tmp_path / "raters.npy"), "--chunked", "-o", str(tmp_path / "afile")])
+    assert code == 2 and "afile" in capsys.readouterr().err
+    for n in ("0", "-5"):
+        code = main(["fuse", str(tmp_path / "raters.npy"), "--chunked", "--chunk-voxels", n,
+                     "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "--chunk-voxels" in err and n in err, err
+    assert not (tmp_path / "out").exists()

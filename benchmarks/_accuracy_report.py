@@ -61,7 +61,12 @@ def mnist_tables(runs: list[dict], levels: list[float]) -> str:
                          f"| {_ms(_collect(rs_, 'learned', name, 'ged'), 3)} "
                          f"| {_ms(_collect(rs_, 'learned', name, 'ece'))} "
                          f"| {_ms(_avg_rater(rs_, name), 1)} | {_median_s(rs_, 'learned', name)} | {paper} |")
-        lines += ["", f"Classical fusions of the *training* raters ({labels} labels) against the known truth:",
+        cases = {e.get("cases") for r in rs_ for e in r["fusion"].values()} - {None}
+        n_train = min(r.get("n_train", 0) for r in rs_)
+        some = (f" (per-case fusions on the first {max(cases)} of {n_train} training digits)"
+                if cases and max(cases) < n_train else "")
+        lines += ["", (f"Classical fusions of the *training* raters ({labels} labels) against the "
+                       f"known truth{some}:"),
                   "", "| fusion | Dice % vs truth | CM RMSE | GED vs raters | seconds | paper Dice % / CM RMSE |",
                   "|---" * 6 + "|"]
         for name in dict.fromkeys(n for r in rs_ for n in r["fusion"]):

@@ -20,7 +20,10 @@ array ``(z, y, x)``, so its slabs are contiguous runs of the file), or any array
 that supports slicing (``np.memmap``, zarr, h5py). Outputs (``truth``, ``probabilities``,
 ``uncertainty``, ``disagreement``) are ``.npy`` files, or uncompressed ``.nii`` files with
 the first rater's geometry, plus ``fusion.json`` (method, parameters, rater confusion
-matrices, history); each is written to a temporary name and renamed when complete.
+matrices, history); each is written to a temporary name and renamed when complete. A
+previous result in the folder stays whole until every new file is complete; then its
+``fusion.json`` is removed, the new files renamed into place and the new ``fusion.json``
+written last, so an interruption never leaves a mix that :func:`load_chunked` accepts.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class _NiftiSource(_Source):
     float_ok = True
 
     def __init__(self, img: Any, name: str) -> None:
-        self.proxy, self.name = img.dataobj, name
+        self.proxy, self.name, self.path = img.dataobj, name, Path(name)
         self.header = img.header
         self.affine = np.asarray(img.affine, np.float64)
         self.shape = tuple(int(s) for s in reversed(self.proxy.shape))
@@ -224,14 +227,18 @@ class _Out:
         self.dtype = np.dtype(dtype)
         self.K, self.N = math.prod(lead), math.prod(shape)
         self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
-        if nifti is None:
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                      "shape": tuple(lead) + tuple(shape)}
-            np.lib.format.write_array_header_1_0(self.f, header)
-        else:
-            self.f.write(_nifti_header(nifti, tuple(reversed(shape)) + tuple(lead), self.dtype))
-        self.offset = self.f.tell()
-        self.f.truncate(self.offset + self.K * self.N * self.dtype.itemsize)
+        try:
+            if nifti is None:
+                header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                          "fortran_order": False, "shape": tuple(lead) + tuple(shape)}
+                np.lib.format.write_array_header_1_0(self.f, header)
+            else:
+                self.f.write(_nifti_header(nifti, tuple(reversed(shape)) + tuple(lead), self.dtype))
+            self.offset = self.f.tell()
+            self.f.truncate(self.offset + self.K * self.N * self.dtype.itemsize)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, block: np.ndarray, start: int) -> None:
         """``block`` ``(K, n)`` (or ``(n,)``): a slab's voxels from flat index ``start``."""
@@ -270,6 +277,33 @@ def _nifti_header(src: _NiftiSource, shape_xyz: tuple[int, ...], dtype: np.dtype
     # single file (the NIfTI-2 header is a subclass of the NIfTI-1 one)
     hdr["magic"] = b"n+2" if isinstance(hdr, nib.Nifti2Header) else b"n+1"
     return hdr.binaryblock + b"\x00" * (offset - len(hdr.binaryblock))
+
+
+def _output_paths(out_dir: Path) -> list[Path]:
+    """Every file a result in ``out_dir`` may have, in either format."""
+    return [*(out_dir / f"{k}{e}" for k in OUTPUT_NAMES for e in FORMATS.values()),
+            out_dir / META_FILE]
+
+
+def _check_not_outputs(srcs: list[_Source], out_dir: Path) -> None:
+    """Refuse rater files (or memory maps of them) that an output would replace."""
+    targets = {p.resolve() for p in _output_paths(out_dir)}
+    for s in srcs:
+        path = getattr(s, "path", None) or getattr(getattr(s, "arr", None), "filename", None)
+        if path is not None and Path(path).resolve() in targets:
+            raise RaterSegError(
+                f"output_dir: writing to {out_dir} would replace the rater file {path}; "
+                "expected an output folder that holds no rater file named like an output")
+
+
+def _previous_files(out_dir: Path) -> list[Path]:
+    """The output files a previous result's ``fusion.json`` lists (only names of outputs)."""
+    try:
+        listed = json.loads((out_dir / META_FILE).read_text())["files"].values()
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return []
+    known = {p.name for p in _output_paths(out_dir)} - {META_FILE}
+    return [out_dir / n for n in listed if isinstance(n, str) and n in known]
 
 
 # -- the three passes -----------------------------------------------------------------------
@@ -427,6 +461,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     if output_format == "nii" and (nifti is None or len(shape) != 3):
         raise RaterSegError("output_format: 'nii' needs 3D NIfTI raters (their geometry is "
                             f"copied); got {'shape ' + str(shape) if nifti else 'no NIfTI rater'}")
+    _check_not_outputs(srcs, out_dir)
     R = len(srcs)
     dev = resolve_device(device)
     slabs = list(_slabs(shape, int(chunk_voxels)))
@@ -463,12 +498,9 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     tables = output_tables(hist, fit)
     lookup = _Lookup(pats, L + 1)
 
-    # Pass 3: gather the tables to each slab's voxels and write them.
+    # Pass 3: gather the tables to each slab's voxels and write them to temporary files.
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[output_format]
-    for stale in [*(out_dir / f"{k}{e}" for k in OUTPUT_NAMES for e in FORMATS.values()),
-                  out_dir / META_FILE]:
-        stale.unlink(missing_ok=True)  # a previous result in another format
     writers: dict[str, _Out] = {}
     try:
         for k in VOXEL_FIELDS:
@@ -484,12 +516,18 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             for k, block in zip(VOXEL_FIELDS, blocks):
                 writers[k].write(block, start)
             report("writing,", i)
+        # Replace a previous result: its fusion.json goes first, so that from here until
+        # the new one is written the folder holds no result load_chunked would accept.
+        previous = _previous_files(out_dir)
+        (out_dir / META_FILE).unlink(missing_ok=True)
         for w in writers.values():
             w.commit()
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
+    for stale in set(previous) - {w.path for w in writers.values()}:
+        stale.unlink(missing_ok=True)  # the previous result was in the other format
     params_dict = m.params_dict
     meta = {"method": m.name, "params": params_dict, "shape": list(shape), "num_classes": L,
             "num_raters": R, "raters": [s.name for s in srcs], "format": output_format,
@@ -498,8 +536,12 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             if fit.fields.get("rater_confusion") is not None else None,
             "history": fit.fields.get("history", [])}
     tmp = out_dir / f".{META_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / META_FILE)
+    try:
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out_dir / META_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return load_chunked(out_dir)
 
 

@@ -311,3 +311,42 @@ def test_bad_output_dir_and_chunk_voxels_refused_up_front(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "--chunk-voxels" in err and n in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_run_keeps_the_previous_result_and_leaves_no_temporaries(tmp_path):
+    raters = _raters_3d()
+    first = rs.fuse_chunked(raters, tmp_path / "out", method="majority_vote", chunk_voxels=5000)
+    truth_before = np.array(first.truth)
+    del first
+
+    def interrupt(event):
+        if "writing" in event.message and event.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rs.fuse_chunked(raters, tmp_path / "out", method="staple", chunk_voxels=5000,
+                        progress=interrupt)
+    # the interrupted run left no temporary files and the first result is whole
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "disagreement.npy", "fusion.json", "probabilities.npy", "truth.npy", "uncertainty.npy"]
+    again = rs.load_chunked(tmp_path / "out")
+    assert again.method == "majority_vote" and np.array_equal(again.truth, truth_before)
+
+
+def test_rater_files_are_never_overwritten_by_outputs(tmp_path):
+    raters = _raters_3d()
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("truth.npy", "probabilities.npy"):
+        np.save(out / name, raters[0])
+        before = _digest(out / name)
+        files = [out / name, *(tmp_path / f"r{r}.npy" for r in (1, 2))]
+        for r in (1, 2):
+            np.save(files[r], raters[r])
+        with pytest.raises(rs.RaterSegError, match=r"output_dir: .*rater"):
+            rs.fuse_chunked(files, out, method="mean")
+        # also when given as a memory map
+        with pytest.raises(rs.RaterSegError, match=r"output_dir: .*rater"):
+            rs.fuse_chunked([np.load(out / name, mmap_mode="r"), raters[1]], out, method="mean")
+        assert _digest(out / name) == before
+        (out / name).unlink()

@@ -549,15 +549,23 @@ def load_chunked(output_dir: str | os.PathLike) -> FusionResult:
     """The :class:`FusionResult` written by :func:`fuse_chunked`, arrays as read-only memory maps.
 
     Raises:
-        RaterSegError: the folder does not hold a complete chunked result.
+        RaterSegError: the folder does not hold a complete chunked result (a file missing,
+            or not of the shape ``fusion.json`` records).
     """
     out_dir = Path(output_dir)
     try:
         meta = json.loads((out_dir / META_FILE).read_text())
         arrays = {k: _load_output(out_dir / f) for k, f in meta["files"].items()}
-    except (OSError, ValueError, KeyError) as exc:
+        shape, L = tuple(meta["shape"]), int(meta["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RaterSegError(
             f"output_dir: expected a folder written by fuse_chunked, got {out_dir} ({exc})") from None
+    for k, a in arrays.items():
+        want = (L, *shape) if k == "probabilities" else shape
+        if a.shape != want:
+            raise RaterSegError(
+                f"output_dir: expected {meta['files'][k]} of shape {want} as {META_FILE} in "
+                f"{out_dir} records, got shape {a.shape}: the folder mixes two results")
     cm = meta.get("rater_confusion")
     return FusionResult(
         **arrays,
@@ -570,6 +578,6 @@ def _load_output(path: Path) -> np.ndarray:
     if path.suffix == ".nii":
         import nibabel as nib
 
-        img = nib.load(str(path), mmap=True)
+        img = nib.load(str(path), mmap="r")
         return np.asanyarray(img.dataobj).T
     return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -350,3 +350,20 @@ def test_rater_files_are_never_overwritten_by_outputs(tmp_path):
             rs.fuse_chunked([np.load(out / name, mmap_mode="r"), raters[1]], out, method="mean")
         assert _digest(out / name) == before
         (out / name).unlink()
+
+
+def test_load_chunked_checks_the_files_against_fusion_json(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    raters = _raters_3d(missing=False)
+    paths = [_save_nifti(nib, tmp_path / f"r{r}.nii", lab) for r, lab in enumerate(raters)]
+    res = rs.fuse_chunked(paths, tmp_path / "out", chunk_voxels=3000)
+    # the arrays are read-only views of the files, NIfTI ones included
+    for k in ("truth", "probabilities", "uncertainty", "disagreement"):
+        assert not getattr(res, k).flags.writeable, k
+    del res
+    # a file that does not belong to the result fusion.json describes is refused
+    rs.fuse_chunked(raters[:, :5], tmp_path / "other", output_format="npy", method="mean")
+    rs.fuse_chunked(raters, tmp_path / "out2", output_format="npy")
+    (tmp_path / "other" / "truth.npy").replace(tmp_path / "out2" / "truth.npy")
+    with pytest.raises(rs.RaterSegError, match=r"output_dir: .*truth\.npy"):
+        rs.load_chunked(tmp_path / "out2")

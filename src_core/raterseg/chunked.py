@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,22 @@ class _NiftiSource(_Source):
         # nibabel moves the scaling from the header into the proxy when it loads a file
         scaled = (getattr(self.proxy, "slope", 1.0), getattr(self.proxy, "inter", 0.0)) != (1.0, 0.0)
         self.dtype = np.dtype(np.float64) if scaled else np.dtype(img.get_data_dtype())
+        if not name.lower().endswith(".gz"):  # a short file is seen now, not slabs later
+            end = int(getattr(self.proxy, "offset", 0)) + math.prod(self.shape) * \
+                np.dtype(img.get_data_dtype()).itemsize
+            size = os.path.getsize(name)
+            if size < end:
+                self._damaged(f"{end} bytes expected, the file has {size}")
+
+    def _damaged(self, why: str):
+        raise RaterSegError(f"raters: '{self.name}' is not a readable NIfTI file as its name "
+                            f"says ({why})")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.proxy[..., start:stop]).T
+        try:
+            return np.asarray(self.proxy[..., start:stop]).T
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # damaged data
+            self._damaged(f"{type(exc).__name__}: {exc}")
 
 
 class _NpySource(_Source):

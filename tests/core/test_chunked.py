@@ -367,3 +367,15 @@ def test_load_chunked_checks_the_files_against_fusion_json(tmp_path):
     (tmp_path / "other" / "truth.npy").replace(tmp_path / "out2" / "truth.npy")
     with pytest.raises(rs.RaterSegError, match=r"output_dir: .*truth\.npy"):
         rs.load_chunked(tmp_path / "out2")
+
+
+def test_damaged_nifti_refused_naming_the_file(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    raters = _raters_3d(missing=False)
+    for suffix in (".nii.gz", ".nii"):
+        paths = [_save_nifti(nib, tmp_path / f"r{r}{suffix}", lab) for r, lab in enumerate(raters)]
+        data = paths[2].read_bytes()
+        paths[2].write_bytes(data[: len(data) // 2])
+        with pytest.raises(rs.RaterSegError, match=rf"raters: .*r2\{suffix}.*not a readable NIfTI"):
+            rs.fuse_chunked(paths, tmp_path / "out", chunk_voxels=3000)
+        assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import zlib
 from pathlib import Path
@@ -458,8 +459,10 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
     m = create(method, num_classes=num_classes, device=device, seed=seed, **params)
     check_chunkable(m)
-    if int(chunk_voxels) < 1:
-        raise RaterSegError(f"chunk_voxels: expected a positive number of voxels, got {chunk_voxels!r}")
+    if (isinstance(chunk_voxels, bool) or not isinstance(chunk_voxels, numbers.Integral)
+            or chunk_voxels < 1):
+        raise RaterSegError(
+            f"chunk_voxels: expected a positive whole number of voxels, got {chunk_voxels!r}")
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
     out_dir = Path(output_dir)

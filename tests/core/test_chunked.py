@@ -138,6 +138,8 @@ def test_reloads_from_disk(tmp_path):
         ({"float": True}, "raters: expected integer class labels"),
         ({"all_missing": True}, "every rater is -1"),
         ({"chunk_voxels": 0}, "chunk_voxels"),
+        ({"chunk_voxels": "4000"}, "chunk_voxels: expected a positive whole number"),
+        ({"chunk_voxels": 2.5}, "chunk_voxels: expected a positive whole number"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path, kwargs, match):

@@ -61,6 +61,9 @@ def mnist_tables(runs: list[dict], levels: list[float]) -> str:
                          f"| {_ms(_collect(rs_, 'learned', name, 'ged'), 3)} "
                          f"| {_ms(_collect(rs_, 'learned', name, 'ece'))} "
                          f"| {_ms(_avg_rater(rs_, name), 1)} | {_median_s(rs_, 'learned', name)} | {paper} |")
+        if not any(r["fusion"] for r in rs_):
+            lines.append("")
+            continue
         cases = {e.get("cases") for r in rs_ for e in r["fusion"].values()} - {None}
         n_train = min(r.get("n_train", 0) for r in rs_)
         some = (f" (per-case fusions on the first {max(cases)} of {n_train} training digits)"
@@ -135,6 +138,9 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
         P.reliability(bins, path, f"{dataset.upper()} reliability, {what}, seed {first['seed']}")
         out.append(path)
     g = first.get("_gallery", {"preds": {}})
+    kept = images / f"accuracy_{dataset}_gallery_{tag}.png"
+    if not g["preds"] and kept.exists():  # --render-only: the gallery of the run that trained
+        out.append(kept)
     if g["preds"]:
         path = images / f"accuracy_{dataset}_gallery_{tag}.png"
         P.gallery(g["images"], g["raters"], g["reference"], "truth" if dataset == "mnist" else "STAPLE",

@@ -221,6 +221,8 @@ def _check_sources(srcs: list[_Source]) -> tuple[int, ...]:
     shape = srcs[0].shape
     if len(shape) not in (2, 3):
         raise RaterSegError(f"raters: expected 2D or 3D label maps, got shape {shape}")
+    if 0 in shape:
+        raise RaterSegError(f"raters: expected non-empty label maps, got shape {shape}")
     for s in srcs:
         if not (np.issubdtype(s.dtype, np.integer) or s.dtype == bool
                 or (s.float_ok and s.dtype.kind == "f")):

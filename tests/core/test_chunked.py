@@ -169,6 +169,8 @@ def test_bad_paths_and_shapes(tmp_path):
     (tmp_path / "d.npy").write_bytes(b"not an npy file at all")
     with pytest.raises(rs.RaterSegError, match="not a valid .npy"):
         rs.fuse_chunked([tmp_path / "d.npy"], tmp_path / "out")
+    with pytest.raises(rs.RaterSegError, match=r"raters: expected non-empty label maps"):
+        rs.fuse_chunked(np.zeros((3, 0, 4, 5), np.int16), tmp_path / "out")
 
 
 def test_peak_memory_stays_bounded(tmp_path):

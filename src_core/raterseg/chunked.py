@@ -323,6 +323,23 @@ def _previous_files(out_dir: Path) -> list[Path]:
     return [out_dir / n for n in listed if isinstance(n, str) and n in known]
 
 
+def _check_disk_space(out_dir: Path, tables: dict[str, np.ndarray], shape: tuple[int, ...],
+                      L: int) -> None:
+    """Refuse outputs bigger than the free space (they are sparse until written, so a full
+    disk would otherwise show only in the middle of the last pass)."""
+    import shutil
+
+    need = math.prod(shape) * sum(math.prod(t.shape[:-1]) * t.dtype.itemsize
+                                  for t in tables.values())
+    where = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise RaterSegError(
+            f"output_dir: the outputs for {math.prod(shape)} voxels and {L} classes need "
+            f"{need / 2**30:.2f} GiB, but {where} has {free / 2**30:.2f} GiB free (is the "
+            "largest label, which sets the number of classes, what you expect?)")
+
+
 # -- the three passes -----------------------------------------------------------------------
 def _slabs(shape: tuple[int, ...], chunk_voxels: int):
     """``(start, stop, first voxel)`` of each slab of whole planes along the first axis."""
@@ -446,8 +463,9 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
     Raises:
         RaterSegError: a method without a global model, unreadable or mismatched inputs,
-            labels out of range or not whole numbers, no rater annotating anything, or
-            ``output_dir`` naming a file. Nothing is written then.
+            labels out of range or not whole numbers, no rater annotating anything,
+            ``output_dir`` naming a file, or outputs bigger than its free disk space.
+            Nothing is written then.
 
     Examples:
         >>> res = rs.fuse_chunked(["r1.nii", "r2.nii", "r3.nii"], "out", method="staple")
@@ -518,6 +536,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     lookup = _Lookup(pats, L + 1)
 
     # Pass 3: gather the tables to each slab's voxels and write them to temporary files.
+    _check_disk_space(out_dir, tables, shape, L)
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[output_format]
     writers: dict[str, _Out] = {}

@@ -383,3 +383,16 @@ def test_damaged_nifti_refused_naming_the_file(tmp_path):
         with pytest.raises(rs.RaterSegError, match=rf"raters: .*r2\{suffix}.*not a readable NIfTI"):
             rs.fuse_chunked(paths, tmp_path / "out", chunk_voxels=3000)
         assert not (tmp_path / "out").exists()
+
+
+def test_outputs_that_would_not_fit_on_disk_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    raters = _raters_3d()
+    raters[0, 0, 0, 0] = 255  # a stray "ignore" value: 256 classes of probabilities
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**8, 0, 10**7))
+    with pytest.raises(rs.RaterSegError, match=r"output_dir: .*256 classes.*free"):
+        rs.fuse_chunked(raters, tmp_path / "out", method="majority_vote")
+    assert not (tmp_path / "out").exists()

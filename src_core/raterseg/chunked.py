@@ -75,7 +75,10 @@ class _ArraySource(_Source):
         self.arr, self.index, self.name = arr, index, name
         shape = tuple(int(s) for s in arr.shape)
         self.shape = shape[1:] if index is not None else shape
-        self.dtype = np.dtype(arr.dtype)
+        try:
+            self.dtype = np.dtype(arr.dtype)
+        except TypeError:  # e.g. a torch tensor: the dtype numpy reads it as
+            self.dtype = np.asarray(arr[tuple(slice(0, 1) for _ in shape)]).dtype
 
     def read(self, start: int, stop: int) -> np.ndarray:
         key = slice(start, stop) if self.index is None else (self.index, slice(start, stop))

@@ -103,6 +103,10 @@ def test_array_likes_and_2d(tmp_path):
     res = rs.fuse_chunked(maps, tmp_path / "out", method="majority_vote", tie="undecided",
                           chunk_voxels=500, num_classes=2)
     _same(ref, res)
+    # torch tensors, as rs.fuse takes them
+    torch = pytest.importorskip("torch")
+    _same(ref, rs.fuse_chunked(torch.from_numpy(raters), tmp_path / "out2", chunk_voxels=500,
+                               method="majority_vote", tie="undecided"))
 
 
 def test_many_raters_beyond_int64_pattern_codes(tmp_path):

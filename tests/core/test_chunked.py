@@ -400,3 +400,16 @@ def test_outputs_that_would_not_fit_on_disk_refused_before_writing(tmp_path, mon
     with pytest.raises(rs.RaterSegError, match=r"output_dir: .*256 classes.*free"):
         rs.fuse_chunked(raters, tmp_path / "out", method="majority_vote")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["staple", "majority_vote", "mean"])
+def test_cuda_slabs_equal_cpu(tmp_path, method):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    raters = _raters_3d(3)
+    ref = rs.fuse_chunked(raters, tmp_path / "cpu", method=method, chunk_voxels=7777, device="cpu")
+    res = rs.fuse_chunked(raters, tmp_path / "gpu", method=method, chunk_voxels=7777,
+                          device="cuda")
+    _same(ref, res)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -502,6 +503,12 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise RaterSegError(f"--output: expected a model file name, got the folder '{out}'")
+    # checked on every process before training (rank 0 creates the folder only at the end)
+    folder = next(p for p in (out.parent, *out.absolute().parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RaterSegError(f"--output: expected a model file in a folder that can be created "
+                            f"and written, got '{out}' ('{folder}' is "
+                            f"{'not a folder' if not folder.is_dir() else 'not writable'})")
     images, raters, ids = load_training_set(args.data)
     _info(f"raterseg train: {len(ids)} case{'s' * (len(ids) != 1)}, {raters.shape[1]} raters, "
           f"shape {tuple(raters.shape[2:])}, method {args.method}, device {device}"

@@ -136,3 +136,15 @@ def test_every_learned_method_trains_under_torchrun(method, data, tmp_path):
     model = rs.load(out)
     assert len(model.history_) == 2
     assert model.predict(images[:2]).probabilities.shape == (2, 2, 32, 32)
+
+
+def test_unusable_output_refused_before_training(data, tmp_path, capsys):
+    """Every process checks ``-o`` before training: a bad path costs no training and gives one
+    clear line (a file where a folder should be was a FileExistsError from rank 0 after
+    training, and a dropped connection on the other ranks)."""
+    train, _, _ = data
+    (tmp_path / "afile").write_text("x")
+    code = main(["train", str(train), *BUDGET, "-o", str(tmp_path / "afile" / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--output" in err and "afile" in err and "epoch" not in err, err

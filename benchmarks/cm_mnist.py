@@ -36,10 +36,13 @@ PAPER = {"dense": {"cm": 82.92, "unet_staple": 78.03, "unet_mv": 62.89},
          "single": {"cm": 76.48, "unet_sample": 32.79}}
 
 
-def make_data(n_train: int, n_test: int, seed: int, mnist: Path = MNIST):
-    """Images (N, 28, 28), truth (N, 28, 28) and raters (N, 5, 28, 28) for train and test."""
+def make_data(n_train: int, n_test: int, seed: int, mnist: Path = MNIST,
+              strength: list | None = None):
+    """Images (N, 28, 28), truth (N, 28, 28) and raters (N, 5, 28, 28) for train and test.
+
+    ``strength``: one value per annotator of :data:`KINDS` (None: ``synth`` defaults)."""
     images, truth = synth.load_mnist(mnist, n=n_train + n_test)
-    raters = np.stack([synth.simulate_raters(t, KINDS, seed=seed * 100003 + i)
+    raters = np.stack([synth.simulate_raters(t, KINDS, strength=strength, seed=seed * 100003 + i)
                        for i, t in enumerate(truth)])
     return (images[:n_train], truth[:n_train], raters[:n_train],
             images[n_train:], truth[n_train:], raters[n_train:])
@@ -56,8 +59,10 @@ def true_confusion(raters: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
-        methods: list[str], cm_params: dict | None = None, **params) -> dict:
-    tr_img, _tr_truth, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed)
+        methods: list[str], cm_params: dict | None = None, strength: list | None = None,
+        **params) -> dict:
+    tr_img, _tr_truth, tr_raters, te_img, te_truth, te_raters = make_data(
+        n_train, n_test, seed, strength=strength)
     if setting == "single":
         tr_raters = synth.drop_raters(tr_raters, mode="one_per_case", seed=seed, batched=True)
     out: dict = {"setting": setting, "seed": seed, "results": {}}
@@ -135,6 +140,9 @@ def main(argv=None) -> int:
                     help="subset of cm, unet_staple, unet_mv, unet_sample (default: all)")
     ap.add_argument("--cm-params", type=json.loads, default={},
                     help='extra CM parameters as JSON, e.g. \'{"trace_weight": 0.3}\'')
+    ap.add_argument("--strength", type=json.loads, default=None,
+                    help="annotator strengths as a JSON list in the order good, over, under, "
+                         "wrong, blank (null: the synth default), e.g. '[0.5, 1.5, 1, 1.5, null]'")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for every number")
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
         for setting in args.settings:
             names = [m for m in method_sets[setting] if not args.methods or m in args.methods]
             runs.append(run(setting, seed, args.n_train, args.n_test, args.device, names,
-                            cm_params=args.cm_params, **params))
+                            cm_params=args.cm_params, strength=args.strength, **params))
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"benchmark": "cm_mnist", "args": {**vars(args), "out": str(args.out)},

@@ -86,7 +86,8 @@ def setup(device: Any = None):
 
     Raises:
         RaterSegError: an unknown or unavailable device; under torchrun, a GPU index
-            named while several processes share the machine, or fewer GPUs than processes.
+            named while several processes share the machine, or fewer GPUs than processes;
+            ``WORLD_SIZE`` set without the rest of torchrun's environment.
     """
     global _OWNED
     import torch
@@ -114,6 +115,12 @@ def setup(device: Any = None):
         dev = torch.device("cuda", local_rank) if dev.index is None else dev
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:  # torch's env:// rendezvous would fail with a traceback
+            raise RaterSegError(
+                f"WORLD_SIZE: the environment asks for {os.environ['WORLD_SIZE']} processes but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; expected "
+                "a start by torchrun (torchrun --nproc_per_node=N ...), or unset WORLD_SIZE")
         if dev.type == "cuda":
             dist.init_process_group("nccl", device_id=dev)
         else:

@@ -148,3 +148,16 @@ def test_unusable_output_refused_before_training(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--output" in err and "afile" in err and "epoch" not in err, err
+
+
+def test_incomplete_launcher_environment_is_one_clear_line(data, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE set without the rest of torchrun's environment (MASTER_ADDR...): exit 2 and
+    a line saying what is missing (was a ValueError traceback from torch.distributed)."""
+    train, _, _ = data
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    code = main(["train", str(train), *BUDGET, "-o", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "MASTER_ADDR" in err and "torchrun" in err, err
+    assert len(err.strip().splitlines()) == 1, err

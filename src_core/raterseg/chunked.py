@@ -397,7 +397,8 @@ def _merge(pats: np.ndarray | None, counts: np.ndarray | None, new_pats: np.ndar
 
 
 class _Lookup:
-    """Global pattern number of each of a slab's patterns (all of which are in the table)."""
+    """Global pattern number of each of a slab's patterns (all of which must be in the table:
+    a pattern the histogram pass did not see means the raters changed between passes)."""
 
     def __init__(self, pats: np.ndarray, base: int) -> None:
         self.base = base
@@ -416,8 +417,21 @@ class _Lookup:
 
     def __call__(self, pats: np.ndarray) -> np.ndarray:
         if self.coded:
-            return np.searchsorted(self.keys, self._codes(pats))
-        return np.array([self.table[tuple(c)] for c in pats.T.tolist()], np.int64)
+            codes = self._codes(pats)
+            g = np.searchsorted(self.keys, codes)
+            if len(g) and (g.max() >= len(self.keys) or (self.keys[g] != codes).any()):
+                self._changed()
+            return g
+        try:
+            return np.array([self.table[tuple(c)] for c in pats.T.tolist()], np.int64)
+        except KeyError:
+            self._changed()
+
+    @staticmethod
+    def _changed():
+        raise RaterSegError("raters: a label pattern appeared that the histogram pass did not "
+                            "see; expected the raters to stay the same while they are fused "
+                            "(a file changed between passes?)")
 
 
 def check_chunkable(method: Any) -> None:

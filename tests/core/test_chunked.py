@@ -413,3 +413,20 @@ def test_cuda_slabs_equal_cpu(tmp_path, method):
     res = rs.fuse_chunked(raters, tmp_path / "gpu", method=method, chunk_voxels=7777,
                           device="cuda")
     _same(ref, res)
+
+
+@pytest.mark.parametrize("num_raters", [5, 45])
+def test_raters_changing_between_passes_refused(tmp_path, num_raters):
+    """A rater file rewritten while it is fused (say, a copy still in progress) gives patterns
+    the fitted tables never saw: refused, not gathered from a neighbouring pattern."""
+    rng = np.random.default_rng(1)
+    raters = (rng.random((num_raters, 6, 7, 8)) < 0.5).astype(np.int16)
+
+    def change(event):
+        if event.message.startswith("mean: histogram") and event.step == event.total:
+            raters[:-1, -1] = -1  # a pattern (-1, ..., -1, x) the histogram never had
+
+    with pytest.raises(rs.RaterSegError, match="raters: .*changed"):
+        rs.fuse_chunked(raters, tmp_path / "out", method="mean", num_classes=2,
+                        chunk_voxels=100, progress=change)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -326,14 +326,13 @@ def _previous_files(out_dir: Path) -> list[Path]:
     return [out_dir / n for n in listed if isinstance(n, str) and n in known]
 
 
-def _check_disk_space(out_dir: Path, tables: dict[str, np.ndarray], shape: tuple[int, ...],
-                      L: int) -> None:
+def _check_disk_space(out_dir: Path, shape: tuple[int, ...], L: int) -> None:
     """Refuse outputs bigger than the free space (they are sparse until written, so a full
-    disk would otherwise show only in the middle of the last pass)."""
+    disk would otherwise show only in the middle of the last pass): truth int16/int32,
+    probabilities float32 ``(L, *S)``, uncertainty and disagreement float32."""
     import shutil
 
-    need = math.prod(shape) * sum(math.prod(t.shape[:-1]) * t.dtype.itemsize
-                                  for t in tables.values())
+    need = math.prod(shape) * ((2 if L < 32000 else 4) + 4 * L + 4 + 4)
     where = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     free = shutil.disk_usage(where).free
     if need > free:
@@ -534,6 +533,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         L = max(hi_all + 1, 2)
     L = int(L)
     lab_dtype = np.int16 if L < 32000 else np.int32
+    _check_disk_space(out_dir, shape, L)
 
     # Pass 2: the pattern histogram.
     pats = counts = None
@@ -553,7 +553,6 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     lookup = _Lookup(pats, L + 1)
 
     # Pass 3: gather the tables to each slab's voxels and write them to temporary files.
-    _check_disk_space(out_dir, tables, shape, L)
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = FORMATS[output_format]
     writers: dict[str, _Out] = {}

@@ -397,9 +397,13 @@ def test_outputs_that_would_not_fit_on_disk_refused_before_writing(tmp_path, mon
     raters[0, 0, 0, 0] = 255  # a stray "ignore" value: 256 classes of probabilities
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**8, 0, 10**7))
+    seen = []
     with pytest.raises(rs.RaterSegError, match=r"output_dir: .*256 classes.*free"):
-        rs.fuse_chunked(raters, tmp_path / "out", method="majority_vote")
+        rs.fuse_chunked(raters, tmp_path / "out", method="majority_vote",
+                        progress=lambda e: seen.append(e.message))
     assert not (tmp_path / "out").exists()
+    # found as soon as the number of classes is known, before the histogram and the fit
+    assert seen and not any("histogram" in m for m in seen), seen
 
 
 @pytest.mark.gpu

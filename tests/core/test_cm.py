@@ -72,8 +72,8 @@ def test_trace_weight_does_not_grow_with_the_number_of_raters():
 def test_traces_below_the_floor_are_not_rewarded():
     # rater 1 becomes uninformative-and-worse: A = [[0.3, 0.5], [0.7, 0.5]], trace 0.8 < 1
     bad = np.array([[0.3, 0.5], [0.7, 0.5]])
-    floored = rs.create("cm", trace_weight=0.5, warmup_epochs=0, trace_floor=1.0)
-    printed = rs.create("cm", trace_weight=0.5, warmup_epochs=0)  # trace_floor=0: eq. (4)
+    floored = rs.create("cm", trace_weight=0.5, warmup_epochs=0)  # trace_floor=1 by default
+    printed = rs.create("cm", trace_weight=0.5, warmup_epochs=0, trace_floor=0.0)  # eq. (4)
     _, met_f = _loss(floored, _outputs(cms=(A0, bad)))
     _, met_p = _loss(printed, _outputs(cms=(A0, bad)))
     assert met_p["trace"] == pytest.approx((1.6 + 0.8 + 1.6) / 4)
@@ -179,10 +179,11 @@ def test_mnist_cm_recovers_truth_and_annotators(shared_dir):
     blank and under-segmenting ones miss most of the digit, the good and over-segmenting
     ones almost none, and the over-segmenting and wrong ones mark background.
 
-    Checked by hand (seed 0): this setting gives Dice 0.96, CM RMSE 0.10; with the trace
-    term of the wrong sign (``warmup_epochs=8``, i.e. maximised throughout) Dice 0.74;
-    with the traces summed over the raters instead of averaged (``trace_weight=3.5``,
-    the scale this module used before) Dice 0.24, RMSE 0.42. STAPLE per digit: 0.57.
+    Checked by hand (seed 0): this setting gives Dice 0.83, CM RMSE 0.13 (the good
+    annotator is modelled as missing 44 % of the digit; pixel-wise CMs are not fully
+    identifiable, docs/BENCHMARKS.md); with the trace term of the wrong sign
+    (``warmup_epochs=8``, i.e. maximised throughout) Dice 0.74 and the wrong annotator's
+    false positives drop to 0.09; STAPLE fused per digit: 0.57.
     """
     from raterseg import metrics, synth
 
@@ -196,7 +197,7 @@ def test_mnist_cm_recovers_truth_and_annotators(shared_dir):
     cm_dice = np.mean([metrics.dice(p, t) for p, t in zip(res.truth, test_truth)])
     staple_dice = np.mean([metrics.dice(rs.fuse(r, method="staple").truth, t)
                            for r, t in zip(test_raters, test_truth)])
-    assert cm_dice > 0.9 and cm_dice > staple_dice + 0.2, (cm_dice, staple_dice)
+    assert cm_dice > 0.8 and cm_dice > staple_dice + 0.2, (cm_dice, staple_dice)
 
     onehot = np.stack([test_truth == 0, test_truth == 1]).astype(np.float32)
     true_cm = empirical_confusion(np.moveaxis(test_raters, 1, 0), onehot)
@@ -216,11 +217,11 @@ def test_fuse_phantom_cm_at_least_staple_with_defaults():
     at least STAPLE's. About 2 minutes on one CPU thread, hence ``slow``; the fast check
     that CM beats STAPLE is the MNIST test above.
 
-    Measured (seed 0): CM 0.754, STAPLE 0.733, majority vote 0.972. Both CM and STAPLE
+    Measured (seed 0): CM 0.757, STAPLE 0.733, majority vote 0.972. Both CM and STAPLE
     over-segment: in the ring just outside each blob good and under say background,
     over and wrong foreground — a 2:2 split the labels cannot resolve (the majority vote
     wins there only because its ties go to background). This check is therefore not
-    robust: on ``sample_case(seed=1)`` CM gets 0.613 and STAPLE 0.676
+    robust: on ``sample_case(seed=1)`` CM gets 0.614 and STAPLE 0.676
     (docs/BENCHMARKS.md, ``cm_baselines``).
     """
     from raterseg import metrics, synth

@@ -107,8 +107,8 @@ def cm_loss(log_q: torch.Tensor, trace: torch.Tensor, raters: torch.Tensor,
         trace: ``(B, R, *s)`` traces of the CMs.
         raters: long ``(B, R, *s)``; annotated: bool ``(B, R, *s)``.
         trace_weight: λ; a negative λ maximises the trace (the warm-up towards identity).
-        trace_floor: traces below this are not rewarded (``max(tr A, floor)``); 0 (the
-            default) is eq. (4).
+        trace_floor: traces below this are not rewarded (``max(tr A, floor)``); 0 is
+            eq. (4) as printed (the CM method's default is 1, see ``methods/cm.py``).
 
     Returns:
         ``(loss, nll_term, trace_term)`` scalars (the last two without λ): the summed NLL

@@ -122,7 +122,7 @@ def table(res: dict) -> str:
         f"folder: start Python, read each case, fuse, write its result files (gzip NIfTI), "
         f"rater table and marker, then `summary.csv`. Median of {res['repeats']} runs, worker "
         f"counts alternating; torch {res['torch']}, device cpu; CPU: {cpu_model()} "
-        f"({res['cpus']} cores) shared with other jobs: 1-min load average {l1s:.1f} at the "
+        f"({res['cpus']} cores); 1-min load average {l1s:.1f} at the "
         f"start, {l1e:.1f} at the end."),
         "",
         "| cases | workers | command (s) | per case (ms) | speed-up vs 1 worker | runs (s) |",
@@ -152,7 +152,8 @@ def table(res: dict) -> str:
         "the command fuses cases itself while a fork server imports raterseg and torch once "
         "(alongside the command's own imports) and one worker process forks from it and takes "
         "cases as soon as it runs. A second worker can only help as far as a second core is "
-        "free: on this 2-core machine other jobs were using both."),
+        "free" + (": other jobs were using the cores during this run." if max(l1s, l1e) > 1.5
+                  else "; the larger the cases, the closer the speed-up comes to 2×.")),
         "",
         ("Reproduce: `python benchmarks/cohort_speed.py` (`--shapes 2d 3d 3d-large`, "
          "`--cases`, `--repeats`)."),

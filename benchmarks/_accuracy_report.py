@@ -139,9 +139,12 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
         out.append(path)
     g = first.get("_gallery", {"preds": {}})
     kept = images / f"accuracy_{dataset}_gallery_{tag}.png"
-    if not g["preds"] and kept.exists():  # --render-only: the gallery of the run that trained
+    # Only a run that trained every method can draw the whole gallery; --render-only and a
+    # --resume that kept some methods leave the gallery of the run that trained them all.
+    complete = bool(g["preds"]) and set(first["learned"]) <= set(g["preds"])
+    if not complete and kept.exists():
         out.append(kept)
-    if g["preds"]:
+    if complete:
         path = images / f"accuracy_{dataset}_gallery_{tag}.png"
         P.gallery(g["images"], g["raters"], g["reference"], "truth" if dataset == "mnist" else "STAPLE",
                   g["preds"], path, f"{dataset.upper()}: raters, each method's truth and uncertainty",

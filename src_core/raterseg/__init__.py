@@ -17,15 +17,6 @@ from .types import FusionResult, RaterSegError, RaterStack, TrainingEvent, as_ra
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_methods",
-    "create",
-    "fuse",
-    "fuse_chunked",
-    "load_chunked",
-    "load",
-    "get_method",
-    "register_method",
-    "param",
     "FusionMethod",
     "FusionResult",
     "ParamInfo",
@@ -33,4 +24,13 @@ __all__ = [
     "RaterStack",
     "TrainingEvent",
     "as_rater_stack",
+    "available_methods",
+    "create",
+    "fuse",
+    "fuse_chunked",
+    "get_method",
+    "load",
+    "load_chunked",
+    "param",
+    "register_method",
 ]

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "RaterSegError",
-    "TrainingEvent",
+    "MISSING",
     "FusionResult",
+    "RaterSegError",
     "RaterStack",
+    "TrainingEvent",
     "as_rater_stack",
     "check_image",
-    "MISSING",
 ]
 
 #: Label value meaning "this rater did not annotate here".
@@ -83,7 +83,7 @@ class FusionResult:
     def num_classes(self) -> int:
         return int(self.probabilities.shape[-1 - self.truth.ndim])
 
-    def replace(self, **changes: Any) -> "FusionResult":
+    def replace(self, **changes: Any) -> FusionResult:
         return dataclasses.replace(self, **changes)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -93,9 +94,8 @@ def _coerce(info: ParamInfo, value: Any, method: str) -> Any:
             value = float(value)
         elif t is tuple:
             value = tuple(value)
-        elif t is str:
-            if not isinstance(value, str):
-                raise ValueError(value)
+        elif t is str and not isinstance(value, str):
+            raise ValueError(value)
     except (TypeError, ValueError):
         raise RaterSegError(
             f"{where}: expected {t.__name__}, got {value!r} ({type(value).__name__})"
@@ -269,7 +269,7 @@ class FusionMethod:
         raise NotImplementedError
 
     # -- datasets -------------------------------------------------------------------
-    def fit(self, images: Any, raters: Any, progress: Progress = None) -> "FusionMethod":
+    def fit(self, images: Any, raters: Any, progress: Progress = None) -> FusionMethod:
         for event in self.iter_fit(images, raters):
             if progress is not None:
                 progress(event)

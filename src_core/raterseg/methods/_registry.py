@@ -11,7 +11,7 @@ from ..types import RaterSegError
 if TYPE_CHECKING:
     from ._base import FusionMethod
 
-_REGISTRY: dict[str, type["FusionMethod"]] = {}
+_REGISTRY: dict[str, type[FusionMethod]] = {}
 
 # Every module that registers methods; imported on first use so that
 # ``import raterseg`` stays light (no torch until a method is needed).
@@ -67,7 +67,7 @@ def suggest(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def get_method(name: str) -> type["FusionMethod"]:
+def get_method(name: str) -> type[FusionMethod]:
     """The class registered as ``name``.
 
     Raises:

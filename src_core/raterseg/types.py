@@ -126,6 +126,22 @@ class RaterStack:
         return bool((self.labels < 0).any())
 
 
+def _copy_as(arr: np.ndarray, dtype) -> np.ndarray:
+    """``arr.astype(dtype)`` (always a copy), converted on several threads when large."""
+    if not arr.flags.c_contiguous or arr.size < (1 << 20):
+        return arr.astype(dtype, copy=True)
+    from ._threads import in_threads
+
+    src, out = arr.reshape(-1), np.empty(arr.shape, dtype)
+    dst = out.reshape(-1)
+
+    def convert(lo: int, hi: int) -> None:
+        dst[lo:hi] = src[lo:hi]
+
+    in_threads(src.size, convert)
+    return out
+
+
 def as_rater_stack(
     raters: Any,
     num_classes: int | None = None,
@@ -192,7 +208,7 @@ def as_rater_stack(
                 f"got a label {hi}"
             )
     dtype = np.int16 if num_classes < 32000 else np.int32
-    labels = arr.astype(dtype, copy=True)
+    labels = _copy_as(arr, dtype)
     # A case needs at least one rater who annotated something.
     if batched:
         any_ann = (labels >= 0).any(axis=tuple(range(1, labels.ndim)))

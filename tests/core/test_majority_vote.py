@@ -98,3 +98,36 @@ def test_gpu_equals_cpu():
         for f in ("truth", "probabilities", "uncertainty", "disagreement"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
         np.testing.assert_allclose(a.rater_confusion, b.rater_confusion, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_large_volume_split_over_threads_equals_per_voxel_definition(dtype):
+    """Above ~1M voxels validation, the histogram and the gather run in voxel ranges on
+    several threads (raterseg._threads); the ranges must tile the volume exactly,
+    including a ragged last one."""
+    import torch
+    from raterseg._threads import ALIGN
+    from raterseg.types import as_rater_stack
+
+    rng = np.random.default_rng(5)
+    shape = (9, 301, 613)  # 1.66M voxels: not a multiple of the range alignment
+    assert np.prod(shape) > 4 * ALIGN and np.prod(shape) % ALIGN
+    L = 3
+    raters = rng.integers(0, L, (4,) + shape).astype(dtype)
+    if dtype == np.int64:
+        raters[1, 3] = -1  # a missing slice
+    before = raters.copy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        stack = as_rater_stack(raters)
+        res = rs.fuse(raters, method="majority_vote", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(raters, before)
+    np.testing.assert_array_equal(stack.labels, raters)
+    assert stack.labels.dtype == np.int16
+    counts, frac, _ = _dense_votes(raters, L)
+    np.testing.assert_array_equal(res.truth, counts.argmax(0))
+    np.testing.assert_array_equal(res.probabilities, frac)
+    np.testing.assert_array_equal(res.disagreement, observed_disagreement(raters, L))

@@ -22,6 +22,7 @@ from dataclasses import field as dataclass_field
 import numpy as np
 
 from .._device import resolve_device
+from .._threads import in_threads
 from ._base import FusionMethod, Progress
 
 #: Voxels per chunk when encoding: bounds temporaries, keeps them cache-friendly.
@@ -75,13 +76,20 @@ class PatternHistogram:
         if self.index.device.type == "cpu":
             # In chunks: int32 indices (numpy's cast is fast), then torch's index_select,
             # the fastest CPU gather here; only a chunk of converted indices at a time.
+            # Voxel ranges go to torch's thread count of workers (the outputs' fresh pages
+            # are faulted in by several threads too).
             idx = self.index.numpy()
             pairs = [(torch.from_numpy(t), torch.from_numpy(o)) for t, o in zip(flat, outs)]
-            for s in range(0, n, CHUNK):
-                ci = torch.from_numpy(idx[s : s + CHUNK].astype(np.int32))
-                for tab, dst in pairs:
-                    for k in range(tab.shape[0]):
-                        torch.index_select(tab[k], 0, ci, out=dst[k, s : s + CHUNK])
+
+            def gather(lo: int, hi: int) -> None:
+                for s in range(lo, hi, CHUNK):
+                    e = min(s + CHUNK, hi)
+                    ci = torch.from_numpy(idx[s:e].astype(np.int32))
+                    for tab, dst in pairs:
+                        for k in range(tab.shape[0]):
+                            torch.index_select(tab[k], 0, ci, out=dst[k, s:e])
+
+            in_threads(n, gather)
         else:
             idx = self.index if self.index.dtype in (torch.int32, torch.int64) else self.index.int()
             for t, o in zip(flat, outs):
@@ -174,19 +182,28 @@ def pattern_histogram(labels, num_classes: int, *, max_bins: int | None = None) 
 
 def _encode_numpy(lab: np.ndarray, base: int, offset: int, bins: int, dt, store):
     """Codes ``(N,)`` (computed in dtype ``dt``, stored as ``store``) and their histogram
-    ``(bins,)`` int64 (numpy)."""
+    ``(bins,)`` int64 (numpy), in voxel ranges on torch's thread count of workers."""
+    import torch
+
     n = lab.shape[1]
     codes = np.empty(n, store)
-    counts = np.zeros(bins, np.int64)
-    for s in range(0, n, CHUNK):
-        c = lab[0, s : s + CHUNK].astype(dt)
-        for r in range(1, lab.shape[0]):
-            c *= base
-            c += lab[r, s : s + CHUNK]
-        c += offset
-        codes[s : s + CHUNK] = c
-        counts += np.bincount(c, minlength=bins)
-    return codes, counts
+
+    def encode(lo: int, hi: int) -> np.ndarray:
+        counts = np.zeros(bins, np.int64)
+        for s in range(lo, hi, CHUNK):
+            e = min(s + CHUNK, hi)
+            c = lab[0, s:e].astype(dt)
+            for r in range(1, lab.shape[0]):
+                c *= base
+                c += lab[r, s:e]
+            c += offset
+            codes[s:e] = c
+            # torch's bincount takes the stored codes as they are (numpy's first converts
+            # them to int64, which costs more than the encoding)
+            counts += torch.bincount(torch.from_numpy(codes[s:e]), minlength=bins).numpy()
+        return counts
+
+    return codes, sum(in_threads(n, encode))
 
 
 def _horner(chunk, base: int, dt):

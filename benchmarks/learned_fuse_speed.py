@@ -47,28 +47,6 @@ def main(argv=None) -> int:
     staple_s = time.perf_counter() - t0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
-    for name in args.methods:
-        times, runs = [], []
-        for rep in range(args.repeats):
-            stamps = []
-            t0 = time.perf_counter()
-            res = rs.fuse(raters, image=image, method=name, device=device, seed=rep,
-                          progress=lambda e, s=stamps: s.append(time.perf_counter()), **params)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            total = time.perf_counter() - t0
-            epochs = len(res.history)
-            n_train = args.shape[0] * (1 - res.params["val_fraction"])
-            train_s = stamps[-1] - t0 if stamps else total
-            runs.append({"seconds": total, "epochs": epochs, "train_seconds": train_s,
-                         "slices_per_second": n_train * epochs / train_s,
-                         "dice": metrics.dice(res.truth, truth)})
-            times.append(total)
-            print(f"{name} run {rep}: {total:.1f} s, {epochs} epochs, "
-                  f"{runs[-1]['slices_per_second']:.1f} slices/s, Dice {runs[-1]['dice']:.4f}",
-                  file=sys.stderr, flush=True)
-        results[name] = {"median_seconds": statistics.median(times), "runs": runs,
-                         "params": res.params}
     report = {
         "benchmark": "learned_fuse_speed", "shape": args.shape, "raters": args.raters,
         "device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
@@ -77,12 +55,40 @@ def main(argv=None) -> int:
         "staple": {"seconds": staple_s, "dice": metrics.dice(staple.truth, truth)},
         "results": results,
     }
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    failed = False
+    for name in args.methods:
+        times, runs = [], []
+        try:
+            for rep in range(args.repeats):
+                stamps = []
+                t0 = time.perf_counter()
+                res = rs.fuse(raters, image=image, method=name, device=device, seed=rep,
+                              progress=lambda e, s=stamps: s.append(time.perf_counter()), **params)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                total = time.perf_counter() - t0
+                epochs = len(res.history)
+                n_train = args.shape[0] * (1 - res.params["val_fraction"])
+                train_s = stamps[-1] - t0 if stamps else total
+                runs.append({"seconds": total, "epochs": epochs, "train_seconds": train_s,
+                             "slices_per_second": n_train * epochs / train_s,
+                             "dice": metrics.dice(res.truth, truth)})
+                times.append(total)
+                print(f"{name} run {rep}: {total:.1f} s, {epochs} epochs, "
+                      f"{runs[-1]['slices_per_second']:.1f} slices/s, Dice {runs[-1]['dice']:.4f}",
+                      file=sys.stderr, flush=True)
+            results[name] = {"median_seconds": statistics.median(times), "runs": runs,
+                             "params": res.params}
+        except Exception as exc:  # noqa: BLE001 (one method failing must not lose the others)
+            failed = True
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "runs": runs}
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        text = json.dumps(report, indent=1)
+        if args.out:  # after every method, so a time limit keeps what finished
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
     print(text)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its environment. :func:`set
 then joins the process group — gloo on the CPU, nccl on CUDA with one GPU per process
 (``cuda:LOCAL_RANK``) — and :func:`raterseg.train.iter_train` trains with
 ``DistributedDataParallel`` whenever a process group of more than one process is
-initialised (by :func:`setup`, or by a user's own script). Everything here is a no-op
+initialised (by :func:`setup`, or by a user's own script) and the training is a
+dataset's (``fit``, ``raterseg train``); fusing one case trains locally. Everything here is a no-op
 in a single process, which trains exactly as before.
 
 torch is imported lazily, as everywhere in the core.

@@ -18,8 +18,9 @@ does the rest:
   at once.
 
 Data parallelism: when a process group of several processes is initialised (``torchrun``;
-see :mod:`raterseg._distributed`), the network trains wrapped in
-``DistributedDataParallel``. Every process draws the same validation split and, per
+see :mod:`raterseg._distributed`), ``fit`` trains the network wrapped in
+``DistributedDataParallel`` (``fuse`` on one case never does: the processes of a group
+usually fuse different cases). Every process draws the same validation split and, per
 epoch, the same permutation of the training samples, of which a ``DistributedSampler``
 gives it its shard (padded so that every process takes the same number of steps);
 ``batch_size`` is per process. Flips, patches and the loss's random draws come from a
@@ -195,8 +196,12 @@ def _batch_loss(method, network, x, y, device, state) -> tuple[torch.Tensor, dic
 
 def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epochs: int,
                batch_size: int, lr: float, val_fraction: float, patience: int,
-               device: torch.device, seed: int) -> Generator[TrainingEvent, None, list[dict]]:
+               device: torch.device, seed: int,
+               parallel: bool = True) -> Generator[TrainingEvent, None, list[dict]]:
     """Train ``network`` in place with ``method.loss``; yields one event per epoch.
+
+    ``parallel``: train data-parallel when a process group of several processes is
+    initialised (False: train in this process alone whatever the group).
 
     Returns (as the generator's return value) the history: one dict per epoch with
     ``epoch``, ``loss`` (training), ``val_loss`` (when there is a validation split) and
@@ -208,7 +213,7 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     """
     from . import _distributed as dist_
 
-    ddp = dist_.is_distributed()
+    ddp = parallel and dist_.is_distributed()
     gen = torch.Generator().manual_seed(seed)
     train_idx, val_idx = _split(len(samples), val_fraction, gen)
     has_val = len(val_idx) > 0

@@ -161,3 +161,40 @@ def test_incomplete_launcher_environment_is_one_clear_line(data, tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2 and "MASTER_ADDR" in err and "torchrun" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+_FUSE_PER_RANK = """
+import sys
+import numpy as np
+import torch.distributed as dist
+import raterseg as rs
+from raterseg import synth
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+image, raters, _ = synth.sample_case(dims=3, num_raters=3, seed=rank, shape=(8, 24, 24))
+res = rs.fuse(raters, image=image, method="cm", device="cpu", seed=0, epochs=2,
+              features=(4, 8, 8, 8, 8), batch_size=2)
+np.save(sys.argv[1] + f"/prob{rank}.npy", res.probabilities)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fuse_under_a_process_group_trains_each_case_alone(tmp_path):
+    """A user's script under torchrun whose processes fuse different cases: each result is
+    the single-process result of its own case (not a data-parallel model of both)."""
+    script = tmp_path / "fuse_per_rank.py"
+    script.write_text(_FUSE_PER_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        image, raters, _ = synth.sample_case(dims=3, num_raters=3, seed=rank, shape=(8, 24, 24))
+        alone = rs.fuse(raters, image=image, method="cm", device="cpu", seed=0, epochs=2,
+                        features=(4, 8, 8, 8, 8), batch_size=2)
+        np.testing.assert_allclose(np.load(tmp_path / f"prob{rank}.npy"), alone.probabilities,
+                                   atol=1e-5)

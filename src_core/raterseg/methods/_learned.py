@@ -150,7 +150,10 @@ class LearnedMethod(FusionMethod):
             )
         return self._train(imgs, stack)
 
-    def _train(self, imgs: np.ndarray, stack: RaterStack) -> Generator[TrainingEvent, None, None]:
+    def _train(self, imgs: np.ndarray, stack: RaterStack, *,
+               parallel: bool = True) -> Generator[TrainingEvent, None, None]:
+        """Train on ``imgs``/``stack``; ``parallel``: data-parallel when a process group is
+        initialised (dataset training); one case's ``fuse`` trains in this process alone."""
         import torch
 
         from .. import train
@@ -167,14 +170,15 @@ class LearnedMethod(FusionMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             network = self.build_network(C, L, R, cfg.spatial_dims)
-        history = yield from self._run_training(network, samples, device)
+        history = yield from self._run_training(network, samples, device, parallel=parallel)
         # Reached only when training ran to its end: commit the fitted state at once.
         self.num_classes, self.num_raters = L, R
         self.in_channels_, self.data_ndim_ = C, len(stack.spatial_shape)
         self.history_ = history
         self.network_ = network
 
-    def _run_training(self, network, samples, device) -> Generator[TrainingEvent, None, list[dict]]:
+    def _run_training(self, network, samples, device, *,
+                      parallel: bool = True) -> Generator[TrainingEvent, None, list[dict]]:
         """Train ``network`` in place: yields a :class:`TrainingEvent` per epoch and returns the
         history. Default: one run of :func:`raterseg.train.iter_train`; a method trained in
         stages (``avap``) overrides it to run the engine once per stage."""
@@ -183,7 +187,8 @@ class LearnedMethod(FusionMethod):
         cfg = self.config
         return (yield from train.iter_train(
             self, network, samples, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            val_fraction=cfg.val_fraction, patience=cfg.patience, device=device, seed=self.seed))
+            val_fraction=cfg.val_fraction, patience=cfg.patience, device=device, seed=self.seed,
+            parallel=parallel))
 
     # -- prediction ---------------------------------------------------------------------
     def _outputs(self, imgs: np.ndarray) -> dict[str, np.ndarray]:
@@ -259,7 +264,9 @@ class LearnedMethod(FusionMethod):
             raise RaterSegError(f"image: method {self.name!r} is learned and needs the image, got None")
         img = check_image(image, stack.spatial_shape)
         batched = RaterStack(stack.labels[None], stack.num_classes, batched=True)
-        yield from self._train(img[None], batched)
+        # One case: processes of a group usually fuse different cases, so never data-parallel
+        # here (collectives over different data would hang or mix cases).
+        yield from self._train(img[None], batched, parallel=False)
         out = {k: (v[0] if k != "rater_confusion" else v) for k, v in self._outputs(img[None]).items()}
         prob = out["probabilities"]
         confusion = out.get("rater_confusion")

@@ -117,7 +117,8 @@ class AVAP(LearnedMethod):
         return torch.optim.Adam([p for p in parameters if p.requires_grad], lr=lr)
 
     # -- two-step training ---------------------------------------------------------------
-    def _run_training(self, network, samples, device) -> Generator[TrainingEvent, None, list[dict]]:
+    def _run_training(self, network, samples, device, *,
+                      parallel: bool = True) -> Generator[TrainingEvent, None, list[dict]]:
         from .. import train
 
         cfg = self.config
@@ -131,7 +132,7 @@ class AVAP(LearnedMethod):
                 inner = train.iter_train(
                     self, network, samples, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                     val_fraction=cfg.val_fraction, patience=cfg.patience, device=device,
-                    seed=self.seed)
+                    seed=self.seed, parallel=parallel)
                 try:
                     while True:
                         ev = next(inner)

@@ -179,10 +179,29 @@ def figures(dataset: str, runs: list[dict], levels, images: Path, tag: str) -> l
     return out
 
 
+def _where(m: dict) -> str:
+    return m["gpu"] or f"{m['cpu']}, {m['threads']} torch thread(s)"
+
+
+def machines(reports: list[dict]) -> list[dict]:
+    """Each distinct machine of the seed reports with its seeds and their start loads."""
+    out: dict[str, dict] = {}
+    for rep in reports:
+        m = rep["machine"]
+        entry = out.setdefault(_where(m), {"where": _where(m), "seeds": [], "loads": []})
+        entry["seeds"].append(rep["seed"])
+        if m.get("load_average_at_start"):
+            entry["loads"].append(m["load_average_at_start"][0])
+    return list(out.values())
+
+
 def header(dataset: str, report: dict, figs: list[Path], docs: Path) -> str:
     """The section's first paragraph: which machine, sizes, seeds, wall time, commands, files."""
     m, a = report["machine"], report["sizes"]
-    where = m["gpu"] or f"{m['cpu']}, {m['threads']} torch thread(s)"
+    where = _where(m)
+    ms = report.get("machines") or []
+    if len(ms) > 1:  # seeds run on different machines: say which ran where
+        where = "; ".join(f"{e['where']} for seed(s) {', '.join(map(str, e['seeds']))}" for e in ms)
     kind = {"gpu": "full-size GPU run", "cpu": "**reduced CPU run**", "smoke": "smoke run"}[report["profile"]]
     first = report["runs"][0]
     sizes = (f"{a['mnist_train']} training / {a['mnist_test']} held-out digits, {a['epochs']} epochs"
@@ -199,7 +218,9 @@ def header(dataset: str, report: dict, figs: list[Path], docs: Path) -> str:
              f"{sizes}; batch {a['batch_size']}, Adam lr {a['lr']}, U-Net widths {tuple(a['features'])}, "
              f"no early stop; seeds {report['seeds']}{partial} (mean ± sd over seeds; one number = "
              f"one seed). Wall time {report['wall_seconds'] / 60:.1f} min in all"
-             + (f", load average at start {load[0]:.1f}" if load else "")
+             + (f", load average at start {load[0]:.1f}" if load and len(ms) <= 1 else "")
+             + (", load averages at start " + ", ".join(
+                 f"{x:.1f}" for e in ms for x in e["loads"]) if len(ms) > 1 else "")
              + ". Command: " + "; ".join(f"`python benchmarks/accuracy.py {c}`" for c in report["commands"])
              + "; every number in " + ", ".join(f"`{j}`" for j in report["json"]) + ".", ""]
     if figs:

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {**reports[-1], "seeds": [rep["seed"] for rep in reports],
                    "partial_seeds": [rep["seed"] for rep in reports if rep.get("partial")],
                    "wall_seconds": sum(rep["wall_seconds"] for rep in reports),
+                   "machines": R.machines(reports),
                    "commands": list(dict.fromkeys(c for rep in reports
                                                   for c in rep.get("commands", [rep["command"]]))),
                    "json": [_rel(out_dir / f"accuracy_{dataset}_{tag}_seed{rep['seed']}.json", docs)

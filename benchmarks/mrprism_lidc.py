@@ -11,7 +11,9 @@ for MrPrism of ConP after each recurrence (``recurrence_probabilities``), for th
 U-Net of its output. A slice where both maps are empty at a threshold scores 1 there.
 
 The issue's checks: D^s rises from recurrence 0 to recurrence 2, and MrPrism's final
-D^s ≥ the U-Net's.
+D^s ≥ the U-Net's. Each seed's JSON also holds ``probe`` (see :func:`probe`): how much
+the trained ConP's output changes when the confidences are one-hot on a rater instead of
+equal, and the confidences of each recurrence.
 
 Full size (GPU):
     python benchmarks/mrprism_lidc.py --device cuda --epochs 30 --seeds 0 1 2 \
@@ -46,7 +48,60 @@ def soft_dice_mean(prob_fg: np.ndarray, raters: np.ndarray) -> float:
     return 100 * float(np.mean([metrics.soft_dice(p, m) for p, m in zip(prob_fg, mean)]))
 
 
-def run(seed: int, data, common: dict, mr_params: dict) -> dict:
+def probe(mr, xte: np.ndarray, yte: np.ndarray) -> dict:
+    """How much the trained ConP depends on the confidences, and how they evolve.
+
+    ``swap``: ConP (on the test slices' encoder features) given confidences one-hot on
+    rater r instead of equal (1/R): mean and max |Δ p(foreground)| per rater, and the
+    soft Dice of the one-hot output against rater r's own mask next to the equal one's.
+    ``recurrences``: per recurrence t, the mean |P^t − P^(t−1)| of ConP's foreground and
+    the confidences ``w^(t+1)`` (from DivP's maps) on voxels some rater marked: mean per
+    rater and the mean over those voxels of their spread (sd) over the raters.
+    """
+    import torch
+    from raterseg import train
+    from raterseg.nn.mrprism_net import confidences
+
+    net = mr.network_.eval()
+    R, L, T = yte.shape[1], mr.num_classes, mr.config.recurrences
+    x = torch.from_numpy(train.zscore(xte[:, None].astype(np.float32)))
+    fg_any = torch.from_numpy((yte == 1).any(1))
+    out: dict = {"swap": {}, "recurrences": []}
+    with torch.no_grad():
+        u = net.unet
+        enc = [u.conv_0(x)]
+        for down in (u.down_1, u.down_2, u.down_3, u.down_4):
+            enc.append(down(enc[-1]))
+        enc = tuple(enc)
+        shape = (x.shape[0], R, L, *x.shape[2:])
+        base = torch.softmax(net.conp(enc, torch.full(shape, 1.0 / R)), 1)[:, 1:].sum(1)
+        for r in range(R):
+            w = torch.zeros(shape)
+            w[:, r] = 1.0
+            fg = torch.softmax(net.conp(enc, w), 1)[:, 1:].sum(1)
+            d = (fg - base).abs()
+            own = (yte[:, r] == 1).astype(np.float32)
+            out["swap"][f"onehot{r}"] = {
+                "mean_abs_dp": float(d.mean()), "max_abs_dp": float(d.max()),
+                "soft_dice_vs_rater": 100 * float(np.mean([metrics.soft_dice(a, b) for a, b in
+                                                           zip(fg.numpy(), own)])),
+                "equal_soft_dice_vs_rater": 100 * float(np.mean([metrics.soft_dice(a, b) for a, b
+                                                                 in zip(base.numpy(), own)]))}
+        o = net(x)
+        conp = torch.softmax(o["conp"].unflatten(1, (T, L)), 2)[:, :, 1:].sum(2)
+        divp = torch.softmax(o["divp"].unflatten(1, (T, R, L)), 3)
+        for t in range(T):
+            w = confidences(divp[:, t])[:, :, 1:].sum(2) / max(L - 1, 1)  # (N, R, *S)
+            on = fg_any.unsqueeze(1).expand_as(w)
+            rec = {"next_confidence_mean_per_rater": [float(w[:, r][fg_any].mean()) for r in range(R)],
+                   "next_confidence_sd_over_raters": float(w.std(1)[fg_any].mean()) if on.any() else None}
+            if t:
+                rec["mean_abs_change_from_previous"] = float((conp[:, t] - conp[:, t - 1]).abs().mean())
+            out["recurrences"].append(rec)
+    return out
+
+
+def run(seed: int, data, common: dict, mr_params: dict, unet: bool = True) -> dict:
     (xtr, ytr), (xte, yte) = data
     out: dict = {"seed": seed, "soft_dice": {}, "train_seconds": {}, "epochs_run": {}}
 
@@ -64,8 +119,14 @@ def run(seed: int, data, common: dict, mr_params: dict) -> dict:
     for t in range(rec.shape[1]):
         out["soft_dice"][f"mrprism_rec{t}"] = soft_dice_mean(1 - rec[:, t, 0], yte)
     out["history_last"] = mr.history_[-1]
-    un = fit("unet_mean", "unet", target="mean")
-    out["soft_dice"]["unet_mean"] = soft_dice_mean(1 - un.predict(xte).probabilities[:, 0], yte)
+    out["probe"] = probe(mr, xte, yte)
+    sw = out["probe"]["swap"]
+    print(f"  seed {seed}: ConP |Δp| one-hot vs equal confidences, max over raters: "
+          f"{max(v['max_abs_dp'] for v in sw.values()):.4f} (mean "
+          f"{max(v['mean_abs_dp'] for v in sw.values()):.5f})", file=sys.stderr, flush=True)
+    if unet:
+        un = fit("unet_mean", "unet", target="mean")
+        out["soft_dice"]["unet_mean"] = soft_dice_mean(1 - un.predict(xte).probabilities[:, 0], yte)
     print(f"  seed {seed}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["soft_dice"].items()),
           file=sys.stderr, flush=True)
     return out
@@ -77,17 +138,20 @@ def summarise(runs: list[dict]) -> dict:
     table = {k: statistics.median(r["soft_dice"][k] for r in runs) for k in keys}
     recs = sorted(k for k in keys if k.startswith("mrprism_rec"))
     last = recs[-1]
+    has_unet = "unet_mean" in table
     checks = {
         "rec2_minus_rec0": table["mrprism_rec2"] - table["mrprism_rec0"] if len(recs) >= 3 else None,
-        "final_minus_unet_mean": table[last] - table["unet_mean"],
+        "final_minus_unet_mean": table[last] - table["unet_mean"] if has_unet else None,
         "per_seed_rec2_minus_rec0": [r["soft_dice"]["mrprism_rec2"] - r["soft_dice"]["mrprism_rec0"]
                                      for r in runs] if len(recs) >= 3 else None,
         "per_seed_final_minus_unet_mean": [r["soft_dice"][last] - r["soft_dice"]["unet_mean"]
-                                           for r in runs],
+                                           for r in runs] if has_unet else None,
+        "per_seed_max_abs_dp_onehot_vs_equal": [
+            max(v["max_abs_dp"] for v in r["probe"]["swap"].values()) for r in runs],
     }
     checks["rises_rec0_to_rec2"] = None if checks["rec2_minus_rec0"] is None else \
         checks["rec2_minus_rec0"] > 0
-    checks["at_least_unet_mean"] = checks["final_minus_unet_mean"] >= 0
+    checks["at_least_unet_mean"] = None if not has_unet else checks["final_minus_unet_mean"] >= 0
     return {"table": table, "checks": checks}
 
 
@@ -119,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--json", type=Path, default=None, help="write every number here")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--no-unet", action="store_true", help="skip the U-Net baseline")
     args = ap.parse_args(argv)
     if not args.data.is_file():
         print(f"data not found: {args.data}", file=sys.stderr)
@@ -136,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load(args.data, args.crop, args.n_train, args.n_test, seed)
         print(f"seed {seed}: {len(data[0][0])} train / {len(data[1][0])} test slices of "
               f"{data[0][0].shape[1:]}", file=sys.stderr, flush=True)
-        runs.append(run(seed, data, common, mr_params))
+        runs.append(run(seed, data, common, mr_params, unet=not args.no_unet))
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {

@@ -9,11 +9,16 @@ algebra are in :mod:`raterseg.nn.mrprism_net`; this module holds the losses (§4
 Per recurrence t (T = ``recurrences``, default 3), with ``Pᵗ`` ConP's mask, ``p̂ᵗ``
 DivP's rater maps, ``wᵗ⁺¹ = confidences(p̂ᵗ)`` and ``F`` the fusion of eq. (1):
 
-- recurrence loss, eq. (8): ``1 − SSIM(Pᵗ, S)`` for ConP, with ``S`` the self-fusion of
-  the previous recurrence ``F(p̂ᵗ⁻¹, wᵗ)`` (the fusion ConP was asked to calibrate to),
-  and for t = 0 the fusion of the rater labels with the initial confidences (eq. 15);
-  plus the cross-entropy of DivP's self-fusion ``F(p̂ᵗ, wᵗ⁺¹)`` against ConP's mask
-  ``Pᵗ`` (a fixed target). SSIM is MONAI's (Gaussian window 11, σ 1.5) on the class
+- recurrence loss, eq. (8): ``1 − SSIM(Pᵗ, F(Y, wᵗ))`` for ConP: the raters' labels
+  ``Y`` fused under the very confidences ConP is conditioned on, ``wᵗ = confidences(p̂ᵗ⁻¹)``
+  from DivP's maps of the previous recurrence, and for t = 0 eq. (14)'s initial ones
+  (which is eq. 15); plus the cross-entropy of DivP's self-fusion ``F(p̂ᵗ, wᵗ⁺¹)``
+  against ConP's mask ``Pᵗ`` (a fixed target). §4.3.1 calls ConP's target "the
+  self-fusion label (shown in Eqn. (1))", and eq. (1) fuses the *labels* by the
+  confidences; the authors' code does the same. It is not DivP's self-fusion of its own
+  maps ``F(p̂ᵗ⁻¹, wᵗ)``, as an earlier version here had it: that target carries no label,
+  and DivP's own loss makes it equal to ``Pᵗ⁻¹``, so ConP learned ``Pᵗ = Pᵗ⁻¹`` whatever
+  the confidences and the recurrence stayed flat (docs/BENCHMARKS.md, mrprism section). SSIM is MONAI's (Gaussian window 11, σ 1.5) on the class
   probabilities, as the paper intends; the authors' code minimises the SSIM
   *similarity* of logits instead, which is not repeated here;
 - shuffle loss, eqs. (10)-(12), weight ``shuffle_weight`` (0.3), ``shuffles`` (3) random
@@ -50,7 +55,12 @@ self-attention blocks on patches of 4 (2D) or 8 (3D) voxels. Attention layers ar
 PyTorch's (MONAI 1.6.1's attention blocks need ``einops``, not a dependency here).
 Choices the paper leaves open, made here: the fusion of several classes (foreground
 classes fused, background the rest — the authors' binary fusion); residuals of ConP's
-attention on the query (confidence) stream; ConP's output initialised at
+attention on the query (confidence) stream; the confidence embedding fed ``w − 1/R``
+(equal confidences embed to 0) with He-initialised, bias-free-at-start separable
+convolutions, so that the confidences reach ConP at a scale comparable to its features
+(with PyTorch's default initialisation a one-hot vs an equal confidence map moved
+ConP's foreground probability by < 0.003 at initialisation, and the embedding got
+~1e-4 of the encoder's gradient norm, so it never learned to matter); ConP's output initialised at
 p(background) ≈ 0.95 (1 − SSIM hardly trains a mask that starts at 0.5 everywhere);
 DivP's heads initialised at random (identical heads stay identical).
 """
@@ -189,9 +199,14 @@ class MrPrism(LearnedMethod):
             total = total + l_con + l_div + self.config.shuffle_weight * l_sf
             for k, v in (("ssim", l_con), ("divp_ce", l_div), ("shuffle", l_sf)):
                 sums[k] += float(v.detach())
-            # next recurrence's ConP target: this self-fusion under the confidences it
-            # will be conditioned on (exactly s_self)
-            target = s_self.detach()
+            # next recurrence's ConP target: the raters' labels fused under the confidences
+            # ConP will be conditioned on, wᵗ⁺¹ = confidences(p̂ᵗ) (eq. 1 / 4), as eq. (15)
+            # is for t = 0. Not DivP's self-fusion F(p̂ᵗ, wᵗ⁺¹): DivP is trained to make that
+            # equal to Pᵗ, so ConP would learn Pᵗ⁺¹ = Pᵗ and the recurrence could not help.
+            target = fuse(onehot, confidences(qd, ann))
+            if t + 1 < T:
+                target = torch.where(any_ann.unsqueeze(1), target,
+                                     torch.softmax(conp[:, t + 1], 1).detach())
         if state.training:
             sums.update(self._recurrence_dice(probs, onehot, ann, any_ann))
         return total, sums

@@ -18,8 +18,9 @@ DivP's rater maps, ``wᵗ⁺¹ = confidences(p̂ᵗ)`` and ``F`` the fusion of e
   confidences; the authors' code does the same. It is not DivP's self-fusion of its own
   maps ``F(p̂ᵗ⁻¹, wᵗ)``, as an earlier version here had it: that target carries no label,
   and DivP's own loss makes it equal to ``Pᵗ⁻¹``, so ConP learned ``Pᵗ = Pᵗ⁻¹`` whatever
-  the confidences and the recurrence stayed flat (docs/BENCHMARKS.md, mrprism section). SSIM is MONAI's (Gaussian window 11, σ 1.5) on the class
-  probabilities, as the paper intends; the authors' code minimises the SSIM
+  the confidences and the recurrence stayed flat (docs/BENCHMARKS.md, mrprism section).
+  SSIM is MONAI's (Gaussian window 11, σ 1.5) on the class probabilities, as the paper
+  intends; the authors' code minimises the SSIM
   *similarity* of logits instead, which is not repeated here;
 - shuffle loss, eqs. (10)-(12), weight ``shuffle_weight`` (0.3), ``shuffles`` (3) random
   rater permutations π per recurrence: cross-entropy of ``F(p̂ᵗ[π], w)`` against
@@ -37,6 +38,9 @@ rater's DivP head (the network models all R raters, as at prediction time).
 
 Initialisation, eq. (14): equal raw confidences ``clip(α + β, 0, 1)``, α ~ U(0.1, 0.9),
 β ~ N(0, ``init_noise``) per rater and voxel while training; exactly 1/R at prediction.
+Normalised over the raters, α cancels (it only sets the relative noise), and the per-voxel
+β averages out over ConP's /16 attention tokens: recurrence 0 trains ConP on practically
+equal confidences, so the confidences ConP learns to use come from the later recurrences.
 
 Results: ``probabilities`` = the last ConP; ``rater_estimates`` = the last DivP's rater
 maps; ``rater_maps`` = the confidences from them, ``Σ_c P_c w_{r,c}`` (in [0, 1], summing
@@ -60,8 +64,8 @@ attention on the query (confidence) stream; the confidence embedding fed ``w −
 convolutions, so that the confidences reach ConP at a scale comparable to its features
 (with PyTorch's default initialisation a one-hot vs an equal confidence map moved
 ConP's foreground probability by < 0.003 at initialisation, and the embedding got
-~1e-4 of the encoder's gradient norm, so it never learned to matter); ConP's output initialised at
-p(background) ≈ 0.95 (1 − SSIM hardly trains a mask that starts at 0.5 everywhere);
+~1e-4 of the encoder's gradient norm, so it never learned to matter); ConP's output
+initialised at p(background) ≈ 0.95 (1 − SSIM hardly trains a mask that starts at 0.5 everywhere);
 DivP's heads initialised at random (identical heads stay identical).
 """
 

@@ -68,6 +68,19 @@ def test_methods_lists_every_method_and_parameter(capsys):
     assert "| `tie` | str | `lowest` |" in md
 
 
+def test_docs_methods_table_is_current(capsys):
+    """docs/METHODS.md is the generated table under a short heading: a parameter added or
+    changed in a Config must be regenerated there (raterseg methods --format markdown)."""
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "METHODS.md"
+    code, md, _ = _run(["methods", "--format", "markdown"], capsys)
+    assert code == 0
+    body = doc.read_text()
+    assert body.endswith(md), "docs/METHODS.md is stale: regenerate it with " \
+        "`raterseg methods --format markdown` (keeping its first 4 lines)"
+
+
 @pytest.mark.parametrize("method, params", [("majority_vote", {"tie": "undecided"}),
                                             ("mean", {})])
 def test_fuse_files_matches_the_api(case_dir, capsys, method, params):

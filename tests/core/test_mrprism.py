@@ -181,14 +181,11 @@ def test_conp_is_conditioned_on_the_confidences():
     net = MrPrismNet(2, 1, TINY["features"], 2, 3, recurrences=1, divp_width=8, divp_depth=1)
     net.eval()
     x = torch.randn(1, 1, 32, 32)
-    u = net.unet
-    enc = [u.conv_0(x)]
-    for down in (u.down_1, u.down_2, u.down_3, u.down_4):
-        enc.append(down(enc[-1]))
+    enc = net.encode(x)
     even = confidences(torch.ones(1, 3, 2, 32, 32))
     skewed = confidences(torch.tensor([0.9, 0.05, 0.05]).reshape(1, 3, 1, 1, 1).expand(1, 3, 2, 32, 32))
     with torch.no_grad():
-        a, b = net.conp(tuple(enc), even), net.conp(tuple(enc), skewed)
+        a, b = net.conp(enc, even), net.conp(enc, skewed)
     assert (a - b).abs().max() > 1e-3
     # in eval mode the recurrence starts from exactly equal confidences (eq. 14 off)
     assert (net.initial_confidence(2, (4, 4), "cpu") == 1).all()
@@ -208,17 +205,14 @@ def test_confidences_move_conp_from_initialisation(seed):
     net = MrPrismNet(2, 1, TINY["features"], 2, R, recurrences=1, divp_width=8, divp_depth=1)
     net.eval()
     x = torch.randn(2, 1, 32, 32)
-    u = net.unet
-    enc = [u.conv_0(x)]
-    for down in (u.down_1, u.down_2, u.down_3, u.down_4):
-        enc.append(down(enc[-1]))
+    enc = net.encode(x)
     with torch.no_grad():
-        even = torch.softmax(net.conp(tuple(enc), confidences(torch.ones(2, R, 2, 32, 32))), 1)
+        even = torch.softmax(net.conp(enc, confidences(torch.ones(2, R, 2, 32, 32))), 1)
         moved = []
         for r in range(R):
             w = torch.zeros(2, R, 2, 32, 32)
             w[:, r] = 1.0
-            moved.append(float((torch.softmax(net.conp(tuple(enc), w), 1) - even).abs().max()))
+            moved.append(float((torch.softmax(net.conp(enc, w), 1) - even).abs().max()))
     assert max(moved) > 0.005
 
 

@@ -365,6 +365,14 @@ class MrPrismNet(nn.Module):
             h = up(h, skip)
         return self.head(h)
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The shared encoder's features ``(x0, …, x4)``, full size down to /16."""
+        u = self.unet
+        enc = [u.conv_0(x)]
+        for down in (u.down_1, u.down_2, u.down_3, u.down_4):
+            enc.append(down(enc[-1]))
+        return tuple(enc)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         spatial = tuple(x.shape[2:])
         short = [max(0, MIN_SIZE - s) for s in spatial]
@@ -374,20 +382,14 @@ class MrPrismNet(nn.Module):
                 pad += [n // 2, n - n // 2]
             mode = "replicate" if all(s > 1 for s in spatial) else "constant"
             x = F.pad(x, pad, mode=mode)
-        u = self.unet
-        x0 = u.conv_0(x)
-        x1 = u.down_1(x0)
-        x2 = u.down_2(x1)
-        x3 = u.down_3(x2)
-        x4 = u.down_4(x3)
-        enc = (x0, x1, x2, x3, x4)
+        enc = self.encode(x)
         b, full = x.shape[0], tuple(x.shape[2:])
         L = self.num_classes
         c0 = self.initial_confidence(b, full, x.device)
         w = confidences(c0.unsqueeze(2).expand(b, self.num_raters, L, *full))
         conp, divp = [], []
         for _ in range(self.recurrences):
-            z = self.conp(enc, w.to(x0.dtype))
+            z = self.conp(enc, w.to(enc[0].dtype))
             y = self.divp(torch.softmax(z.float(), 1).detach())
             w = confidences(torch.softmax(y.float(), 2)).detach()
             conp.append(z)

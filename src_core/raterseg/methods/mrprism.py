@@ -207,9 +207,8 @@ class MrPrism(LearnedMethod):
             # ConP will be conditioned on, wᵗ⁺¹ = confidences(p̂ᵗ) (eq. 1 / 4), as eq. (15)
             # is for t = 0. Not DivP's self-fusion F(p̂ᵗ, wᵗ⁺¹): DivP is trained to make that
             # equal to Pᵗ, so ConP would learn Pᵗ⁺¹ = Pᵗ and the recurrence could not help.
-            target = fuse(onehot, confidences(qd, ann))
-            if t + 1 < T:
-                target = torch.where(any_ann.unsqueeze(1), target,
+            if t + 1 < T:  # (the last recurrence has no successor to supervise)
+                target = torch.where(any_ann.unsqueeze(1), fuse(onehot, confidences(qd, ann)),
                                      torch.softmax(conp[:, t + 1], 1).detach())
         if state.training:
             sums.update(self._recurrence_dice(probs, onehot, ann, any_ann))

@@ -107,6 +107,30 @@ def test_conp_targets_eq15_then_label_fusion_under_divp_confidences(rng):
     assert met["ssim"] > 0.05
 
 
+@pytest.mark.parametrize("impute", [True, False])
+def test_conp_targets_with_a_missing_rater(rng, impute):
+    # Rater 2 did not annotate the left half. With impute_missing, DivP's map of rater 2
+    # stands in for its label there (every rater weighted); without, rater 2 is left out
+    # of the fusion there. The SSIM term is 0 only for the matching targets.
+    T, R, L, shape = 2, 3, 2, (16, 16)
+    m = rs.create("mrprism", recurrences=T, impute_missing=impute)
+    labels = torch.from_numpy(rng.integers(0, 2, (1, R, *shape)))
+    labels[0, 2, :, :8] = -1
+    ann = labels >= 0
+    out = _outputs(T, R, L, shape)
+    onehot = torch.nn.functional.one_hot(labels.clamp_min(0), L).movedim(-1, 2).double()
+    q0 = torch.softmax(out["divp"][:, :R * L].unflatten(1, (R, L)), 2)
+    stood_in = torch.where(ann.unsqueeze(2), onehot, q0)
+    imputed = [fuse(stood_in, confidences(torch.ones_like(q0))), fuse(stood_in, confidences(q0))]
+    left_out = [fuse(onehot, confidences(torch.ones_like(q0), ann)),
+                fuse(onehot, confidences(q0, ann))]
+    assert not torch.allclose(imputed[1], left_out[1])  # the two targets differ
+    for targets, zero in ((imputed, impute), (left_out, not impute)):
+        out["conp"] = torch.log(torch.cat(targets, 1).clamp_min(1e-12))
+        ssim = m.loss(out, labels.clamp_min(0), ann, _state())[1]["ssim"]
+        assert (ssim == pytest.approx(0.0, abs=1e-6)) if zero else ssim > 0.01
+
+
 def test_shuffle_loss_rewards_heads_that_agree_with_the_raters():
     # Eqs. (10)-(12) compare *fusions*, so they do not pin head r to rater r (the paper:
     # "many different separations are possible"); heads that agree with the raters must

@@ -31,10 +31,18 @@ DivP's rater maps, ``wᵗ⁺¹ = confidences(p̂ᵗ)`` and ``F`` the fusion of e
   back-propagated once; confidences and DivP's input are detached between
   recurrences, so a recurrence's gradients do not reach the next.
 
-Missing raters (label -1) are excluded wherever labels enter: the fusions of eqs. (4),
-(12) and (15) renormalise the confidences over the raters who annotated, and pixels
-nobody annotated carry no label loss. The self-fusions involve no labels and use every
-rater's DivP head (the network models all R raters, as at prediction time).
+Missing raters (label -1): no loss ever sees a -1 as a label. Pixels nobody annotated
+carry no label loss. The shuffle loss (eq. 12) renormalises the confidences over the
+raters who annotated. The self-fusions involve no labels and use every rater's DivP head
+(the network models all R raters, as at prediction time). ConP's targets (eqs. 4, 15)
+with ``impute_missing`` (default): where a rater did not annotate, DivP's map of that
+rater (detached) stands in for its label, and the confidences weigh all R raters. This
+goes beyond the paper, whose raters all annotate every image. Leaving the missing raters
+out of the fusion instead (``impute_missing=False``) reduces the target, with one label
+per image, to that one rater's label whatever the confidences: the recurrence cannot
+re-weight anything, and 1 − SSIM against the blank or thinned raters' masks pulled ConP
+to an empty mask on 2 of 3 MNIST seeds (docs/BENCHMARKS.md, accuracy section). With
+every rater present the two are the same.
 
 Initialisation, eq. (14): equal raw confidences ``clip(α + β, 0, 1)``, α ~ U(0.1, 0.9),
 β ~ N(0, ``init_noise``) per rater and voxel while training; exactly 1/R at prediction.
@@ -148,6 +156,10 @@ class MrPrism(LearnedMethod):
         heads: int = param(4, "attention heads in ConP and DivP", low=1)
         divp_depth: int = param(4, "self-attention blocks in DivP", low=1)
         divp_width: int = param(64, "token width of DivP", low=1)
+        impute_missing: bool = param(
+            True, "in ConP's targets, a rater who did not annotate a voxel counts with DivP's "
+                  "estimate of that rater (False: left out, so one label per image gives "
+                  "ConP that rater's label as its only target)")
 
     def build_network(self, in_channels, num_classes, num_raters, spatial_dims):
         c = self.config
@@ -177,7 +189,9 @@ class MrPrism(LearnedMethod):
         n_ann = any_ann.sum().clamp_min(1)
         b = raters.shape[0]
         c0 = outputs["init_conf"].unsqueeze(2).expand(b, R, L, *raters.shape[2:])
-        target = fuse(onehot, confidences(c0, ann))  # eq. (15)
+        impute = self.config.impute_missing and not bool(annotated.all())
+        q0 = torch.softmax(divp[:, 0], 2).detach() if impute else None
+        target = self._conp_target(onehot, annotated, c0, q0)  # eq. (15)
         target = torch.where(any_ann.unsqueeze(1), target, torch.softmax(conp[:, 0], 1).detach())
         total = conp.new_zeros(())
         sums = {"ssim": 0.0, "divp_ce": 0.0, "shuffle": 0.0}
@@ -208,11 +222,22 @@ class MrPrism(LearnedMethod):
             # is for t = 0. Not DivP's self-fusion F(p̂ᵗ, wᵗ⁺¹): DivP is trained to make that
             # equal to Pᵗ, so ConP would learn Pᵗ⁺¹ = Pᵗ and the recurrence could not help.
             if t + 1 < T:  # (the last recurrence has no successor to supervise)
-                target = torch.where(any_ann.unsqueeze(1), fuse(onehot, confidences(qd, ann)),
+                target = torch.where(any_ann.unsqueeze(1),
+                                     self._conp_target(onehot, annotated, qd, qd if impute else None),
                                      torch.softmax(conp[:, t + 1], 1).detach())
         if state.training:
             sums.update(self._recurrence_dice(probs, onehot, ann, any_ann))
         return total, sums
+
+    @staticmethod
+    def _conp_target(onehot, annotated, raw, stand_in):
+        """ConP's target: the raters' one-hot labels ``(B, R, L, *s)`` fused under the
+        confidences of ``raw`` (eq. 1/4). ``stand_in`` None: raters who did not annotate a
+        voxel are left out there. Else DivP's maps ``(B, R, L, *s)``: they stand in for
+        those raters' labels, and every rater is weighted."""
+        if stand_in is None:
+            return fuse(onehot, confidences(raw, annotated.to(onehot.dtype)))
+        return fuse(torch.where(annotated.unsqueeze(2), onehot, stand_in), confidences(raw))
 
     @staticmethod
     def _recurrence_dice(probs, onehot, ann, any_ann) -> dict[str, float]:

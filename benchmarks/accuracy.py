@@ -285,6 +285,7 @@ def _earlier(path: Path, sizes: dict, dataset: str) -> dict:
         log(f"--resume: {path} has other sizes; starting this seed afresh")
         return {}
     return {"wall_seconds": rep.get("wall_seconds"),
+            "commands": rep.get("commands", [rep["command"]]),
             "runs": {(r.get("labels", "lidc"), r.get("scale", 1.0)): r for r in rep["runs"]}}
 
 
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[dict] = []
             report = {"benchmark": f"accuracy_{dataset}", "profile": profile, "command": command,
                       "machine": _machine(device), "sizes": sizes, "seed": seed, "runs": runs}
+            if earlier:  # every invocation that produced rows of this file
+                report["commands"] = list(dict.fromkeys(earlier["commands"] + [command]))
             t0 = time.perf_counter() - (earlier.get("wall_seconds") or 0.0)
 
             def save(current=None, partial=True, report=report, runs=runs, t0=t0, json_path=json_path):

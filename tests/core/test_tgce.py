@@ -124,6 +124,44 @@ def test_reliability_gradient_sign_follows_gce_minus_constant():
     assert g[1, 0] == pytest.approx((1.10557281 - 0.58578644) / 3, abs=1e-7)
 
 
+def test_reliability_none_is_plain_gce_by_hand():
+    # reliability="none": Λ ≡ 1 whatever the reliability output holds, so the loss is the GCE
+    # of eq. 2-1 on every annotated pair: the 0.5891750 of test_reliability_one_is_gce.
+    m = rs.create("tgce", q=0.5, reliability="none")
+    rel = torch.tensor([[-3.0, 2.0], [0.0, -1.0]], dtype=torch.float64).reshape(1, 2, 1, 2)
+    loss, parts = m.loss({"seg": _seg(), "rel": rel}, *_y(), _state())
+    assert float(loss) == pytest.approx((0.21114562 + 0.45080666 + 1.10557281) / 3, abs=1e-7)
+    assert parts["reliability"] == 1.0
+    # the same outputs under pixel reliability (Λ = sigmoid(rel)) give another loss
+    pixel, _ = rs.create("tgce", q=0.5).loss({"seg": _seg(), "rel": rel}, *_y(), _state())
+    assert abs(float(pixel) - float(loss)) > 0.02
+
+
+def test_reliability_none_fits_predicts_and_round_trips(tmp_path):
+    cases = [synth.phantom_2d((32, 32), seed=s) for s in range(6)]
+    images = np.stack([c[0] for c in cases])
+    raters = np.stack([synth.simulate_raters(c[1], ("good", "blank"), seed=i)
+                       for i, c in enumerate(cases)])
+    m = rs.create("tgce", reliability="none", device="cpu", seed=0, epochs=2, batch_size=4,
+                  features=(4, 4, 4, 4, 4), val_fraction=0.0)
+    net = m.build_network(1, 2, 2, 2)
+    # no reliability parameter: only the segmentation head besides the trunk
+    assert set(net.unet.heads) == {"seg"} and not len(net.unet.pooled_heads)
+    assert net.global_rel is None
+    m.fit(images[:4], raters[:4])
+    res = m.predict(images[4:])
+    assert res.rater_maps.shape == (2, 2, 32, 32) and np.all(res.rater_maps == 1)
+    assert np.allclose(res.rater_estimates, res.probabilities[:, None], atol=1e-6)
+    assert np.allclose(res.rater_confusion, np.eye(2)[None].repeat(2, 0), atol=1e-6)
+    path = tmp_path / "tgce_none.safetensors"
+    m.save(path)
+    loaded = rs.load(path)
+    assert loaded.config.reliability == "none"
+    again = loaded.predict(images[4:])
+    assert np.array_equal(again.probabilities, res.probabilities)
+    assert np.array_equal(again.rater_maps, res.rater_maps)
+
+
 # ---------------------------------------------------------------- outputs from Λ and f
 def test_interpret_by_hand():
     m = rs.create("tgce")
@@ -157,7 +195,7 @@ def test_interpret_multiclass_distributions():
     assert torch.allclose(*off)
 
 
-@pytest.mark.parametrize("level", ["pixel", "image", "global"])
+@pytest.mark.parametrize("level", ["pixel", "image", "global", "none"])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_network_layouts_and_finite_gradients(level, dims):
     m = rs.create("tgce", num_classes=3, features=(4, 4, 4, 4, 4), reliability=level,
@@ -170,7 +208,7 @@ def test_network_layouts_and_finite_gradients(level, dims):
             prm.mul_(40)
     out = net(x)
     assert out["seg"].shape == (2, 3, *s) and out["rel"].shape == (2, 2, *s)
-    if level != "pixel":  # one Λ per rater and image
+    if level != "pixel":  # one Λ per rater and image (a placeholder with "none")
         flat = out["rel"].reshape(2, 2, -1)
         assert torch.equal(flat, flat[..., :1].expand_as(flat))
     if level == "global":

@@ -46,6 +46,11 @@ long training drifts back towards them. The opposite failure, Λ → 0
 everywhere, would need every rater worse than a uniform guess (see
 :mod:`raterseg.nn.tgce_loss`); we have not seen it.
 
+``reliability="none"`` is the ablation baseline: no reliability head, Λ ≡ 1, so the loss
+is eq. 2-1's GCE on every annotating rater (averaged as eq. 2-7); ``rater_maps`` are all 1,
+``rater_estimates`` equal f and every ``rater_confusion`` is the identity (the model
+believes every rater). Comparing it with ``"pixel"`` shows what the reliability maps buy.
+
 The alternative ``Λ·I + (1 − Λ)/L`` (the unreliable rater guessing uniformly, the
 reading of the constant term) puts at least ``1/L`` on every diagonal entry, so it
 cannot show a rater who is always wrong on a class (a blank rater's foreground
@@ -72,7 +77,11 @@ class TGCENetwork(nn.Module):
     """Shared U-Net with a segmentation head ``seg`` ``(B, L, *s)`` (logits) and a
     reliability head ``rel`` ``(B, R, *s)`` (logits of Λ): pixel-wise (1×1 convolution),
     per image (pooled features, linear layer, broadcast) or one learned value per rater
-    (``global``, broadcast). The reliability bias starts at ``logit(initial)``."""
+    (``global``, broadcast). The reliability bias starts at ``logit(initial)``.
+
+    ``level="none"``: no reliability head and no reliability parameter; ``rel`` is a
+    broadcast zero placeholder of shape ``(B, R, *s)`` that :class:`TruncatedGCE` ignores
+    (it uses Λ ≡ 1)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, features, num_classes: int,
                  num_raters: int, level: str, initial: float = 0.5) -> None:
@@ -83,11 +92,13 @@ class TGCENetwork(nn.Module):
         elif level == "image":
             pooled["rel"] = num_raters
         self.unet = MultiHeadUNet(spatial_dims, in_channels, features, heads, pooled)
+        self.num_raters = num_raters
+        self.level = level
         bias = math.log(initial / (1 - initial))  # logit of the starting Λ
         self.global_rel = None
         if level == "global":
             self.global_rel = nn.Parameter(torch.full((num_raters,), bias))
-        else:
+        elif level in ("pixel", "image"):
             head = self.unet.heads["rel"] if level == "pixel" else self.unet.pooled_heads["rel"]
             with torch.no_grad():
                 head.bias.fill_(bias)
@@ -97,6 +108,10 @@ class TGCENetwork(nn.Module):
         if self.global_rel is not None:
             g = self.global_rel.reshape(1, -1, *([1] * (x.ndim - 2)))
             out["rel"] = g.expand(x.shape[0], -1, *x.shape[2:])
+        elif self.level == "none":
+            seg = out["seg"]
+            out["rel"] = seg.new_zeros((1, 1) + (1,) * (x.ndim - 2)).expand(
+                x.shape[0], self.num_raters, *seg.shape[2:])
         return out
 
 
@@ -122,8 +137,9 @@ class TruncatedGCE(LearnedMethod):
     class Config(LearnedMethod.Config):
         q: float = param(0.7, "GCE truncation q in (0, 1]: → 0 is cross entropy, 1 is MAE "
                               "(eq. 2-1)", low=0.0, high=1.0)
-        reliability: str = param("pixel", "reliability Λ per pixel, per image or one per rater",
-                                 choices=("pixel", "image", "global"))
+        reliability: str = param("pixel", "reliability Λ per pixel, per image or one per rater; "
+                                          "'none': Λ ≡ 1, plain GCE on every rater (the ablation "
+                                          "baseline)", choices=("pixel", "image", "global", "none"))
         initial_reliability: float = param(0.95, "Λ at the start of training (trust every rater; "
                                                  "see the class docstring)", low=0.5, high=0.999)
 
@@ -135,14 +151,20 @@ class TruncatedGCE(LearnedMethod):
         return TGCENetwork(spatial_dims, in_channels, self.config.features, num_classes,
                            num_raters, self.config.reliability, self.config.initial_reliability)
 
+    def _reliability(self, outputs) -> torch.Tensor:
+        """Λ ``(B, R, *s)``: the sigmoid of the reliability head, or 1 with ``"none"``."""
+        if self.config.reliability == "none":
+            return torch.ones_like(outputs["rel"], dtype=outputs["seg"].dtype)
+        return torch.sigmoid(outputs["rel"])
+
     def loss(self, outputs, raters, annotated, state):
-        lam = torch.sigmoid(outputs["rel"])
+        lam = self._reliability(outputs)
         loss, parts = tgce_loss(outputs["seg"], lam, raters, annotated, self.config.q)
         return loss, {k: float(v) for k, v in parts.items()}
 
     def interpret(self, outputs):
         f = torch.softmax(outputs["seg"], dim=1)  # (B, L, *s)
-        lam = torch.sigmoid(outputs["rel"])  # (B, R, *s)
+        lam = self._reliability(outputs)  # (B, R, *s)
         b, L = f.shape[:2]
         r = lam.shape[1]
         lam_ = lam.unsqueeze(2)  # (B, R, 1, *s)

@@ -11,7 +11,20 @@ epochs, learning rate and seed, then segment held-out digits. Reported per run:
   digits, per rater (the issue asks blank < 0.3 and good > 0.7 on the foreground);
 - the Dice of TGCE's prediction against each rater's masks (which raters it follows);
 - the RMSE between TGCE's ``rater_confusion`` and the raters' empirical confusion;
-- fit time (seconds, wall clock, on the machine named in the JSON).
+- on the *ring*, the held-out pixels outside the true digit within 2 px of it (Euclidean
+  distance ≤ 2, where the over rater's 2 px dilation adds foreground): the mean foreground
+  probability f, the fraction predicted foreground, the fraction each rater labels
+  foreground and, for TGCE, the mean Λ_r per rater;
+- the best validation epoch (the one kept) and the fit time (seconds, wall clock, on the
+  machine named in the JSON).
+
+``--variants`` runs an ablation instead of ``--methods``: ``pixel``, ``image``, ``global``
+(TGCE with that ``reliability``), ``none`` (TGCE with ``reliability="none"``: Λ ≡ 1, plain
+GCE on every rater) and ``unet_mv`` (or any ``unet_<target>``). Results are keyed
+``tgce_pixel``, ``tgce_none``, … and ``unet_mv``. The diagnosis table in docs/BENCHMARKS.md:
+
+    python benchmarks/tgce_mnist.py --variants pixel none unet_mv --epochs 8 --seeds 0 \
+        --device cpu --threads 1 --out docs/tgce_mnist_ablation_e8_s0.json   # seeds 1, 2; 15 epochs
 
     python benchmarks/tgce_mnist.py --n-train 200 --n-test 200 --epochs 15 --seeds 0 1 2 \
         --device cpu --threads 1 --out docs/tgce_mnist_cpu.json --markdown
@@ -36,6 +49,7 @@ import numpy as np
 import raterseg as rs
 from raterseg import metrics, synth
 from raterseg.methods._base import empirical_confusion
+from scipy import ndimage as ndi
 
 KINDS = ("good", "over", "under", "wrong", "blank")
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -57,9 +71,46 @@ def mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([metrics.dice(p, t) for p, t in zip(pred, truth)]))
 
 
+RING_PX = 2.0
+VARIANTS = ("pixel", "image", "global", "none")
+
+
+def ring_mask(truth: np.ndarray, width: float = RING_PX) -> np.ndarray:
+    """Pixels outside each image's foreground within Euclidean distance ``width`` of it:
+    truth (N, H, W) → bool (N, H, W)."""
+    out = np.zeros(truth.shape, bool)
+    for n, t in enumerate(truth):
+        bg = t == 0
+        if bg.all():
+            continue
+        out[n] = bg & (ndi.distance_transform_edt(bg) <= width)
+    return out
+
+
+def plan(methods: list[str], variants: list[str] | None, tgce_params: dict) -> list[tuple[str, str, dict]]:
+    """``(result name, method, extra parameters)`` per model to train."""
+    out = []
+    if variants is None:
+        for name in methods:
+            method, _, target = name.partition("_")
+            kw = {"target": target} if target else {}
+            if method == "tgce":
+                kw.update(tgce_params)
+            out.append((name, method, kw))
+        return out
+    for v in variants:
+        if v in VARIANTS:
+            out.append((f"tgce_{v}", "tgce", {**tgce_params, "reliability": v}))
+        elif v.startswith("unet_"):
+            out.append((v, "unet", {"target": v[len("unet_"):]}))
+        else:
+            raise SystemExit(f"--variants: unknown {v!r} (expected {', '.join(VARIANTS)} or unet_<target>)")
+    return out
+
+
 def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
         methods: list[str], tgce_params: dict, good_strength: float | None = None,
-        **params) -> dict:
+        variants: list[str] | None = None, **params) -> dict:
     tr_img, _, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed,
                                                                   good_strength=good_strength)
     if setting == "single":
@@ -67,21 +118,25 @@ def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
     out: dict = {"setting": setting, "seed": seed, "results": {}}
     out["rater_dice_test"] = {k: 100 * mean_dice(te_raters[:, r], te_truth) for r, k in enumerate(KINDS)}
     fg = te_truth.astype(bool)
-    for name in methods:
-        method, _, target = name.partition("_")
-        kw = dict(params)
-        if target:
-            kw["target"] = target
-        if method == "tgce":
-            kw.update(tgce_params)
-        model = rs.create(method, num_classes=2, device=device, seed=seed, **kw)
+    ring = ring_mask(te_truth)
+    out["ring_pixels"] = int(ring.sum())
+    out["rater_fg_on_ring"] = {k: float((te_raters[:, r][ring] == 1).mean()) for r, k in enumerate(KINDS)}
+    for name, method, extra in plan(methods, variants, tgce_params):
+        model = rs.create(method, num_classes=2, device=device, seed=seed, **params, **extra)
         t0 = time.perf_counter()
         model.fit(tr_img, tr_raters)
         fit_s = time.perf_counter() - t0
         res = model.predict(te_img)
         entry = {"dice": 100 * mean_dice(res.truth, te_truth), "fit_seconds": fit_s,
                  "epochs_run": len(model.history_)}
-        msg = f"[{setting} seed {seed}] {name}: Dice {entry['dice']:.2f} ({fit_s:.0f} s)"
+        val = [h.get("val_loss") for h in model.history_]
+        if val and None not in val:
+            entry["best_epoch"] = int(np.argmin(val)) + 1
+        f = res.probabilities[:, 1]
+        entry["ring_f_mean"] = float(f[ring].mean())
+        entry["ring_fg_fraction"] = float((res.truth[ring] == 1).mean())
+        msg = (f"[{setting} seed {seed}] {name}: Dice {entry['dice']:.2f} ({fit_s:.0f} s), "
+               f"ring f {entry['ring_f_mean']:.2f}, fg {entry['ring_fg_fraction']:.2f}")
         if method == "tgce":
             lam = res.rater_maps  # (N, R, H, W)
             entry["lambda_fg"] = {k: float(lam[:, r][fg].mean()) for r, k in enumerate(KINDS)}
@@ -98,6 +153,8 @@ def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
             true_cm = empirical_confusion(np.moveaxis(te_raters, 1, 0), onehot)
             entry["cm_rmse"] = metrics.cm_rmse(res.rater_confusion, true_cm)
             entry["rater_confusion"] = res.rater_confusion.round(4).tolist()
+            entry["lambda_ring"] = {k: float(lam[:, r][ring].mean()) for r, k in enumerate(KINDS)}
+            msg += " Λ ring " + " ".join(f"{k} {v:.2f}" for k, v in entry["lambda_ring"].items())
             msg += " Λ fg " + " ".join(f"{k} {v:.2f}" for k, v in entry["lambda_fg"].items())
         out["results"][name] = entry
         print(msg, file=sys.stderr, flush=True)
@@ -117,9 +174,15 @@ def summarise(runs: list[dict]) -> dict:
             s = {"dice_mean": statistics.fmean(d), "dice_sd": statistics.stdev(d) if len(d) > 1 else 0.0,
                  "dice_per_seed": d, "n_seeds": len(d),
                  "fit_seconds_median": statistics.median(e["fit_seconds"] for e in entries)}
+            for key in ("ring_f_mean", "ring_fg_fraction"):  # absent from older JSON files
+                if all(key in e for e in entries):
+                    s[key + "_per_seed"] = [e[key] for e in entries]
             if "lambda_fg" in entries[0]:
-                for key in ("lambda_fg", "lambda_bg", "lambda_rater_wrong", "lambda_rater_right",
-                            "dice_vs_rater"):
+                keys = ["lambda_fg", "lambda_bg", "lambda_rater_wrong", "lambda_rater_right",
+                        "dice_vs_rater"]
+                if all("lambda_ring" in e for e in entries):
+                    keys.append("lambda_ring")
+                for key in keys:
                     s[key] = {k: statistics.fmean(e[key][k] for e in entries) for k in KINDS}
                 s["cm_rmse_mean"] = statistics.fmean(e["cm_rmse"] for e in entries)
             summary[setting][name] = s
@@ -127,25 +190,31 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| setting | method | Dice % (mean ± sd) | per seed | fit s (median) |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [("| setting | method | Dice % (mean ± sd) | per seed | ring f (per seed) "
+              "| ring predicted fg (per seed) | fit s (median) |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for setting, by_method in summary.items():
         for name, s in by_method.items():
             per = ", ".join(f"{v:.1f}" for v in s["dice_per_seed"])
+            ring = [", ".join(f"{v:.2f}" for v in s[k]) if k in s else "–"
+                    for k in ("ring_f_mean_per_seed", "ring_fg_fraction_per_seed")]
             lines.append(f"| {setting} | {name} | {s['dice_mean']:.2f} ± {s['dice_sd']:.2f} | {per} "
-                         f"| {s['fit_seconds_median']:.0f} |")
+                         f"| {ring[0]} | {ring[1]} | {s['fit_seconds_median']:.0f} |")
     lines += ["", "| setting | TGCE, mean over held-out digits | " + " | ".join(KINDS) + " |",
               "| --- | --- | " + " | ".join("---" for _ in KINDS) + " |"]
     for setting, by_method in summary.items():
-        s = by_method.get("tgce")
-        if s is None:
-            continue
-        for key, label in (("lambda_fg", "Λ on true foreground"), ("lambda_bg", "Λ on true background"),
-                           ("lambda_rater_wrong", "Λ where the rater is wrong"),
-                           ("lambda_rater_right", "Λ where the rater is right"),
-                           ("dice_vs_rater", "Dice % of prediction vs rater")):
-            lines.append(f"| {setting} | {label} | " + " | ".join(f"{s[key][k]:.2f}" for k in KINDS) + " |")
-        lines.append(f"| {setting} | CM RMSE vs empirical | {s['cm_rmse_mean']:.4f} |" + " |" * (len(KINDS) - 1))
+        for name, s in by_method.items():
+            if "lambda_fg" not in s:
+                continue
+            tag = setting if name == "tgce" else f"{setting}, {name}"
+            for key, label in (("lambda_fg", "Λ on true foreground"), ("lambda_bg", "Λ on true background"),
+                               ("lambda_ring", "Λ on the 2 px ring outside the digit"),
+                               ("lambda_rater_wrong", "Λ where the rater is wrong"),
+                               ("lambda_rater_right", "Λ where the rater is right"),
+                               ("dice_vs_rater", "Dice % of prediction vs rater")):
+                if key in s:
+                    lines.append(f"| {tag} | {label} | " + " | ".join(f"{s[key][k]:.2f}" for k in KINDS) + " |")
+            lines.append(f"| {tag} | CM RMSE vs empirical | {s['cm_rmse_mean']:.4f} |" + " |" * (len(KINDS) - 1))
     return "\n".join(lines)
 
 
@@ -161,12 +230,15 @@ def main(argv=None) -> int:
     ap.add_argument("--q", type=float, default=0.7)
     ap.add_argument("--initial-reliability", type=float, default=None,
                     help="TGCE's Λ at the start (default: the method's own, 0.95)")
-    ap.add_argument("--reliability", default="pixel", choices=["pixel", "image", "global"])
+    ap.add_argument("--reliability", default="pixel", choices=["pixel", "image", "global", "none"])
     ap.add_argument("--good-strength", type=float, default=None,
                     help="good rater's boundary noise in pixels (default: synth's, 0.5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--settings", nargs="+", default=["dense"], choices=["dense", "single"])
     ap.add_argument("--methods", nargs="+", default=["tgce", "unet_mv"])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="ablation instead of --methods: pixel, image, global, none (TGCE's "
+                         "reliability) and unet_mv / unet_<target>")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for every number")
@@ -202,7 +274,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for setting in args.settings:
             runs.append(run(setting, seed, args.n_train, args.n_test, args.device, args.methods,
-                            tgce_params, good_strength=args.good_strength, **params))
+                            tgce_params, good_strength=args.good_strength, variants=args.variants,
+                            **params))
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"benchmark": "tgce_mnist", "args": {**vars(args), "out": str(args.out)},

@@ -108,11 +108,26 @@ def plan(methods: list[str], variants: list[str] | None, tgce_params: dict) -> l
     return out
 
 
+def accuracy_data(n_train: int, n_test: int, seed: int):
+    """As :func:`make_data`, but the digits of ``benchmarks/accuracy.py``: a random subset
+    of the MNIST test set per seed (``_common.load_mnist_raters``), same rater seeding."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common as C
+
+    d = C.load_mnist_raters(n_train, n_test, seed, kinds=KINDS, path=MNIST)
+    return d["x_train"], d["t_train"], d["y_train"], d["x_test"], d["t_test"], d["y_test"]
+
+
 def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
         methods: list[str], tgce_params: dict, good_strength: float | None = None,
-        variants: list[str] | None = None, **params) -> dict:
-    tr_img, _, tr_raters, te_img, te_truth, te_raters = make_data(n_train, n_test, seed,
-                                                                  good_strength=good_strength)
+        variants: list[str] | None = None, digits: str = "first", **params) -> dict:
+    if digits == "accuracy":
+        if good_strength is not None:
+            raise SystemExit("--good-strength: not available with --digits accuracy")
+        data = accuracy_data(n_train, n_test, seed)
+    else:
+        data = make_data(n_train, n_test, seed, good_strength=good_strength)
+    tr_img, _, tr_raters, te_img, te_truth, te_raters = data
     if setting == "single":
         tr_raters = synth.drop_raters(tr_raters, mode="one_per_case", seed=seed, batched=True)
     out: dict = {"setting": setting, "seed": seed, "results": {}}
@@ -233,6 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reliability", default="pixel", choices=["pixel", "image", "global", "none"])
     ap.add_argument("--good-strength", type=float, default=None,
                     help="good rater's boundary noise in pixels (default: synth's, 0.5)")
+    ap.add_argument("--digits", default="first", choices=["first", "accuracy"],
+                    help="first: digits 0..n_train+n_test-1 (this benchmark); accuracy: "
+                         "benchmarks/accuracy.py's random subset per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--settings", nargs="+", default=["dense"], choices=["dense", "single"])
     ap.add_argument("--methods", nargs="+", default=["tgce", "unet_mv"])
@@ -275,7 +293,7 @@ def main(argv=None) -> int:
         for setting in args.settings:
             runs.append(run(setting, seed, args.n_train, args.n_test, args.device, args.methods,
                             tgce_params, good_strength=args.good_strength, variants=args.variants,
-                            **params))
+                            digits=args.digits, **params))
     summary = summarise(runs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"benchmark": "tgce_mnist", "args": {**vars(args), "out": str(args.out)},

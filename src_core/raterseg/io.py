@@ -130,10 +130,11 @@ def read_array(path: str | os.PathLike, *, key: str | None = None,
         raise RaterSegError(f"{argname}: no such file '{p}'")
     if p.is_dir():
         raise RaterSegError(f"{argname}: expected a {fmt} file, got the folder '{p}'")
-    reader = {"nifti": _read_nifti, "tiff": _read_tiff, "npy": _read_npy, "npz": _read_npz,
-              "png": _read_2d, "jpeg": _read_2d}[fmt]
+    readers = {"nifti": _read_nifti, "tiff": _read_tiff, "png": _read_2d, "jpeg": _read_2d,
+               "npy": lambda p: _read_npy(p, argname),
+               "npz": lambda p: _read_npz(p, key, argname)}
     try:
-        arr, meta = reader(p, key) if fmt == "npz" else reader(p)
+        arr, meta = readers[fmt](p)
     except RaterSegError:
         raise
     except Exception as err:  # noqa: BLE001 - any parser failure: not what its name says
@@ -186,14 +187,14 @@ def _read_tiff(p: Path):
     return np.asarray(arr), meta
 
 
-def _read_npy(p: Path):
+def _read_npy(p: Path, argname: str = "path"):
     _check_magic(p, (b"\x93NUMPY",), "an .npy file")
     try:
         arr = np.load(str(p), allow_pickle=False)
     except ValueError as err:
         if "allow_pickle" in str(err):
             raise RaterSegError(
-                f"path: '{p}' holds Python objects (pickle); expected a plain numeric array "
+                f"{argname}: '{p}' holds Python objects (pickle); expected a plain numeric array "
                 "(raterseg never unpickles files)"
             ) from None
         raise
@@ -244,13 +245,13 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
                             f"({_reason(err)})") from None
 
 
-def _read_npz(p: Path, key: str | None):
-    keys = list(read_npz(p))
+def _read_npz(p: Path, key: str | None, argname: str = "path"):
+    keys = list(read_npz(p, argname=argname))
     if not keys:
-        raise RaterSegError(f"path: expected at least one array in '{p}', got none")
+        raise RaterSegError(f"{argname}: expected at least one array in '{p}', got none")
     if key is None:
         key = next((k for k in _NPZ_KEYS if k in keys), keys[0])
-    return read_npz(p, [key])[key], {"key": key, "keys": keys}
+    return read_npz(p, [key], argname=argname)[key], {"key": key, "keys": keys}
 
 
 _PIL_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO")}
@@ -280,6 +281,27 @@ def _read_2d(p: Path):
 # -- writing ---------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only
+    be read by setting it, which races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would leave: the existing file's, else 0o666
+    less the umask (mkstemp creates its files 0o600, private to the user)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same ending); rename it over ``path`` on success."""
@@ -290,6 +312,7 @@ def _atomic(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode(path))
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -415,9 +438,17 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _write_text(path: Path, text: str) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _write_text(path: Path, text: str, argname: str = "path") -> None:
+    """Write ``text`` to ``path`` atomically.
+
+    Raises:
+        RaterSegError: the file could not be written (read-only folder, disk full, ...).
+    """
+    try:
+        with _atomic(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise RaterSegError(f"{argname}: could not write '{path}' ({_reason(err)})") from None
 
 
 def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | None = None,
@@ -464,7 +495,7 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
                 for j in range(cm.shape[2]):
                     w.writerow([names[r], i, j, f"{float(cm[r, i, j]):.6g}"])
         written["rater_confusion"] = out / f"{prefix}rater_confusion.csv"
-        _write_text(written["rater_confusion"], buf.getvalue())
+        _write_text(written["rater_confusion"], buf.getvalue(), "outdir")
     truth = np.asarray(result.truth)
     labels, counts = np.unique(truth, return_counts=True)
     summary = {
@@ -480,7 +511,7 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
         "files": {k: v.name for k, v in written.items()},
     }
     written["summary"] = out / f"{prefix}summary.json"
-    _write_text(written["summary"], json.dumps(_jsonable(summary), indent=2) + "\n")
+    _write_text(written["summary"], json.dumps(_jsonable(summary), indent=2) + "\n", "outdir")
     return written
 
 

@@ -380,3 +380,50 @@ def test_io_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """Outputs are readable by whoever the umask allows (a colleague, a web viewer), like
+    any file the user writes; mkstemp's private 0600 must not leak through the rename.
+    Rewriting an existing file keeps that file's mode, as opening it for writing would."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        res = rs.fuse(np.array([[[0, 1], [1, 1]], [[0, 1], [0, 1]]], np.int16), method="mean")
+        written = rio.write_result(tmp_path / "out", res)
+        for path in [*written.values(), rio.write_array(tmp_path / "a.npy", np.zeros(3))]:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+        os.chmod(tmp_path / "a.npy", 0o640)
+        rio.write_array(tmp_path / "a.npy", np.ones(3))
+        assert stat.S_IMODE((tmp_path / "a.npy").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_failed_text_write_is_one_raterseg_error_naming_the_file(tmp_path, monkeypatch):
+    """summary.json / rater_confusion.csv (and fuse-dir's summary.csv) failing to write, e.g. in
+    a read-only folder, is a RaterSegError naming the file, not a bare PermissionError."""
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    res = rs.fuse(np.array([[[0, 1], [1, 1]], [[0, 1], [0, 1]]], np.int16), method="mean")
+    monkeypatch.setattr(rio, "write_array", lambda path, *a, **k: path)  # arrays "written"
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(RaterSegError, match=r"outdir: could not write '.*rater_confusion\.csv'.*"
+                                            r"Permission denied"):
+        rio.write_result(tmp_path / "out", res)
+    with pytest.raises(RaterSegError, match=r"could not write '.*summary\.csv'"):
+        rio._write_text(tmp_path / "summary.csv", "case\n")
+
+
+def test_pickled_or_empty_files_are_reported_under_the_callers_argument_name(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(RaterSegError, match=r"^IMG: '.*obj\.npy' holds Python objects"):
+        rio.read_array(tmp_path / "obj.npy", argname="IMG")
+    with pytest.raises(RaterSegError, match=r"^RATER: expected at least one array in"):
+        rio.read_array(tmp_path / "empty.npz", argname="RATER")

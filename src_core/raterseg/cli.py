@@ -60,6 +60,7 @@ class TextProgress:
         self._last_tenth = -1
         self._unshown: TrainingEvent | None = None  # last event not written (logs)
         self._open_line = False  # a bar drawn without its newline (terminal)
+        self._previous: TrainingEvent | None = None
 
     def _text(self, event: TrainingEvent) -> str:
         total = max(int(event.total), 1)
@@ -68,13 +69,24 @@ class TextProgress:
         bar = "#" * filled + "-" * (self.width - filled)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
                            if isinstance(v, (int, float)))
-        return f"{self.label} [{bar}] {step}/{total} {event.message} {metrics}".rstrip()
+        message = event.message or ""
+        own = f"{self.label.strip()}: "
+        if self.label.strip() and message.startswith(own):  # "staple: EM iteration 3"
+            message = message[len(own):]
+        return f"{self.label} [{bar}] {step}/{total} {message} {metrics}".rstrip()
 
     def __call__(self, event: TrainingEvent) -> None:
         if self.quiet:
             return
         total = max(int(event.total), 1)
         done = int(event.step) >= total
+        previous, self._previous = self._previous, event
+        if previous is not None and (int(previous.total) != int(event.total)
+                                     or int(event.step) < int(previous.step)):
+            # a new phase (EM after the slab passes, writing after EM): end the last one
+            # where it stopped, which EM often does long before its total
+            self.close()
+            self._last_tenth = -1
         if self._tty:
             self.stream.write("\r" + self._text(event)[:150].ljust(80) + ("\n" if done else ""))
             self._open_line = not done
@@ -104,6 +116,24 @@ class TextProgress:
 def _info(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _check_output_folder(output: str | os.PathLike) -> Path:
+    """``--output`` as a folder that exists or can be created, and can be written; checked
+    before any work so that a mistake costs no fusion or training time.
+
+    Raises:
+        RaterSegError: it is a file, a file is in the way, or the folder is not writable.
+    """
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise RaterSegError(f"--output: expected a folder, got the file '{out}'")
+    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "not a folder" if not folder.is_dir() else "not writable"
+        raise RaterSegError(f"--output: expected a folder that can be created and written, "
+                            f"got '{out}' ('{folder}' is {why})")
+    return out
 
 
 def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
@@ -147,7 +177,8 @@ def _add_fuse(sub) -> None:
                               "(or the first rater). Example: raterseg fuse r1.nii.gz r2.nii.gz "
                               "r3.nii.gz --method staple --set prior=0.2 -o out/")
     p.add_argument("raters", nargs="+", metavar="RATER",
-                   help="one label file (or folder of 2D slices) per rater, or one case folder")
+                   help="one label file (or folder of 2D slices) per rater, one .npy holding "
+                        "every rater (R, *S), or one case folder")
     p.add_argument("--image", help="the image (needed by learned methods)")
     p.add_argument("--method", "-m", default="staple", help="fusion method (default: staple; "
                    "see 'raterseg methods')")
@@ -172,21 +203,36 @@ def _read_inputs(paths: list[str], image_path: str | None):
     """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
     from .datasets import _match_image, _stem, read_case, read_image, read_labels
 
+    def is_case(folder: Path) -> bool:
+        return folder.is_dir() and any(
+            e.name.lower().startswith(("rater", "nodule-", "mask-", "images"))
+            for e in folder.iterdir())
+
     first = Path(paths[0])
-    if len(paths) == 1 and first.is_dir() and (
-            any(e.name.lower().startswith(("rater", "nodule-", "mask-", "images"))
-                for e in first.iterdir())):
+    if len(paths) == 1 and is_case(first):
         case = read_case(first)
         raters, names, image, meta = case.raters, case.rater_names, case.image, case.meta
     else:
+        for p in map(Path, paths):
+            inner = [e for e in p.iterdir() if is_case(e)] if p.is_dir() else []
+            if (len(paths) > 1 and is_case(p)) or inner:
+                what = "a case folder" if not inner else "a folder of case folders"
+                raise RaterSegError(
+                    f"RATER: '{p}' is {what}; give one case folder alone, or fuse every case "
+                    f"of a folder with 'raterseg fuse-dir'")
         labels, metas = zip(*(read_labels(p) for p in paths))
         shapes = [a.shape for a in labels]
         if len(set(shapes)) != 1:
             listing = ", ".join(f"'{p}' {s}" for p, s in zip(paths, shapes))
             raise RaterSegError(f"raters: expected every rater's labels to have the same shape, "
                                 f"got {listing}")
-        raters, image, meta = np.stack(labels), None, metas[0]
-        names = [_stem(Path(p)) for p in paths]
+        if len(paths) == 1 and metas[0]["format"] == "npy" and labels[0].ndim in (3, 4):
+            # one .npy holding (R, *S), as 'fuse --chunked' reads it
+            raters, image, meta = labels[0], None, metas[0]
+            names = [f"rater{r + 1}" for r in range(raters.shape[0])]
+        else:
+            raters, image, meta = np.stack(labels), None, metas[0]
+            names = [_stem(Path(p)) for p in paths]
     if image_path is not None:
         image, meta = read_image(image_path)
         raters = _match_image(image, raters, image_path)
@@ -204,6 +250,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
     # every mistake is reported before any work starts (and before any progress output)
     method = rs.create(args.method, num_classes=args.num_classes, seed=args.seed, **params)
     resolve_device(args.device)
+    _check_output_folder(args.output)
     if args.chunked:
         return _run_fuse_chunked(args, params)
     if args.chunk_voxels is not None:
@@ -385,7 +432,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                 raise RaterSegError(f"--methods: the demo runs classical methods, got {m!r}")
     else:
         methods = rs.available_methods(learned=False)
-    out = Path(args.output)
+    out = _check_output_folder(args.output)
     device = resolve_device(args.device)  # imports torch once, before any timing
     _info(f"raterseg demo: simulating {args.raters} raters on a {'x'.join(map(str, shape))} "
           f"phantom (seed {args.seed})", args.quiet)
@@ -605,9 +652,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .io import write_result
     from .serialization import load_method, read_header
 
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise RaterSegError(f"--output: expected a folder, got the file '{out}'")
+    out = _check_output_folder(args.output)
     read_header(args.model)  # a wrong model file fails before any slow import
     # every image is read and checked before anything is written
     inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
@@ -676,6 +721,7 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
     from .cohort import fuse_cohort
 
     params = _parse_sets(args.params)
+    _check_output_folder(args.output)
     progress = TextProgress(f"fuse-dir {args.method}", quiet=args.quiet)
 
     def on_case(row: dict) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,94 @@ def test_text_progress_shows_where_early_stopping_ended():
         bar(TrainingEvent(i, 1000, "EM"))
     bar.close()
     assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+
+
+def test_text_progress_keeps_the_end_of_each_phase():
+    """Chunked STAPLE reports slabs, then EM iterations (stopping long before the limit),
+    then slabs again: where EM stopped must show in a log, not be overwritten by the next
+    phase; and the method's name is not printed twice when the message repeats it."""
+    log = io.StringIO()
+    bar = TextProgress("staple", stream=log, width=10)
+    for i in range(1, 49):
+        bar(TrainingEvent(i, 10000, f"staple: EM iteration {i}"))
+    bar(TrainingEvent(1, 1, "staple: writing, slab 1/1"))
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [ln.split("] ")[1] for ln in lines] == [
+        "1/10000 EM iteration 1", "48/10000 EM iteration 48", "1/1 writing, slab 1/1"]
+    tty = type("Tty", (io.StringIO,), {"isatty": lambda self: True})()
+    bar = TextProgress("staple", stream=tty)
+    for i in range(1, 8):
+        bar(TrainingEvent(i, 1000, "EM"))
+    for i in range(1, 3):
+        bar(TrainingEvent(i, 4, "writing"))
+    bar.close()
+    finished = [seg.rsplit("\r", 1)[-1] for seg in tty.getvalue().split("\n")[:-1]]
+    assert len(finished) == 2 and "7/1000 EM" in finished[0] and "2/4 writing" in finished[1]
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """An output folder that cannot be written (read-only mount, someone else's folder) or
+    created (a file in the way) is one line naming --output, before any fusion: not a
+    traceback from the chunked writers or fuse-dir's summary, nor an error after the work."""
+    import os
+
+    raters = np.zeros((3, 4, 6, 8), np.int16)
+    raters[:, 1:3, 2:5, 2:6] = 1
+    for r in range(3):
+        np.save(tmp_path / f"rater{r + 1}.npy", raters[r])
+    np.save(tmp_path / "raters.npy", raters)
+    (tmp_path / "cohort" / "case1").mkdir(parents=True)
+    for r in range(3):
+        np.save(tmp_path / "cohort" / "case1" / f"rater{r + 1}.npy", raters[r])
+    (tmp_path / "afile").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked
+                        and real_access(p, mode, **kw))
+    files = [tmp_path / f"rater{r + 1}.npy" for r in range(3)]
+    for out, why in [(locked, "not writable"), (locked / "sub", "not writable"),
+                     (tmp_path / "afile" / "sub", "not a folder")]:
+        for argv in (["fuse", *files, "-m", "mean", "-o", out],
+                     ["fuse", tmp_path / "raters.npy", "--chunked", "-o", out],
+                     ["fuse-dir", tmp_path / "cohort", "-o", out],
+                     ["demo", "--shape", "8,8,8", "--raters", "2", "-o", out]):
+            code, out_text, err = _run(argv, capsys)
+            line = _one_error_line(code, err)
+            assert line.startswith("raterseg: error: --output: ") and why in line, line
+            assert out_text == ""
+    assert list(locked.iterdir()) == []
+
+
+def test_fuse_one_npy_stack_as_with_chunked(tmp_path, capsys):
+    """`raterseg fuse raters.npy` takes one (R, *S) .npy as R raters, as `--chunked` does,
+    instead of one rater of shape (R, *S)."""
+    raters = np.zeros((3, 4, 6, 8), np.int16)
+    raters[:, 1:3, 2:5, 2:6] = 1
+    raters[2, :, 0, 0] = 1
+    np.save(tmp_path / "raters.npy", raters)
+    code, out, err = _run(["fuse", tmp_path / "raters.npy", "-m", "staple", "-o",
+                           tmp_path / "mem", "-q"], capsys)
+    assert code == 0, err
+    code, _, err = _run(["fuse", tmp_path / "raters.npy", "-m", "staple", "--chunked", "-o",
+                             tmp_path / "chunked", "-q"], capsys)
+    assert code == 0, err
+    truth, _ = rio.read_array(tmp_path / "mem" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, rs.fuse(raters, method="staple").truth)
+    np.testing.assert_array_equal(truth, np.load(tmp_path / "chunked" / "truth.npy"))
+    assert "fused 3 raters" in out and "rater3" in out
+
+
+def test_case_folders_among_several_raters_point_to_fuse_dir(tmp_path, capsys):
+    for case in ("case1", "case2"):
+        (tmp_path / case).mkdir()
+        for r in range(2):
+            np.save(tmp_path / case / f"rater{r + 1}.npy", np.eye(4, dtype=np.int16))
+        np.save(tmp_path / case / "image.npy", np.random.default_rng(0).random((4, 4)))
+    for argv in (["fuse", tmp_path / "case1", tmp_path / "case2", "-o", tmp_path / "o"],
+                 ["fuse", tmp_path, "-o", tmp_path / "o"]):
+        code, _, err = _run(argv, capsys)
+        line = _one_error_line(code, err)
+        assert "case folder" in line and "fuse-dir" in line, line
+    assert not (tmp_path / "o").exists()

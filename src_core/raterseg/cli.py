@@ -557,6 +557,10 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
                             f"and written, got '{out}' ('{folder}' is "
                             f"{'not a folder' if not folder.is_dir() else 'not writable'})")
     images, raters, ids = load_training_set(args.data)
+    top = int(raters.max()) if raters.size else 0
+    if args.num_classes is not None and top >= args.num_classes:  # before any progress line
+        raise RaterSegError(f"DATA: expected labels in 0..{args.num_classes - 1} (--num-classes "
+                            f"{args.num_classes}) in '{args.data}', got a label {top}")
     _info(f"raterseg train: {len(ids)} case{'s' * (len(ids) != 1)}, {raters.shape[1]} raters, "
           f"shape {tuple(raters.shape[2:])}, method {args.method}, device {device}"
           + (f", {_distributed.world_size()} processes" if parallel else ""), quiet)

@@ -356,3 +356,14 @@ def test_case_folders_among_several_raters_point_to_fuse_dir(tmp_path, capsys):
         line = _one_error_line(code, err)
         assert "case folder" in line and "fuse-dir" in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_train_labels_beyond_num_classes_one_line_before_progress(tmp_path, capsys):
+    raters = np.zeros((2, 2, 8, 8), np.int16)
+    raters[0, 0, 2:5, 2:5] = 3
+    np.savez(tmp_path / "d.npz", images=np.zeros((2, 8, 8), np.float32), raters=raters)
+    code, out, err = _run(["train", tmp_path / "d.npz", "-m", "cm", "--num-classes", "2",
+                           "-o", tmp_path / "m.safetensors"], capsys)
+    line = _one_error_line(code, err)
+    assert "0..1" in line and "got a label 3" in line and "--num-classes" in line, line
+    assert out == "" and not (tmp_path / "m.safetensors").exists()

@@ -136,6 +136,31 @@ def _check_output_folder(output: str | os.PathLike) -> Path:
     return out
 
 
+#: Files :func:`raterseg.io.write_result` may write for ``raterseg fuse``.
+_RESULT_FILES = (*(f"{k}.nii.gz" for k in ("truth", "probabilities", "uncertainty",
+                                          "disagreement", "rater_maps", "rater_estimates")),
+                 "rater_confusion.csv", "summary.json")
+
+
+def _check_output_spares_inputs(output: str | os.PathLike, inputs: Sequence[str]) -> None:
+    """Refuse an ``--output`` folder where a result would replace an input file, or that is
+    an input folder (a case folder would then hold rater_maps.* and rater_estimates.*,
+    which read as raters the next time it is fused).
+
+    Raises:
+        RaterSegError: naming the input.
+    """
+    out = Path(output).resolve()
+    for given in inputs:
+        p = Path(given).resolve()
+        if p.is_dir() and p == out:
+            raise RaterSegError(f"--output: expected a folder apart from the inputs, got the "
+                                f"input folder '{given}'")
+        if p.parent == out and p.name in _RESULT_FILES:
+            raise RaterSegError(f"--output: writing the results to '{output}' would replace the "
+                                f"input '{given}'; choose another folder")
+
+
 def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
     params: dict[str, str] = {}
     for item in items or ():
@@ -255,6 +280,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
         return _run_fuse_chunked(args, params)
     if args.chunk_voxels is not None:
         raise RaterSegError("--chunk-voxels: only used with --chunked")
+    _check_output_spares_inputs(args.output, [*args.raters, *filter(None, [args.image])])
     raters, names, image, meta = _read_inputs(args.raters, args.image)
     stack = as_rater_stack(raters, args.num_classes)
     if image is not None:

@@ -367,3 +367,20 @@ def test_train_labels_beyond_num_classes_one_line_before_progress(tmp_path, caps
     line = _one_error_line(code, err)
     assert "0..1" in line and "got a label 3" in line and "--num-classes" in line, line
     assert out == "" and not (tmp_path / "m.safetensors").exists()
+
+
+def test_fuse_never_writes_over_its_inputs(case_dir, capsys):
+    """An input named like an output (truth.nii.gz) in the output folder is not overwritten,
+    and the case folder itself is refused as output: its rater_maps.nii.gz would read as a
+    rater the next time the case is fused."""
+    folder, _ = case_dir
+    (folder / "rater3.nii.gz").rename(folder / "truth.nii.gz")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for argv in (["fuse", folder / "rater1.nii.gz", folder / "rater2.nii.gz",
+                  folder / "truth.nii.gz", "-m", "mean", "-o", folder],
+                 ["fuse", folder, "-m", "spatial_staple", "-o", folder]):
+        code, out, err = _run(argv, capsys)
+        line = _one_error_line(code, err)
+        assert line.startswith("raterseg: error: --output: "), line
+        assert out == ""
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -19,6 +19,7 @@ summary). Progress goes to stderr, results and tables to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -818,6 +819,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raterseg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. 'raterseg methods | head': the reader has gone
+        # point stdout at /dev/null so that the interpreter's final flush fails no more
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a tool that SIGPIPE ended
 
 
 if __name__ == "__main__":  # pragma: no cover

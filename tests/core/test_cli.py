@@ -384,3 +384,20 @@ def test_fuse_never_writes_over_its_inputs(case_dir, capsys):
         assert line.startswith("raterseg: error: --output: "), line
         assert out == ""
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_output_piped_into_head_is_no_traceback(monkeypatch, capsys):
+    """`raterseg methods | head -3`: the reader goes away; the command ends quietly (as
+    shell tools do) instead of a BrokenPipeError traceback."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise io.UnsupportedOperation("no file descriptor")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = main(["methods"])
+    assert code == 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    assert "Traceback" not in capsys.readouterr().err

@@ -401,3 +401,36 @@ def test_output_piped_into_head_is_no_traceback(monkeypatch, capsys):
     code = main(["methods"])
     assert code == 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_nifti_raters_on_different_voxel_grids_are_refused(case_dir, capsys):
+    """Two label files of one shape whose NIfTI affines disagree (one flipped left-right,
+    or shifted) do not label the same voxels: fusing them voxel by voxel is wrong, so the
+    command refuses, naming the file (SimpleITK's STAPLE filters refuse them too). A
+    header that differs by float rounding is the same grid."""
+    import nibabel as nib
+
+    folder, _ = case_dir
+    img = nib.load(folder / "rater2.nii.gz")
+    data = np.asarray(img.dataobj)
+    flipped = img.affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0],
+                                     [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(data[::-1], flipped), folder / "flipped.nii.gz")
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 2.0
+    nib.save(nib.Nifti1Image(data, shifted), folder / "shifted.nii.gz")
+    rounded = img.affine.copy()
+    rounded[:3, 3] += 1e-6
+    nib.save(nib.Nifti1Image(data, rounded), folder / "rounded.nii.gz")
+    for name in ("flipped", "shifted"):
+        code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / f"{name}.nii.gz",
+                             "-m", "mean", "-o", folder / "o"], capsys)
+        line = _one_error_line(code, err)
+        assert f"{name}.nii.gz" in line and "rater1.nii.gz" in line and "grid" in line, line
+    code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / "rater3.nii.gz",
+                         "--image", folder / "shifted.nii.gz", "-m", "mean", "-o", folder / "o"],
+                        capsys)
+    assert "shifted.nii.gz" in _one_error_line(code, err)
+    code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / "rounded.nii.gz",
+                         "-m", "mean", "-o", folder / "o", "-q"], capsys)
+    assert code == 0, err

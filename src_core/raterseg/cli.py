@@ -697,9 +697,10 @@ def _predict_one(model, batch: np.ndarray, slices: bool):
             return None
         return np.moveaxis(arr, 0, spatial_at) if slices else arr[0]
 
+    # no raters, so no observed disagreement (the result holds zeros): not written
     return FusionResult(
         truth=one(res.truth, 0), probabilities=one(res.probabilities, 1),
-        uncertainty=one(res.uncertainty, 0), disagreement=one(res.disagreement, 0),
+        uncertainty=one(res.uncertainty, 0), disagreement=None,
         rater_confusion=res.rater_confusion,
         rater_maps=one(res.rater_maps, 1), rater_estimates=one(res.rater_estimates, 2),
         method=res.method, params=res.params, history=res.history)

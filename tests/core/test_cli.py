@@ -434,3 +434,26 @@ def test_nifti_raters_on_different_voxel_grids_are_refused(case_dir, capsys):
     code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / "rounded.nii.gz",
                          "-m", "mean", "-o", folder / "o", "-q"], capsys)
     assert code == 0, err
+
+
+def test_predict_writes_no_disagreement_map_without_raters(tmp_path, capsys):
+    """predict has no raters, so there is no observed disagreement: no all-zero map that
+    reads as 'the raters agreed everywhere'."""
+    import torch
+
+    torch.set_num_threads(1)
+    from raterseg import synth
+
+    cases = [synth.sample_case(dims=2, num_raters=2, seed=i, shape=(16, 16)) for i in range(2)]
+    model = rs.create("unet", epochs=1, features=(4, 4, 4, 4, 4), batch_size=2, device="cpu")
+    model.fit(np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases]))
+    model.save(tmp_path / "m.safetensors")
+    rio.write_array(tmp_path / "new.nii.gz", cases[0][0])
+    code, _, err = _run(["predict", tmp_path / "m.safetensors", tmp_path / "new.nii.gz",
+                         "--device", "cpu", "-q", "-o", tmp_path / "pred"], capsys)
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "pred" / "new").iterdir())
+    assert "truth.nii.gz" in files and "uncertainty.nii.gz" in files
+    assert "disagreement.nii.gz" not in files
+    summary = json.loads((tmp_path / "pred" / "new" / "summary.json").read_text())
+    assert "disagreement" not in summary["files"]

@@ -20,8 +20,10 @@ A **cohort** is a folder of case folders and/or LIDC patient folders.
 An **.npz dataset** holds ``images`` ``(N, C?, *S)`` and ``raters`` ``(N, R, *S)``, or
 LIDC's ``images`` uint8 ``(N, 128, 128)``, ``masks`` bool ``(N, 4, 128, 128)`` and ``ids``.
 
-Label files: bool and 0/255 PNG masks become 0/1; float files whose values are
-whole numbers become integers; JPEG labels are refused (lossy compression changes labels).
+Label files: bool masks and uint8 masks holding only 0 and 255 (in any format) become
+0/1; float files whose values are whole numbers become integers; JPEG labels and colour
+images are refused (lossy compression changes labels; a colour has no class number).
+The same holds for the raters of an .npz dataset.
 """
 
 from __future__ import annotations
@@ -124,6 +126,17 @@ def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
     if fmt == "jpeg":
         raise RaterSegError(f"{where}: expected a lossless label file (PNG, TIFF, NIfTI, NPY); "
                             "JPEG compression changes labels")
+    if meta.get("channels_moved_first"):
+        raise RaterSegError(f"{where}: expected a label map with one value per pixel, got a "
+                            f"colour image ({arr.shape[0]} channels); save the mask as a "
+                            "grayscale or indexed (palette) image")
+    return _integer_labels(arr, where)
+
+
+def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
+    """bool → 0/1, a uint8 0/255 mask → 0/1, whole-number floats → integers; int16 (int32
+    for >= 32000 classes). Refuses fractional or non-finite values, non-numeric dtypes and
+    values below -1."""
     if arr.dtype == bool:
         return arr.astype(np.int16)
     if arr.dtype.kind == "f":
@@ -132,9 +145,11 @@ def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
             raise RaterSegError(f"{where}: expected integer class labels, got the value {bad}")
     elif arr.dtype.kind not in "iu":
         raise RaterSegError(f"{where}: expected integer class labels, got dtype {arr.dtype}")
-    if fmt in ("png", "tiff") and arr.dtype == np.uint8 and arr.size:
+    if arr.dtype == np.uint8 and arr.size:
+        # a 0/255 binary mask (image tools save masks so, in PNG, TIFF and NIfTI alike); taken
+        # as classes 0..255 it would make 256-class probability maps
         vals = np.unique(arr)
-        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():  # a 0/255 binary mask
+        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():
             arr = arr // 255
     hi = float(arr.max()) if arr.size else 0.0
     lo = float(arr.min()) if arr.size else 0.0
@@ -400,6 +415,10 @@ def load_npz_dataset(path: str | os.PathLike) -> Dataset:
     images, raters, ids = arrays[img_key], arrays[rat_key], arrays.get("ids")
     if raters.dtype == bool:
         raters = raters.astype(np.int8)
+    elif raters.dtype.kind == "f" or raters.dtype == np.uint8:  # as for label files
+        raters = _integer_labels(raters, f"path: {rat_key!r} in '{p}'")
+        if raters.size and -1 <= raters.min() and raters.max() < 128:
+            raters = raters.astype(np.int8)  # the memory of the stored uint8
     elif raters.dtype.kind not in "iu":
         raise RaterSegError(f"path: expected integer labels under {rat_key!r} in '{p}', "
                             f"got dtype {raters.dtype}")

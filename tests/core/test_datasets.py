@@ -1,0 +1,61 @@
+"""Label conversions of raterseg.datasets: what a user's mask files become, and which
+ones are refused with a message naming the argument."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import skimage.io
+from raterseg import RaterSegError
+from raterseg.datasets import load_npz_dataset, read_labels
+
+
+def test_colour_png_mask_is_refused_not_read_as_three_slices(tmp_path):
+    mask = np.zeros((12, 16, 3), np.uint8)
+    mask[3:8, 4:10, 0] = 255  # a red nodule on black
+    skimage.io.imsave(tmp_path / "rater1.png", mask, check_contrast=False)
+    with pytest.raises(RaterSegError, match=r"rater1.*colour image \(3 channels\)"):
+        read_labels(tmp_path / "rater1.png", argname="rater1")
+    # the same mask in gray is one 2D label map
+    skimage.io.imsave(tmp_path / "gray.png", mask[..., 0], check_contrast=False)
+    lab, _ = read_labels(tmp_path / "gray.png")
+    assert lab.shape == (12, 16) and set(np.unique(lab)) == {0, 1}
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".npy", ".png"])
+def test_uint8_0_255_mask_becomes_0_1_in_every_format(tmp_path, suffix):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:6, 3:9] = 255
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(mask[..., None], np.eye(4)), path)
+    elif suffix == ".npy":
+        np.save(path, mask)
+    else:
+        skimage.io.imsave(path, mask, check_contrast=False)
+    lab, _ = read_labels(path)
+    assert set(np.unique(lab)) == {0, 1}
+    assert int(lab.sum()) == 24
+    # a uint8 map with other labels keeps them
+    multi = mask.copy()
+    multi[0, 0] = 2
+    np.save(tmp_path / "multi.npy", multi)
+    assert set(np.unique(read_labels(tmp_path / "multi.npy")[0])) == {0, 2, 255}
+
+
+def test_npz_dataset_raters_convert_like_label_files(tmp_path):
+    images = np.zeros((3, 8, 8), np.float32)
+    raters = np.zeros((3, 2, 8, 8), np.float32)
+    raters[:, 0, 2:5, 2:5] = 1.0
+    raters[0, 1] = -1.0  # rater 1 missing on case 0
+    np.savez(tmp_path / "f.npz", images=images, raters=raters)
+    ds = load_npz_dataset(tmp_path / "f.npz")
+    assert ds.raters.dtype.kind == "i"
+    assert np.array_equal(ds.raters, raters.astype(int))
+    np.savez(tmp_path / "m.npz", images=images, raters=(raters.clip(0) * 255).astype(np.uint8))
+    assert set(np.unique(load_npz_dataset(tmp_path / "m.npz").raters)) == {0, 1}
+    raters[1, 0, 0, 0] = 0.5
+    np.savez(tmp_path / "bad.npz", images=images, raters=raters)
+    with pytest.raises(RaterSegError, match=r"path: 'raters'.*integer class labels.*0\.5"):
+        load_npz_dataset(tmp_path / "bad.npz")

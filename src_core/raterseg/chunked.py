@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .io import check_output_folder
 from .types import MISSING, FusionResult, RaterSegError, TrainingEvent
 
 __all__ = ["CHUNK_VOXELS", "fuse_chunked"]
@@ -501,9 +502,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             f"chunk_voxels: expected a positive whole number of voxels, got {chunk_voxels!r}")
     if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
         raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-    out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RaterSegError(f"output_dir: expected a folder, got the file {out_dir}")
+    out_dir = check_output_folder(output_dir, "output_dir")
     srcs = _open_raters(raters)
     shape = _check_sources(srcs)
     nifti = next((s for s in srcs if isinstance(s, _NiftiSource)), None)
@@ -576,9 +575,12 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         (out_dir / META_FILE).unlink(missing_ok=True)
         for w in writers.values():
             w.commit()
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, OSError):  # e.g. the disk filled up after all, or a quota
+            raise RaterSegError(f"output_dir: writing the result to '{out_dir}' failed "
+                                f"({e.strerror or e})") from e
         raise
     for stale in set(previous) - {w.path for w in writers.values()}:
         stale.unlink(missing_ok=True)  # the previous result was in the other format

@@ -120,21 +120,10 @@ def _info(msg: str, quiet: bool = False) -> None:
 
 
 def _check_output_folder(output: str | os.PathLike) -> Path:
-    """``--output`` as a folder that exists or can be created, and can be written; checked
-    before any work so that a mistake costs no fusion or training time.
+    """``--output`` checked before any work (:func:`raterseg.io.check_output_folder`)."""
+    from .io import check_output_folder
 
-    Raises:
-        RaterSegError: it is a file, a file is in the way, or the folder is not writable.
-    """
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise RaterSegError(f"--output: expected a folder, got the file '{out}'")
-    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        why = "not a folder" if not folder.is_dir() else "not writable"
-        raise RaterSegError(f"--output: expected a folder that can be created and written, "
-                            f"got '{out}' ('{folder}' is {why})")
-    return out
+    return check_output_folder(output, "--output")
 
 
 #: Files :func:`raterseg.io.write_result` may write for ``raterseg fuse``.
@@ -713,7 +702,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .serialization import load_method, read_header
 
     out = _check_output_folder(args.output)
-    read_header(args.model)  # a wrong model file fails before any slow import
+    read_header(args.model, "MODEL")  # a wrong model file fails before any slow import
     # every image is read and checked before anything is written
     inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
     device = resolve_device(args.device)

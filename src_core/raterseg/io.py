@@ -293,6 +293,24 @@ def _umask() -> int:
     return mask
 
 
+def check_output_folder(output: str | os.PathLike, argname: str) -> Path:
+    """``output`` as a folder that exists or can be created, and can be written; for
+    checking before any work, so that a mistake costs no fusion or training time.
+
+    Raises:
+        RaterSegError: it is a file, a file is in the way, or the folder is not writable.
+    """
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise RaterSegError(f"{argname}: expected a folder, got the file '{out}'")
+    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "not a folder" if not folder.is_dir() else "not writable"
+        raise RaterSegError(f"{argname}: expected a folder that can be created and written, "
+                            f"got '{out}' ('{folder}' is {why})")
+    return out
+
+
 def _file_mode(path: Path) -> int:
     """The mode a plain ``open(path, "w")`` would leave: the existing file's, else 0o666
     less the umask (mkstemp creates its files 0o600, private to the user)."""

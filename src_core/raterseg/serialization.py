@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .io import _atomic
 from .types import RaterSegError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_method", "read_header", "save_method"]
@@ -56,28 +56,31 @@ def save_method(method: Any, path: str | os.PathLike) -> Path:
         **method._fitted_meta(),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.network_.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"raterseg": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    try:  # atomic, with the mode a plain open() would give (readable by the group)
+        with _atomic(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"raterseg": json.dumps(meta)})
+    except OSError as e:
+        raise RaterSegError(f"path: cannot write the model to {str(path)!r} "
+                            f"({e.strerror or e})") from None
     return path
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
+def read_header(path: str | os.PathLike, argname: str = "path") -> dict[str, Any]:
     """The raterseg metadata of a model file, read as JSON only.
 
+    Args:
+        path: the model file.
+        argname: the name errors give the file (the CLI's ``MODEL``).
+
     Raises:
-        RaterSegError: missing file, or not a raterseg safetensors model.
+        RaterSegError: missing file, a folder, or not a raterseg safetensors model.
     """
     path = Path(path)
     if not path.is_file():
-        raise RaterSegError(f"path: expected a saved raterseg model file, got {str(path)!r} "
-                            "(no such file)")
-    not_model = (f"path: expected a raterseg model (a safetensors file written by "
+        why = "a folder" if path.is_dir() else "no such file"
+        raise RaterSegError(f"{argname}: expected a saved raterseg model file, got "
+                            f"{str(path)!r} ({why})")
+    not_model = (f"{argname}: expected a raterseg model (a safetensors file written by "
                  f"method.save), but {str(path)!r} is not one")
     with open(path, "rb") as fh:
         head = fh.read(8)

@@ -311,6 +311,9 @@ def test_bad_output_dir_and_chunk_voxels_refused_up_front(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(rs.RaterSegError, match="output_dir"):
         rs.fuse_chunked(raters, tmp_path / "afile")
+    # a file where a parent folder should be: refused before the passes, not a bare OSError
+    with pytest.raises(rs.RaterSegError, match=r"output_dir: .*'.*afile' is not a folder"):
+        rs.fuse_chunked(raters, tmp_path / "afile" / "out")
     code = main(["fuse", str(tmp_path / "raters.npy"), "--chunked", "-o", str(tmp_path / "afile")])
     assert code == 2 and "afile" in capsys.readouterr().err
     for n in ("0", "-5"):
@@ -334,6 +337,15 @@ def test_interrupted_run_keeps_the_previous_result_and_leaves_no_temporaries(tmp
     with pytest.raises(KeyboardInterrupt):
         rs.fuse_chunked(raters, tmp_path / "out", method="staple", chunk_voxels=5000,
                         progress=interrupt)
+
+    def disk_full(event):
+        if "writing" in event.message and event.step == 1:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(rs.RaterSegError, match="output_dir: writing the result .*No space left"):
+        rs.fuse_chunked(raters, tmp_path / "out", method="staple", chunk_voxels=5000,
+                        progress=disk_full)
+    assert rs.load_chunked(tmp_path / "out").method == "majority_vote"  # still whole
     # the interrupted run left no temporary files and the first result is whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "disagreement.npy", "fusion.json", "probabilities.npy", "truth.npy", "uncertainty.npy"]

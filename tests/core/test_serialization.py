@@ -114,3 +114,25 @@ def test_saving_an_untrained_or_classical_method_is_an_error(tmp_path):
     with pytest.raises(rs.RaterSegError):
         rs.create("majority_vote").save(tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_model_is_readable_like_any_file_and_errors_name_the_problem(tmp_path, data):
+    images, raters = data
+    m = rs.create("cm", **TINY).fit(images, raters)
+    old = os.umask(0o022)
+    try:
+        m.save(tmp_path / "m.safetensors")  # mkstemp alone would leave it 0600
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(rs.RaterSegError, match=r"MODEL: .*\(a folder\)"):
+        read_header(tmp_path, "MODEL")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            with pytest.raises(rs.RaterSegError, match="path: cannot write the model"):
+                m.save(locked / "m.safetensors")
+        finally:
+            locked.chmod(0o755)

@@ -400,6 +400,11 @@ def _describe_param(info) -> tuple[str, str, str, str]:
     return info.name, t, default, help_
 
 
+def _md_cell(value) -> str:
+    """A markdown table cell: a bare ``|`` (as in "one of lowest|undecided") would end it."""
+    return str(value).replace("|", "\\|")
+
+
 def _run_methods(args: argparse.Namespace) -> int:
     import raterseg as rs
 
@@ -413,7 +418,8 @@ def _run_methods(args: argparse.Namespace) -> int:
             out.append(f"### `{name}` ({kind})\n\n{doc[0] if doc else ''}\n")
             if rows:
                 out.append("| parameter | type | default | help |\n| --- | --- | --- | --- |")
-                out.extend(f"| `{a}` | {b} | `{c}` | {d} |" for a, b, c, d in rows)
+                out.extend(f"| `{a}` | {_md_cell(b)} | `{_md_cell(c)}` | {_md_cell(d)} |"
+                           for a, b, c, d in rows)
             else:
                 out.append("No parameters.")
             out.append("")

@@ -80,6 +80,9 @@ def test_docs_methods_table_is_current():
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     md = proc.stdout
+    # every parameter row has its 4 cells (a bare | in a help text would split one)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| `")]
+    assert rows and all(len(re.split(r"(?<!\\)\|", ln)) == 6 for ln in rows), rows
     body = doc.read_text()
     assert body.endswith(md), "docs/METHODS.md is stale: regenerate it with " \
         "`raterseg methods --format markdown` (keeping its first 4 lines)"

@@ -355,8 +355,10 @@ def sample_case(dims: int = 2, num_raters: int = 4, seed: int = 0, num_classes: 
     if image is None:
         raise RaterSegError(f"shape: expected {dims} sizes for dims={dims}, got {shape!r}")
     scale = max(shape) / 128
-    amount = {"good": 1.0 * scale, "over": 3.0 * scale, "under": 3.0 * scale,
-              "wrong": 3.0 * scale, "flip": 0.08}
+    # at least one voxel of thickening/thinning: below ~43 voxels the scaled amounts round
+    # to nothing and the over/under/wrong raters would equal the truth
+    biased = max(1.0, 3.0 * scale)
+    amount = {"good": 1.0 * scale, "over": biased, "under": biased, "wrong": biased, "flip": 0.08}
     kinds = [SAMPLE_KINDS[i % len(SAMPLE_KINDS)] for i in range(int(num_raters))]
     raters = simulate_raters(truth, kinds, [amount[k] for k in kinds], seed=seed + 1,
                              num_classes=num_classes)

@@ -214,34 +214,9 @@ def _add_fuse(sub) -> None:
     p.set_defaults(func=_run_fuse)
 
 
-def _check_same_grid(named_metas: Sequence[tuple[str, dict]]) -> None:
-    """Files with a voxel-to-world affine (NIfTI) must share it, to a thousandth of a voxel:
-    otherwise equal array indices are different places (a flipped axis, a shift) and fusing
-    voxel by voxel is wrong. raterseg does not resample; SimpleITK's STAPLE filters refuse
-    such inputs too.
-
-    Raises:
-        RaterSegError: naming the two files.
-    """
-    ref: tuple[str, np.ndarray] | None = None
-    for name, meta in named_metas:
-        if meta.get("affine") is None:
-            continue
-        affine = np.asarray(meta["affine"], dtype=np.float64)
-        if ref is None:
-            ref = (name, affine)
-            continue
-        voxel = float(np.linalg.norm(ref[1][:3, :3], axis=0).min()) or 1.0
-        diff = float(np.abs(affine - ref[1]).max())
-        if diff > 1e-3 * voxel:
-            raise RaterSegError(
-                f"RATER: '{name}' lies on another voxel grid than '{ref[0]}' (their NIfTI "
-                f"affines differ by up to {diff:.3g}); resample the labels onto one grid first")
-
-
 def _read_inputs(paths: list[str], image_path: str | None):
     """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
-    from .datasets import _match_image, _stem, read_case, read_image, read_labels
+    from .datasets import _match_image, _stem, check_same_grid, read_case, read_image, read_labels
 
     def is_case(folder: Path) -> bool:
         return folder.is_dir() and any(
@@ -261,7 +236,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
                     f"RATER: '{p}' is {what}; give one case folder alone, or fuse every case "
                     f"of a folder with 'raterseg fuse-dir'")
         labels, metas = zip(*(read_labels(p) for p in paths))
-        _check_same_grid(list(zip(paths, metas)))
+        check_same_grid(list(zip(paths, metas)), "RATER")
         shapes = [a.shape for a in labels]
         if len(set(shapes)) != 1:
             listing = ", ".join(f"'{p}' {s}" for p, s in zip(paths, shapes))
@@ -278,7 +253,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         rater_meta = meta
         image, meta = read_image(image_path)
         raters = _match_image(image, raters, image_path)
-        _check_same_grid([(str(paths[0]), rater_meta), (image_path, meta)])
+        check_same_grid([(str(paths[0]), rater_meta), (image_path, meta)], "--image")
     return raters, names, image, meta
 
 

@@ -119,6 +119,31 @@ def _check_folder(folder: str | os.PathLike, argname: str) -> Path:
 # -- labels ----------------------------------------------------------------------------
 
 
+def check_same_grid(named_metas: Sequence[tuple[str, dict]], argname: str) -> None:
+    """Files with a voxel-to-world affine (NIfTI) must share it, to a thousandth of a voxel:
+    otherwise equal array indices are different places (a flipped axis, a shift) and fusing
+    voxel by voxel is wrong. raterseg does not resample; SimpleITK's STAPLE filters refuse
+    such inputs too.
+
+    Raises:
+        RaterSegError: ``argname``, naming the two files.
+    """
+    ref: tuple[str, np.ndarray] | None = None
+    for name, meta in named_metas:
+        if meta.get("affine") is None:
+            continue
+        affine = np.asarray(meta["affine"], dtype=np.float64)
+        if ref is None:
+            ref = (name, affine)
+            continue
+        voxel = float(np.linalg.norm(ref[1][:3, :3], axis=0).min()) or 1.0
+        diff = float(np.abs(affine - ref[1]).max())
+        if diff > 1e-3 * voxel:
+            raise RaterSegError(
+                f"{argname}: '{name}' lies on another voxel grid than '{ref[0]}' (their NIfTI "
+                f"affines differ by up to {diff:.3g}); resample the labels onto one grid first")
+
+
 def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
     """Rater labels as int16 (int32 for >= 32000 classes), with the conversions above."""
     where = f"{argname} ('{meta.get('path', '?')}')"
@@ -277,11 +302,13 @@ def read_case(folder: str | os.PathLike) -> Case:
     if len(set(names)) != len(names):
         raise RaterSegError(f"folder: two raters share a name in '{p}': {names}")
     labels, metas = zip(*(read_labels(e) for e in rater_paths))
+    check_same_grid([(str(e), m) for e, m in zip(rater_paths, metas)], "folder")
     raters = _stack_raters(list(labels), names, p)
     image, meta = None, dict(metas[0])
     if image_paths:
         image, meta = read_image(image_paths[0])
         raters = _match_image(image, raters, str(image_paths[0]))
+        check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), meta)], "folder")
     meta["rater_paths"] = [str(e) for e in rater_paths]
     return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
 

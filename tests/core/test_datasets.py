@@ -59,3 +59,18 @@ def test_npz_dataset_raters_convert_like_label_files(tmp_path):
     np.savez(tmp_path / "bad.npz", images=images, raters=raters)
     with pytest.raises(RaterSegError, match=r"path: 'raters'.*integer class labels.*0\.5"):
         load_npz_dataset(tmp_path / "bad.npz")
+
+
+def test_case_folder_with_a_rater_on_another_grid_is_refused(tmp_path):
+    from raterseg.datasets import read_case
+
+    lab = np.zeros((8, 9, 4), np.uint8)
+    lab[2:5, 3:7, 1:3] = 1
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # the same array, x mirrored in the world
+    flipped[0, 3] = 7.0
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "rater1.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "rater2.nii.gz")
+    assert read_case(tmp_path).raters.shape[0] == 2  # same grid: fine
+    nib.save(nib.Nifti1Image(lab, flipped), tmp_path / "rater3.nii.gz")
+    with pytest.raises(RaterSegError, match=r"folder: '.*rater3.nii.gz' lies on another voxel grid"):
+        read_case(tmp_path)

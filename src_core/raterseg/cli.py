@@ -765,6 +765,12 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
         rows = fuse_cohort(args.cohort, args.output, args.method, workers=args.workers,
                            progress=progress, num_classes=args.num_classes, device=args.device,
                            seed=args.seed, on_case=on_case, **params)
+    except RaterSegError as e:  # name the arguments as the user typed them
+        msg = str(e)
+        for api, cli in (("cohort_dir: ", "COHORT: "), ("out_dir: ", "--output: ")):
+            if msg.startswith(api):
+                raise RaterSegError(cli + msg[len(api):]) from None
+        raise
     finally:
         progress.close()
     seconds = time.perf_counter() - t0

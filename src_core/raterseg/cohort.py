@@ -186,7 +186,7 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     root = Path(cohort_dir)
     inside = out.resolve()
     # results written inside the cohort folder hold rater_* files: never take them for cases
-    case_dirs = [d for d in find_cases(root)
+    case_dirs = [d for d in find_cases(root, "cohort_dir")
                  if d.resolve() != inside and inside not in d.resolve().parents]
     if not case_dirs:
         raise RaterSegError(f"cohort_dir: expected case folders in '{root}' besides the "

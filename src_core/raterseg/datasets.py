@@ -375,14 +375,14 @@ def _looks_like_case(p: Path) -> bool:
     return any(e.name.lower().startswith("rater") for e in p.iterdir())
 
 
-def find_cases(folder: str | os.PathLike) -> list[Path]:
+def find_cases(folder: str | os.PathLike, argname: str = "folder") -> list[Path]:
     """Case folders of a cohort, in natural order: case folders, LIDC nodule folders
     (also inside patient folders), or ``folder`` itself when it is one case.
 
     Raises:
-        RaterSegError: ``folder`` is missing or holds no case.
+        RaterSegError: ``folder`` (named ``argname``) is missing or holds no case.
     """
-    p = _check_folder(folder, "folder")
+    p = _check_folder(folder, argname)
     if _is_lidc_nodule(p) or _looks_like_case(p):
         return [p]
     found: list[Path] = []
@@ -395,7 +395,7 @@ def find_cases(folder: str | os.PathLike) -> list[Path]:
             found.extend(n for n in _entries(e) if n.is_dir() and _is_lidc_nodule(n))
     if not found:
         raise RaterSegError(
-            f"folder: expected a cohort (folders each holding image.* and rater* files, or "
+            f"{argname}: expected a cohort (folders each holding image.* and rater* files, or "
             f"LIDC patient/nodule-N folders) in '{p}', found no case"
         )
     return found

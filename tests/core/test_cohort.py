@@ -174,11 +174,11 @@ def test_two_workers_give_the_same_outputs(cohort, fused, tmp_path):
 def test_bad_arguments_exit_2_before_any_work(cohort, tmp_path, capsys):
     root, _ = cohort
     for argv, match in [
-        (["fuse-dir", str(tmp_path / "absent"), "-o", str(tmp_path / "o")], "no such folder"),
+        (["fuse-dir", str(tmp_path / "absent"), "-o", str(tmp_path / "o")], "COHORT: no such folder"),
         (["fuse-dir", str(root), "-m", "stapel", "-o", str(tmp_path / "o")], "did you mean 'staple'"),
         (["fuse-dir", str(root), "--set", "prior=x", "-o", str(tmp_path / "o")], "prior"),
         (["fuse-dir", str(root), "--workers", "0", "-o", str(tmp_path / "o")], "workers: expected"),
-        (["fuse-dir", str(tmp_path), "-o", str(tmp_path / "o")], "found no case"),
+        (["fuse-dir", str(tmp_path), "-o", str(tmp_path / "o")], "COHORT: expected a cohort"),
     ]:
         code = main(argv)
         _, err = capsys.readouterr()

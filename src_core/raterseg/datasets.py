@@ -302,13 +302,13 @@ def read_case(folder: str | os.PathLike) -> Case:
     if len(set(names)) != len(names):
         raise RaterSegError(f"folder: two raters share a name in '{p}': {names}")
     labels, metas = zip(*(read_labels(e) for e in rater_paths))
-    check_same_grid([(str(e), m) for e, m in zip(rater_paths, metas)], "folder")
     raters = _stack_raters(list(labels), names, p)
+    check_same_grid([(str(e), m) for e, m in zip(rater_paths, metas)], "raters")
     image, meta = None, dict(metas[0])
     if image_paths:
         image, meta = read_image(image_paths[0])
         raters = _match_image(image, raters, str(image_paths[0]))
-        check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), meta)], "folder")
+        check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), meta)], "image")
     meta["rater_paths"] = [str(e) for e in rater_paths]
     return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
 

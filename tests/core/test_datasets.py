@@ -72,5 +72,5 @@ def test_case_folder_with_a_rater_on_another_grid_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "rater2.nii.gz")
     assert read_case(tmp_path).raters.shape[0] == 2  # same grid: fine
     nib.save(nib.Nifti1Image(lab, flipped), tmp_path / "rater3.nii.gz")
-    with pytest.raises(RaterSegError, match=r"folder: '.*rater3.nii.gz' lies on another voxel grid"):
+    with pytest.raises(RaterSegError, match=r"raters: '.*rater3.nii.gz' lies on another voxel grid"):
         read_case(tmp_path)

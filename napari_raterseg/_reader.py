@@ -63,24 +63,53 @@ def _stem(path: str) -> str:
     return Path(path).stem
 
 
+def _whole_numbers(arr: np.ndarray) -> bool:
+    """A float array whose values are all finite whole numbers (a label map saved as float)."""
+    return bool(np.isfinite(arr).all() and (arr == np.round(arr)).all())
+
+
 def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     """Whether an array read from a file is a label map rather than an image.
 
     Bool arrays are labels. Integer arrays with values in ``-1..255`` are labels when
     the file name says so (``mask``, ``label``, ``seg``, ``rater``, …) or when they hold
-    at most 32 distinct values (a CT or an 8-bit photo holds many more).
+    at most 32 distinct values (a CT or an 8-bit photo holds many more). Float arrays
+    (ITK tools often save masks as float32) are labels only when the file name says so
+    and every value is a whole number in ``-1..255``.
     """
     if arr.dtype == bool:
         return True
-    if not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
+    hinted = any(h in name.lower() for h in _LABEL_HINTS)
+    if arr.size == 0:
         return False
-    lo, hi = int(arr.min()), int(arr.max())
+    if arr.dtype.kind == "f":
+        if not hinted or not _whole_numbers(arr):
+            return False
+    elif not np.issubdtype(arr.dtype, np.integer):
+        return False
+    lo, hi = float(arr.min()), float(arr.max())
     if lo < -1 or hi > 255:
         return False
-    if any(h in name.lower() for h in _LABEL_HINTS):
+    if hinted:
         return True
     step = max(1, arr.size // 1_000_000)  # a sample is enough to see many values
     return np.unique(arr.reshape(-1)[::step]).size <= _MAX_LABELS
+
+
+def as_labels(arr: np.ndarray) -> np.ndarray:
+    """A label map read from a file as the core reads rater files
+    (:func:`raterseg.datasets.read_labels`): bool → 0/1, a uint8 mask holding only 0 and
+    255 → 0/1 (taken as classes 0..255 it would fuse into 256-class maps), whole-number
+    floats → int16. Other integer arrays are returned as they are."""
+    if arr.dtype == bool:
+        return arr.view(np.uint8)  # freshly read: a view is safe and saves a copy
+    if arr.dtype.kind == "f":
+        return arr.astype(np.int16)
+    if arr.dtype == np.uint8 and arr.size:
+        vals = np.unique(arr)
+        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():
+            return arr // 255
+    return arr
 
 
 def _scale(meta: dict, ndim: int) -> tuple[float, ...]:
@@ -93,7 +122,7 @@ def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
     """One image or labels layer for an array read from a file."""
     kwargs = {"name": name, "scale": _scale(meta, arr.ndim), "metadata": {IO_META_KEY: meta}}
     if looks_like_labels(arr, name):
-        return (arr.astype(np.uint8) if arr.dtype == bool else arr), kwargs, "labels"
+        return as_labels(arr), kwargs, "labels"
     return arr, kwargs, "image"
 
 
@@ -143,7 +172,12 @@ def read_npz(path: str) -> list[LayerData]:
     used: set[str] = set()
     if rater_key is not None:
         raters, meta = arrays[rater_key]
-        raters = raters.view(np.uint8) if raters.dtype == bool else raters
+        if raters.dtype.kind == "f" and not _whole_numbers(raters):
+            from raterseg import RaterSegError
+
+            raise RaterSegError(f"{rater_key} ('{path}'): expected integer class labels, got "
+                                "fractional or non-finite values")
+        raters = as_labels(raters)
         img = arrays[image_key][0] if image_key else None
         if img is not None and raters.ndim == img.ndim + 1 and raters.shape[2:] == img.shape[1:] \
                 and raters.shape[0] == img.shape[0] and raters.shape[1:] != img.shape:

@@ -203,3 +203,43 @@ def test_labels_heuristic():
     many = (np.arange(4096).reshape(64, 64) % 200).astype(np.uint8)
     assert not rd.looks_like_labels(many, "ct")
     assert rd.looks_like_labels(many, "liver_mask")
+
+
+def test_rater_files_saved_as_float_or_0_255_open_as_binary_labels(make_napari_viewer, tmp_path):
+    # ITK tools save masks as float32 0/1, image tools as uint8 0/255; the CLI (read_labels)
+    # reads both as 0/1 labels, so opening them one by one in napari must too: a float mask
+    # opened as an Image layer cannot be picked as a rater, and 0/255 fused into 256 classes.
+    _, lab = _blob((6, 10, 12))
+    nib.save(nib.Nifti1Image(lab.astype(np.float32), np.eye(4)), tmp_path / "rater_a.nii.gz")
+    nib.save(nib.Nifti1Image(lab * np.uint8(255), np.eye(4)), tmp_path / "rater_b.nii.gz")
+    tifffile.imwrite(tmp_path / "rater_c_mask.tif", lab[3] * np.uint8(255))
+    for name, expected in (("rater_a.nii.gz", lab), ("rater_b.nii.gz", lab),
+                           ("rater_c_mask.tif", lab[3])):
+        ((data, _, kind),) = rd.read_files(str(tmp_path / name))
+        assert kind == "labels", name
+        assert data.dtype.kind in "iu", name
+        assert np.unique(data).tolist() == [0, 1] and data.sum() == expected.sum(), name
+    # A float file that is no label map stays an image, whatever its name.
+    frac = lab.astype(np.float32) * 0.5
+    nib.save(nib.Nifti1Image(frac, np.eye(4)), tmp_path / "seg_prob.nii.gz")
+    assert rd.read_files(str(tmp_path / "seg_prob.nii.gz"))[0][2] == "image"
+    # Fused in the viewer, the two rater files give a binary result.
+    from napari_raterseg.api import fuse_layers
+
+    viewer = make_napari_viewer()
+    layers = viewer.open([str(tmp_path / "rater_a.nii.gz"), str(tmp_path / "rater_b.nii.gz")],
+                         plugin="napari-raterseg")
+    res = fuse_layers(viewer, None, [lyr.name for lyr in layers], "majority_vote")
+    assert res.probabilities.shape[0] == 2
+
+
+def test_npz_raters_saved_as_0_255_or_float_are_binary_labels(tmp_path):
+    img, lab = _blob((16, 16))
+    np.savez(tmp_path / "a.npz", image=img, raters=np.stack([lab, lab]) * np.uint8(255))
+    np.savez(tmp_path / "b.npz", image=img, raters=np.stack([lab, lab]).astype(np.float64))
+    for name in ("a.npz", "b.npz"):
+        layers = rd.read_files(str(tmp_path / name))
+        assert [k for *_, k in layers] == ["image", "labels", "labels"]
+        for data, _, _ in layers[1:]:
+            assert data.dtype.kind in "iu"
+            np.testing.assert_array_equal(data, lab)

@@ -140,8 +140,10 @@ def result_layer_data(result: Any, base_name: str, method: str, *,
       method models raters spatially (``result.rater_maps`` is not None).
     """
     nsp = result.truth.ndim
-    scale = tuple(scale) if scale is not None else (1.0,) * nsp
-    translate = tuple(translate) if translate is not None else (0.0,) * nsp
+    # The calibration of the spatial axes: the last ``nsp`` entries (a multi-channel image
+    # layer ``(C, *S)`` has one more, which the model's output does not have).
+    scale = ((1.0,) * nsp + tuple(scale or ()))[-nsp:]
+    translate = ((0.0,) * nsp + tuple(translate or ()))[-nsp:]
     cal = {"scale": scale, "translate": translate}
     lead = {"scale": (1.0,) + scale, "translate": (0.0,) + translate}
     meta = {"method": method, "params": dict(result.params)}

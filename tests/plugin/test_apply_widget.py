@@ -72,3 +72,30 @@ def test_bad_model_file_is_a_notification(make_napari_viewer, tmp_path, notifica
     widget.load_button.click()  # must not raise
     assert widget.model is None and not widget.controls.run_button.isEnabled()
     assert any(n.severity == "error" for n in notifications)
+
+
+def test_apply_model_on_a_multichannel_image_layer(make_napari_viewer, qtbot, tmp_path):
+    # A model trained on 2-channel images, applied to a (C, H, W) Image layer with pixel size
+    # 0.5: the layers come out (H, W) with the image's spatial scale (the channel axis' scale
+    # was handed to the 2D layers and the result failed with "could not broadcast ...").
+    learned = [m for m in ("unet", "cm") if m in rs.available_methods(learned=True)]
+    if not learned:
+        pytest.skip("no learned method registered yet")
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 2, 32, 32)).astype(np.float32)
+    raters = (images[:, :1] > 0).repeat(2, axis=1).astype(np.int16)
+    model = rs.create(learned[0], device="cpu", epochs=1, features=(4, 8, 16, 32, 64))
+    model.fit(images, raters)
+    model.save(tmp_path / "two_channel.safetensors")
+    viewer = make_napari_viewer()
+    viewer.add_image(images[0], name="two channels", scale=(1.0, 0.5, 0.5))
+    widget = ApplyModelWidget(viewer)
+    widget.model_path.value = str(tmp_path / "two_channel.safetensors")
+    widget.load_button.click()
+    with qtbot.waitSignal(widget.controls.done, timeout=60_000) as blocker:
+        widget.controls.run_button.click()
+    assert blocker.args[0].error is None
+    truth = viewer.layers[f"two channels truth [{learned[0]}]"]
+    assert truth.data.shape == (32, 32)
+    np.testing.assert_allclose(truth.scale, (0.5, 0.5))
+    np.testing.assert_array_equal(truth.data, model.predict(images[:1]).truth[0])

@@ -15,6 +15,10 @@ import numpy as np
 
 from ._reader import IO_META_KEY
 
+#: The largest class label the plugin fuses: the core infers L = max label + 1 and builds
+#: (L, *S) probability maps (label 70000 made STAPLE ask for 78 GB and fail deep in torch).
+MAX_LABEL = 255
+
 #: Kinds of result layers, in the order they are added.
 RESULT_KINDS = ("truth", "probability", "uncertainty", "rater maps")
 
@@ -97,6 +101,15 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
             f"raters: expected 2D or 3D Labels layers, got shape {spatial} "
             f"for {rater_layers[0].name!r}"
         )
+    for layer, arr in zip(rater_layers, arrays):
+        top = int(arr.max()) if arr.size else 0
+        if top > MAX_LABEL:
+            raise RaterSegError(
+                f"raters: expected class labels 0..{MAX_LABEL} (0 = background), got label {top} "
+                f"in {layer.name!r}; fusion makes one probability map per class up to the "
+                "largest label. Instance labels (one id per object) are no classes: relabel "
+                "them to classes first"
+            )
     raters = np.stack(arrays)  # a copy: the layers are never touched
     image = None
     ref = rater_layers[0]

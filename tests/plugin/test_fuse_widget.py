@@ -120,6 +120,26 @@ def test_bad_selection_is_a_notification_not_an_exception(sample_3d_viewer, noti
     assert "same shape" in str(errors[-1].message)
 
 
+def test_instance_ids_as_rater_labels_are_refused_up_front(sample_3d_viewer, notifications,
+                                                          qtbot):
+    # Label 70000 (an instance id) made the core infer 70001 classes: STAPLE asked for 78 GB
+    # and the notification was torch's allocator error; a smaller id would fill the memory.
+    viewer = sample_3d_viewer
+    cells = np.array(viewer.layers[RATERS[0]].data, dtype=np.int32)
+    cells[cells > 0] = 70000
+    bad = viewer.add_labels(cells, name="cell ids")
+    widget = FuseRatersWidget(viewer)
+    widget.raters.value = [viewer.layers[RATERS[1]], bad]
+    n_layers = len(viewer.layers)
+    widget.controls.run_button.click()  # must not raise
+    qtbot.wait(50)
+    assert not widget.controls.busy and len(viewer.layers) == n_layers
+    errors = [str(n.message) for n in notifications if n.severity == "error"]
+    assert errors and "cell ids" in errors[-1] and "70000" in errors[-1]
+    assert "cell ids" in widget.controls.status.text()
+    np.testing.assert_array_equal(bad.data, cells)
+
+
 def test_error_inside_the_core_is_a_notification(sample_3d_viewer, notifications, qtbot):
     viewer = sample_3d_viewer
     widget = FuseRatersWidget(viewer)

@@ -66,6 +66,7 @@ class FuseRatersWidget(QWidget):
         self.viewer = napari_viewer
         self.last_result = None
         self._known_labels: set[int] = set()
+        self._known_images: set[int] = set()
         methods = rs.available_methods()
         self.image = ComboBox(label="image", choices=self._image_choices, nullable=True)
         self.raters = Select(label="raters", choices=self._rater_choices)
@@ -131,9 +132,13 @@ class FuseRatersWidget(QWidget):
         keep = [lyr for lyr in current if any(lyr is p for p in previous) or
                 any(lyr is n for n in new)]
         self.raters.value = keep
+        # Pick an image only when one arrives: a "no image" the user chose (classical methods
+        # need none) survives the result layers being added, so Run again replaces them.
         images = [lyr for _, lyr in self._image_choices()]
-        if had_image is None and images:
-            self.image.value = images[0]
+        new_images = [lyr for lyr in images if id(lyr) not in self._known_images]
+        self._known_images = {id(lyr) for lyr in images}
+        if had_image is None and new_images:
+            self.image.value = new_images[0]
 
     def _rebuild_form(self, _value: Any = None) -> None:
         import raterseg as rs

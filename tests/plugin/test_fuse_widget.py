@@ -104,6 +104,24 @@ def test_rerun_replaces_layers_instead_of_adding(sample_3d_viewer, qtbot):
     assert all("[" not in name for name, _ in widget._image_choices())
 
 
+def test_rerun_without_image_keeps_no_image_and_replaces_layers(sample_3d_viewer, qtbot):
+    # "No image" (classical methods need none) was replaced by the first image layer as soon
+    # as the result layers arrived, so Run again added a second set named after the image.
+    viewer = sample_3d_viewer
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "majority_vote"
+    widget.image.value = None
+    _run(qtbot, widget)
+    assert widget.image.value is None
+    names = [lyr.name for lyr in viewer.layers]
+    assert "raters truth [majority_vote]" in names
+    _run(qtbot, widget)
+    assert [lyr.name for lyr in viewer.layers] == names
+    # An image opened later is still picked up.
+    new = viewer.add_image(np.zeros(SHAPE, np.float32), name="second scan")
+    assert widget.image.value is new
+
+
 def test_bad_selection_is_a_notification_not_an_exception(sample_3d_viewer, notifications,
                                                           qtbot):
     viewer = sample_3d_viewer

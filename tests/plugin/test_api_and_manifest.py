@@ -79,3 +79,19 @@ def test_multiclass_probability_has_class_axis_first(make_napari_viewer):
     np.testing.assert_allclose(prob.scale, (1.0, 2.0, 1.0))
     np.testing.assert_array_equal(viewer.layers["img truth [majority_vote]"].data, res.truth)
     assert set(np.unique(res.truth)) == {0, 1, 2}
+
+
+def test_console_example_works_after_a_plain_import():
+    # DESIGN/README: ``napari_raterseg.api.fuse_layers(viewer, ...)`` from napari's console.
+    # After ``import napari_raterseg`` that was AttributeError (no attribute 'api'); the
+    # import itself must stay light (no torch, napari or Qt) for plugin discovery.
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_raterseg\n"
+            "heavy = [m for m in ('torch', 'napari', 'qtpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert callable(napari_raterseg.api.fuse_layers)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -16,6 +16,20 @@ from ._layers import FusionInputs, add_result_layers, image_inputs, layer_kind
 from ._worker import FusionJob
 
 
+def _check_channels(model: Any, layer: Any, image: Any) -> None:
+    """An RGB(A) layer is one multi-channel image: refuse it for a model trained on another
+    number of channels (a 2D single-channel model would otherwise predict its R, G and B
+    planes as three slices of a volume, without a word)."""
+    from raterseg import RaterSegError
+
+    expected = getattr(model, "in_channels_", None)
+    if getattr(layer, "rgb", False) and expected is not None and image.shape[0] != expected:
+        raise RaterSegError(
+            f"image: the model takes {expected} channel(s), got RGB layer {layer.name!r} with "
+            f"{image.shape[0]} channels; convert it to the model's input first"
+        )
+
+
 class ApplyModelWidget(QWidget):
     """Predict with a trained model.
 
@@ -87,6 +101,7 @@ class ApplyModelWidget(QWidget):
 
                 raise RaterSegError("model: expected a loaded model; press 'Load model' first")
             inputs = image_inputs(self.image.value)
+            _check_channels(self.model, self.image.value, inputs.image)
         except Exception as exc:  # noqa: BLE001
             notify_error(exc)
             return

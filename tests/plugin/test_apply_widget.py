@@ -99,3 +99,23 @@ def test_apply_model_on_a_multichannel_image_layer(make_napari_viewer, qtbot, tm
     assert truth.data.shape == (32, 32)
     np.testing.assert_allclose(truth.scale, (0.5, 0.5))
     np.testing.assert_array_equal(truth.data, model.predict(images[:1]).truth[0])
+
+
+def test_rgb_layer_on_a_single_channel_model_is_refused(make_napari_viewer, qtbot, saved_model,
+                                                        notifications):
+    # The R, G, B planes were predicted as three slices of a volume: a (3, H, W) "truth"
+    # over a 2D picture, without a word.
+    path, image, _ = saved_model
+    viewer = make_napari_viewer()
+    rgb = np.stack([image] * 3, axis=-1)
+    viewer.add_image(rgb, name="photo", rgb=True)
+    widget = ApplyModelWidget(viewer)
+    widget.model_path.value = str(path)
+    widget.load_button.click()
+    n_layers = len(viewer.layers)
+    widget.controls.run_button.click()  # must not raise
+    qtbot.wait(200)
+    assert not widget.controls.busy
+    assert len(viewer.layers) == n_layers
+    errors = [str(n.message) for n in notifications if n.severity == "error"]
+    assert errors and "photo" in errors[-1] and "channel" in errors[-1]

@@ -11,7 +11,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ._controls import RunControls, notify_error
+from ._controls import RunControls, cancel_when_undocked, notify_error
 from ._layers import FusionInputs, add_result_layers, image_inputs, layer_kind
 from ._worker import FusionJob
 
@@ -63,6 +63,7 @@ class ApplyModelWidget(QWidget):
         layout.addStretch(1)
         self.load_button.clicked.connect(self.load_model)
         self.controls.run_requested.connect(self.run)
+        cancel_when_undocked(self, self.controls)
         self.controls.done.connect(lambda _: self.controls.run_button.setEnabled(
             self.model is not None))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):

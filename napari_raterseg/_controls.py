@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ._worker import FusionJob, JobOutcome, start_job
@@ -28,6 +28,32 @@ def notify_error(exc: BaseException) -> None:
         show_error(str(exc))
     else:
         notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+
+
+class _UndockWatcher(QObject):
+    """Cancels a widget's running job when napari closes its dock: napari's close button
+    takes the widget out of the dock (``setParent(None)``) without deleting it, and the
+    running job keeps it alive, so ``destroyed`` never fires."""
+
+    def __init__(self, widget: QWidget, controls: RunControls) -> None:
+        super().__init__(widget)
+        self._controls = controls
+        self._docked = widget.parent() is not None
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.ParentChange:
+            if obj.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self._controls.cancel()
+        return False
+
+
+def cancel_when_undocked(widget: QWidget, controls: RunControls) -> None:
+    """Stop ``controls``' job when ``widget`` (a dock's content) is taken out of its dock."""
+    widget._raterseg_undock_watcher = _UndockWatcher(widget, controls)
 
 
 class RunControls(QWidget):
@@ -79,7 +105,7 @@ class RunControls(QWidget):
         self.cancel_button.setEnabled(True)
         self.progress.setRange(0, 0)  # busy until the first progress event
         self.status.setText(message)
-        # Closing the dock deletes this widget: stop the job then, so it adds nothing.
+        # Deleting the widget stops the job too, so it adds nothing.
         self.destroyed.connect(lambda *_: job.cancel())
         self.worker = start_job(job, on_progress=self._progress, on_done=self._safe_finish)
 

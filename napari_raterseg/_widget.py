@@ -17,7 +17,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
 
-from ._controls import RunControls, notify_error
+from ._controls import RunControls, cancel_when_undocked, notify_error
 from ._form import ParamForm
 from ._layers import FusionInputs, add_result_layers, gather_inputs, layer_kind
 from ._result_panel import ResultPanel
@@ -104,6 +104,7 @@ class FuseRatersWidget(QWidget):
 
         self.method.changed.connect(self._rebuild_form)
         self.controls.run_requested.connect(self.run)
+        cancel_when_undocked(self, self.controls)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
                       napari_viewer.layers.events.moved):
             event.connect(self.reset_choices)

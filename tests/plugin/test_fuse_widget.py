@@ -247,3 +247,25 @@ def test_closing_the_widget_mid_run_adds_nothing(sample_3d_viewer, qtbot):
     QThreadPool.globalInstance().waitForDone(WAIT_MS)
     qtbot.wait(100)  # let queued signals arrive
     assert [lyr.name for lyr in viewer.layers] == names
+
+
+def test_closing_the_dock_mid_run_cancels_the_job(make_napari_viewer, qtbot):
+    # napari's dock close button takes the widget out of the dock without deleting it (the
+    # running job keeps it alive): the training went on and its layers appeared later.
+    _needs("cm")
+    from napari_raterseg._sample_data import make_sample_2d
+
+    viewer = make_napari_viewer()
+    for data, kwargs, ltype in make_sample_2d():
+        getattr(viewer, f"add_{ltype}")(np.array(data, copy=True), **kwargs)
+    names = [lyr.name for lyr in viewer.layers]
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-raterseg", "Fuse raters")
+    widget.method.value = "cm"
+    widget.form["epochs"].value = 200
+    widget.form["features"].value = "4, 4, 8, 8, 16"
+    with qtbot.waitSignal(widget.controls.done, timeout=WAIT_MS) as blocker:
+        widget.controls.run_button.click()
+        qtbot.wait(300)
+        dock.destroyOnClose()  # what the dock's "x" button does
+    assert blocker.args[0].cancelled
+    assert [lyr.name for lyr in viewer.layers] == names

@@ -131,6 +131,13 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
         image = np.array(img, copy=True)
         ref = image_layer
         base = image_layer.name
+    # Layers read from NIfTI files keep the file's affine: refuse files on different voxel
+    # grids (a mirrored or shifted rater), as the command line does.
+    from raterseg.datasets import check_same_grid
+
+    grid_layers = ([image_layer] if image_layer is not None else []) + rater_layers
+    check_same_grid([(lyr.name, (getattr(lyr, "metadata", None) or {}).get(IO_META_KEY) or {})
+                     for lyr in grid_layers], "raters")
     nsp = len(spatial)
     scale = tuple(float(s) for s in np.asarray(ref.scale)[-nsp:])
     translate = tuple(float(t) for t in np.asarray(ref.translate)[-nsp:])

@@ -95,3 +95,23 @@ def test_console_example_works_after_a_plain_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_nifti_raters_on_different_voxel_grids_are_refused(make_napari_viewer, tmp_path):
+    # A rater file mirrored left-right against the others (same array shape) was fused voxel
+    # by voxel without a word; the command line refuses it (datasets.check_same_grid).
+    import nibabel as nib
+
+    lab = np.zeros((6, 10, 12), np.uint8)
+    lab[1:4, 2:6, 3:9] = 1
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    mirrored = affine.copy()
+    mirrored[0, 0], mirrored[0, 3] = -0.8, 0.8 * 5
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "rater_a.nii.gz")
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "rater_b.nii.gz")
+    nib.save(nib.Nifti1Image(lab, mirrored), tmp_path / "rater_c.nii.gz")
+    viewer = make_napari_viewer()
+    viewer.open([str(tmp_path / f"rater_{c}.nii.gz") for c in "abc"], plugin="napari-raterseg")
+    fuse_layers(viewer, None, ["rater_a", "rater_b"], "majority_vote")  # same grid: fine
+    with pytest.raises(rs.RaterSegError, match="rater_c.*grid"):
+        fuse_layers(viewer, None, ["rater_a", "rater_c"], "majority_vote")

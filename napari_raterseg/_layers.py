@@ -73,9 +73,13 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
         image_layer: a napari Image layer of shape ``S`` (or RGB ``(*S, 3|4)``), or None.
         rater_layers: napari Labels layers, all of shape ``S`` (2D or 3D).
 
+    A rater layer holding only 0 and 255 (an image mask converted to labels) is fused as
+    the binary mask it is (0/1), as the file readers take such masks.
+
     Raises:
         RaterSegError: no rater layers, a rater layer that is not Labels, rater layers of
-            different shapes, or an image whose shape differs from the raters'.
+            different shapes, labels above :data:`MAX_LABEL`, NIfTI layers on different
+            voxel grids, or an image whose shape differs from the raters'.
     """
     from raterseg import RaterSegError
 
@@ -101,8 +105,12 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
             f"raters: expected 2D or 3D Labels layers, got shape {spatial} "
             f"for {rater_layers[0].name!r}"
         )
-    for layer, arr in zip(rater_layers, arrays):
+    for i, (layer, arr) in enumerate(zip(rater_layers, arrays)):
         top = int(arr.max()) if arr.size else 0
+        if top == 255 and np.isin(np.unique(arr), (0, 255)).all():
+            # a 0/255 mask (an image converted to labels): binary, as the file readers take it
+            arrays[i] = (arr // 255).astype(arr.dtype)
+            continue
         if top > MAX_LABEL:
             raise RaterSegError(
                 f"raters: expected class labels 0..{MAX_LABEL} (0 = background), got label {top} "

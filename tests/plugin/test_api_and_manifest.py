@@ -115,3 +115,18 @@ def test_nifti_raters_on_different_voxel_grids_are_refused(make_napari_viewer, t
     fuse_layers(viewer, None, ["rater_a", "rater_b"], "majority_vote")  # same grid: fine
     with pytest.raises(rs.RaterSegError, match="rater_c.*grid"):
         fuse_layers(viewer, None, ["rater_a", "rater_c"], "majority_vote")
+
+
+def test_rater_layers_holding_0_and_255_fuse_as_binary_masks(make_napari_viewer):
+    # An image mask converted to Labels holds 0/255: fused as classes 0..255 it gave 256
+    # probability maps (a multi-class result) for a binary task. Files are read so already.
+    viewer = make_napari_viewer()
+    a = np.zeros((24, 24), np.uint8)
+    a[4:14, 4:14] = 255
+    b = np.roll(a, 2, axis=0)
+    viewer.add_labels(a, name="mask a")
+    viewer.add_labels(b // 255, name="mask b")
+    res = fuse_layers(viewer, None, ["mask a", "mask b"], "majority_vote")
+    assert res.probabilities.shape == (2, 24, 24)
+    assert set(np.unique(res.truth)) <= {0, 1}
+    assert viewer.layers["mask a"].data.max() == 255  # the layer itself is untouched

@@ -23,6 +23,8 @@ EXTENSIONS = (".nii.gz", ".nii", ".tif", ".tiff")
 def _io_meta(layer_meta: dict, ndim: int) -> dict:
     """The ``meta`` for ``write_array``: the source file's geometry when it still fits."""
     scale = tuple(float(s) for s in (layer_meta.get("scale") or (1.0,) * ndim))
+    if layer_meta.get("rgb") and len(scale) == ndim - 1:
+        scale = (*scale, 1.0)  # an RGB(A) layer's colour axis is last and has no scale
     source = dict((layer_meta.get("metadata") or {}).get(IO_META_KEY) or {})
     spacing = tuple(float(s) for s in (source.get("spacing") or ()))
     n = min(3, ndim, len(spacing))

@@ -56,3 +56,13 @@ def test_image_tiff_and_refused_ending(tmp_path):
     np.testing.assert_array_equal(data, img)
     assert write_labels(str(tmp_path / "x.png"), img.astype(np.uint8), {}) == []
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rgb_image_keeps_its_pixel_size_on_the_right_axes(tmp_path):
+    # An RGB layer's scale covers (H, W); the colour axis is last. Written as (16, 20, 3) its
+    # pixel size went to the wrong axes: read back with scale (1, 0.5, 0.25).
+    rgb = np.random.default_rng(0).random((16, 20, 3)).astype(np.float32)
+    write_image(str(tmp_path / "photo.nii.gz"), rgb, {"scale": (0.5, 0.25), "rgb": True})
+    ((data, kw, _),) = read_files(str(tmp_path / "photo.nii.gz"))
+    np.testing.assert_array_equal(data, rgb)
+    assert kw["scale"] == pytest.approx((0.5, 0.25, 1.0))

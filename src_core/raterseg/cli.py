@@ -634,14 +634,21 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=_run_predict)
 
 
-def _as_batch(model, image: np.ndarray, where: str) -> tuple[np.ndarray, bool]:
+def _as_batch(model, image: np.ndarray, where: str,
+              colour: int | None = None) -> tuple[np.ndarray, bool]:
     """One image ``(*S)`` or ``(C, *S)`` as the batch ``model.predict`` wants, and whether
     it is a volume cut into slices (a 2D model given a single-channel ``(D, H, W)``).
+    ``colour``: the channel count of a colour image (its channels moved first by the
+    reader), which must be the model's: it is never a stack of slices.
 
     Raises:
         RaterSegError: the image's rank or channel count does not fit the model.
     """
     rank, channels = model.data_ndim_, model.in_channels_
+    if colour is not None and colour != channels:
+        raise RaterSegError(
+            f"IMG ('{where}'): expected {channels} channel(s) like the training data, got a "
+            f"colour image with {colour}")
     if image.ndim == rank:
         return image[None, None], False
     if image.ndim == rank + 1 and image.shape[0] == channels and channels > 1:
@@ -688,7 +695,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
     device = resolve_device(args.device)
     model = load_method(args.model, device=args.device)
-    batches = [_as_batch(model, image, str(p)) for p, image, _ in inputs]
+    batches = [_as_batch(model, image, str(p),
+                         image.shape[0] if meta.get("channels_moved_first") else None)
+               for p, image, meta in inputs]
     names: list[str] = []
     for p, _, _ in inputs:
         stem = _stem(Path(p)) or "image"

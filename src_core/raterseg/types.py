@@ -126,6 +126,12 @@ class RaterStack:
         return bool((self.labels < 0).any())
 
 
+#: The most classes inferred from the labels (num_classes=None). A larger label is more
+#: often an object id or a sparse atlas label than a class; one probability map per class
+#: up to it could exhaust memory, so it needs an explicit ``num_classes``.
+MAX_INFERRED_CLASSES = 256
+
+
 def _copy_as(arr: np.ndarray, dtype) -> np.ndarray:
     """``arr.astype(dtype)`` (always a copy), converted on several threads when large."""
     if not arr.flags.c_contiguous or arr.size < (1 << 20):
@@ -198,6 +204,13 @@ def as_rater_stack(
         )
     if num_classes is None:
         num_classes = max(hi + 1, 2)
+        if num_classes > MAX_INFERRED_CLASSES:
+            voxels = arr[0].size if not batched else arr[0, 0].size * arr.shape[0]
+            gib = num_classes * voxels * 4 / 2**30
+            raise RaterSegError(
+                f"{argname}: the largest label is {hi}, so fusion would make {num_classes} "
+                f"probability maps ({gib:.1f} GiB in float32). Relabel the classes to 0..L-1 "
+                f"(object ids are not classes), or pass num_classes={num_classes} to go ahead")
     else:
         if int(num_classes) != num_classes or num_classes < 2:
             raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import raterseg as rs
+import skimage.io
 from raterseg import io as rio
 from raterseg import synth
 from raterseg.cli import main
@@ -136,6 +137,9 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
             rio.write_array(tmp_path / "mixed" / f"case{case}" / f"rater{r}.nii.gz", raters[r])
     (tmp_path / "notes.txt").write_text("not a model")
     rio.write_array(tmp_path / "rgb.nii.gz", np.zeros((3, 8, 32, 32), np.float32))
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[8:20, 10:22, 0] = 200  # an RGB photo of a slice, not 3 slices of a volume
+    skimage.io.imsave(tmp_path / "colour.png", colour, check_contrast=False)
     m = tmp_path / "m.safetensors"
     for argv, match in [
         (["train", folder / "data.npz", "-m", "staple", "-o", m],
@@ -151,6 +155,8 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
          "is not one"),
         (["predict", unet_model, tmp_path / "rgb.nii.gz", "-o", tmp_path / "o"],
          r"expected a 2D image with 1 channel\(s\).*got shape \(3, 8, 32, 32\)"),
+        (["predict", unet_model, tmp_path / "colour.png", "-o", tmp_path / "o"],
+         r"IMG .*colour.png.*expected 1 channel\(s\) .* colour image with 3"),
         (["predict", unet_model, tmp_path / "absent.nii.gz", "-o", tmp_path / "o"],
          "IMG: no such file"),
     ]:

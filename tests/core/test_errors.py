@@ -172,3 +172,16 @@ def test_jpeg_named_png_is_refused(tmp_path):
     (tmp_path / "mask.jpg").rename(tmp_path / "mask.png")
     _expect_error(lambda: rio.read_array(tmp_path / "mask.png"), "path",
                   match="holds a JPEG image, not PNG")
+
+
+def test_labels_far_beyond_any_class_count_need_an_explicit_num_classes():
+    # object ids (or a sparse atlas) as labels: one probability map per label up to the
+    # largest would exhaust memory (label 70000 made STAPLE ask for 78 GB)
+    raters = np.zeros((2, 6, 6), np.int32)
+    raters[:, 2:4, 2:4] = 299
+    before = raters.copy()
+    with pytest.raises(rs.RaterSegError, match=r"raters: the largest label is 299.*num_classes=300"):
+        rs.fuse(raters, method="majority_vote")
+    assert np.array_equal(raters, before)
+    res = rs.fuse(raters, method="majority_vote", num_classes=300)  # said explicitly: fine
+    assert res.probabilities.shape == (300, 6, 6) and res.truth.max() == 299

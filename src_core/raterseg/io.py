@@ -180,7 +180,12 @@ def _read_tiff(p: Path):
         arr = tif.asarray()
         meta: dict[str, Any] = {}
         ij = tif.imagej_metadata or {}
-        if "spacing" in ij and arr.ndim >= 3:
+        shaped = (tif.shaped_metadata or ({},))[0] or {}
+        spacing = shaped.get("spacing")  # written by write_array, one entry per axis
+        if isinstance(spacing, list) and len(spacing) == arr.ndim and all(
+                isinstance(v, (int, float)) and v > 0 for v in spacing):
+            meta["spacing"] = tuple(float(v) for v in spacing)
+        elif "spacing" in ij and arr.ndim >= 3:
             spacing = [1.0] * arr.ndim
             spacing[-3] = float(ij["spacing"])
             meta["spacing"] = tuple(spacing)
@@ -352,6 +357,17 @@ def _storable(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _tiff_spacing(arr: np.ndarray, meta: dict) -> dict:
+    """tifffile keywords keeping ``meta["spacing"]``: all of it in the JSON description
+    (read back by :func:`_read_tiff`) and the pixel size of the last two axes as the
+    resolution tags other software reads (pixels per unit)."""
+    spacing = [float(v) for v in (meta.get("spacing") or ())]
+    if len(spacing) != arr.ndim or not all(v > 0 for v in spacing) or arr.ndim < 2:
+        return {}
+    return {"metadata": {"spacing": spacing},
+            "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2])}
+
+
 def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *,
                 argname: str = "path") -> Path:
     """Write ``array`` to ``path`` atomically; the format follows the file's ending.
@@ -362,7 +378,8 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
         meta: the ``meta`` of a file read with :func:`read_array`; NIfTI output keeps its
             affine and header (with the data type set to ``array``'s, so labels stay
             integers). Without it NIfTI gets a diagonal affine from ``meta["spacing"]``
-            if given, else the identity.
+            if given, else the identity. TIFF keeps ``meta["spacing"]`` (one entry per
+            axis) in its description and the last two as resolution tags.
 
     Returns:
         The written path.
@@ -384,7 +401,7 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
             elif fmt == "tiff":
                 import tifffile
 
-                tifffile.imwrite(str(tmp), arr)
+                tifffile.imwrite(str(tmp), arr, **_tiff_spacing(arr, meta))
             elif fmt == "npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)

@@ -427,3 +427,18 @@ def test_pickled_or_empty_files_are_reported_under_the_callers_argument_name(tmp
         rio.read_array(tmp_path / "obj.npy", argname="IMG")
     with pytest.raises(RaterSegError, match=r"^RATER: expected at least one array in"):
         rio.read_array(tmp_path / "empty.npz", argname="RATER")
+
+
+def test_tiff_keeps_the_voxel_spacing(tmp_path):
+    import tifffile
+
+    arr = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    rio.write_array(tmp_path / "v.tif", arr, {"spacing": (3.0, 0.5, 0.25)})
+    back, meta = rio.read_array(tmp_path / "v.tif")
+    np.testing.assert_array_equal(back, arr)
+    assert meta["spacing"] == pytest.approx((3.0, 0.5, 0.25))
+    with tifffile.TiffFile(tmp_path / "v.tif") as tif:  # what other software reads
+        x, y = (tif.pages[0].tags[k].value for k in ("XResolution", "YResolution"))
+    assert x[0] / x[1] == pytest.approx(4.0) and y[0] / y[1] == pytest.approx(2.0)
+    rio.write_array(tmp_path / "plain.tif", arr)  # no spacing given: unit spacing
+    assert rio.read_array(tmp_path / "plain.tif")[1]["spacing"] == (1.0, 1.0, 1.0)

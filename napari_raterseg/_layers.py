@@ -15,10 +15,6 @@ import numpy as np
 
 from ._reader import IO_META_KEY
 
-#: The largest class label the plugin fuses: the core infers L = max label + 1 and builds
-#: (L, *S) probability maps (label 70000 made STAPLE ask for 78 GB and fail deep in torch).
-MAX_LABEL = 255
-
 #: Kinds of result layers, in the order they are added.
 RESULT_KINDS = ("truth", "probability", "uncertainty", "rater maps")
 
@@ -78,8 +74,9 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
 
     Raises:
         RaterSegError: no rater layers, a rater layer that is not Labels, rater layers of
-            different shapes, labels above :data:`MAX_LABEL`, NIfTI layers on different
-            voxel grids, or an image whose shape differs from the raters'.
+            different shapes, labels above 255 (the core's limit for inferred classes),
+            NIfTI layers on different voxel grids, or an image whose shape differs from the
+            raters'.
     """
     from raterseg import RaterSegError
 
@@ -105,15 +102,21 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
             f"raters: expected 2D or 3D Labels layers, got shape {spatial} "
             f"for {rater_layers[0].name!r}"
         )
+    from raterseg.datasets import is_0_255_mask
+    from raterseg.types import MAX_INFERRED_CLASSES
+
+    # the core infers L = max label + 1 and builds (L, *S) maps: label 70000 made STAPLE ask
+    # for 78 GB; refused here already, naming the layer
+    max_label = MAX_INFERRED_CLASSES - 1
     for i, (layer, arr) in enumerate(zip(rater_layers, arrays)):
         top = int(arr.max()) if arr.size else 0
-        if top == 255 and np.isin(np.unique(arr), (0, 255)).all():
+        if is_0_255_mask(arr):
             # a 0/255 mask (an image converted to labels): binary, as the file readers take it
             arrays[i] = (arr // 255).astype(arr.dtype)
             continue
-        if top > MAX_LABEL:
+        if top > max_label:
             raise RaterSegError(
-                f"raters: expected class labels 0..{MAX_LABEL} (0 = background), got label {top} "
+                f"raters: expected class labels 0..{max_label} (0 = background), got label {top} "
                 f"in {layer.name!r}; fusion makes one probability map per class up to the "
                 "largest label. Instance labels (one id per object) are no classes: relabel "
                 "them to classes first"

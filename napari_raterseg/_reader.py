@@ -63,11 +63,6 @@ def _stem(path: str) -> str:
     return Path(path).stem
 
 
-def _whole_numbers(arr: np.ndarray) -> bool:
-    """A float array whose values are all finite whole numbers (a label map saved as float)."""
-    return bool(np.isfinite(arr).all() and (arr == np.round(arr)).all())
-
-
 def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     """Whether an array read from a file is a label map rather than an image.
 
@@ -83,7 +78,9 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     if arr.size == 0:
         return False
     if arr.dtype.kind == "f":
-        if not hinted or not _whole_numbers(arr):
+        from raterseg.datasets import whole_numbers
+
+        if not hinted or not whole_numbers(arr):
             return False
     elif not np.issubdtype(arr.dtype, np.integer):
         return False
@@ -101,14 +98,14 @@ def as_labels(arr: np.ndarray) -> np.ndarray:
     (:func:`raterseg.datasets.read_labels`): bool → 0/1, a uint8 mask holding only 0 and
     255 → 0/1 (taken as classes 0..255 it would fuse into 256-class maps), whole-number
     floats → int16. Other integer arrays are returned as they are."""
+    from raterseg.datasets import is_0_255_mask
+
     if arr.dtype == bool:
         return arr.view(np.uint8)  # freshly read: a view is safe and saves a copy
     if arr.dtype.kind == "f":
         return arr.astype(np.int16)
-    if arr.dtype == np.uint8 and arr.size:
-        vals = np.unique(arr)
-        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():
-            return arr // 255
+    if arr.dtype == np.uint8 and is_0_255_mask(arr):
+        return arr // 255
     return arr
 
 
@@ -172,7 +169,9 @@ def read_npz(path: str) -> list[LayerData]:
     used: set[str] = set()
     if rater_key is not None:
         raters, meta = arrays[rater_key]
-        if raters.dtype.kind == "f" and not _whole_numbers(raters):
+        from raterseg.datasets import whole_numbers
+
+        if raters.dtype.kind == "f" and not whole_numbers(raters):
             from raterseg import RaterSegError
 
             raise RaterSegError(f"{rater_key} ('{path}'): expected integer class labels, got "

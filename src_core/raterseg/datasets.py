@@ -158,6 +158,19 @@ def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
     return _integer_labels(arr, where)
 
 
+def whole_numbers(arr: np.ndarray) -> bool:
+    """Whether every value of a float array is a finite whole number (labels saved as float)."""
+    return bool(np.isfinite(arr).all() and (arr == np.round(arr)).all())
+
+
+def is_0_255_mask(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds only 0 and 255, with some 255: a binary mask as image tools save
+    it, which taken as classes 0..255 would make 256-class probability maps."""
+    if not arr.size or int(arr.max()) != 255:
+        return False
+    return bool(np.isin(np.unique(arr), (0, 255)).all())
+
+
 def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
     """bool → 0/1, a uint8 0/255 mask → 0/1, whole-number floats → integers; int16 (int32
     for >= 32000 classes). Refuses fractional or non-finite values, non-numeric dtypes and
@@ -165,17 +178,13 @@ def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype == bool:
         return arr.astype(np.int16)
     if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+        if not whole_numbers(arr):
             bad = arr[~np.isfinite(arr) | (arr != np.round(arr))].flat[0]
             raise RaterSegError(f"{where}: expected integer class labels, got the value {bad}")
     elif arr.dtype.kind not in "iu":
         raise RaterSegError(f"{where}: expected integer class labels, got dtype {arr.dtype}")
-    if arr.dtype == np.uint8 and arr.size:
-        # a 0/255 binary mask (image tools save masks so, in PNG, TIFF and NIfTI alike); taken
-        # as classes 0..255 it would make 256-class probability maps
-        vals = np.unique(arr)
-        if vals[-1] == 255 and np.isin(vals, (0, 255)).all():
-            arr = arr // 255
+    if arr.dtype == np.uint8 and is_0_255_mask(arr):  # PNG, TIFF and NIfTI masks alike
+        arr = arr // 255
     hi = float(arr.max()) if arr.size else 0.0
     lo = float(arr.min()) if arr.size else 0.0
     if lo < -1:

@@ -189,7 +189,7 @@ class MrPrism(LearnedMethod):
         n_ann = any_ann.sum().clamp_min(1)
         b = raters.shape[0]
         c0 = outputs["init_conf"].unsqueeze(2).expand(b, R, L, *raters.shape[2:])
-        impute = self.config.impute_missing and not bool(annotated.all())
+        impute = self.config.impute_missing  # with every rater present: the same targets
         q0 = torch.softmax(divp[:, 0], 2).detach() if impute else None
         target = self._conp_target(onehot, annotated, c0, q0)  # eq. (15)
         target = torch.where(any_ann.unsqueeze(1), target, torch.softmax(conp[:, 0], 1).detach())

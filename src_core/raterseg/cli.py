@@ -576,11 +576,7 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     if out.is_dir():
         raise RaterSegError(f"--output: expected a model file name, got the folder '{out}'")
     # checked on every process before training (rank 0 creates the folder only at the end)
-    folder = next(p for p in (out.parent, *out.absolute().parents) if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise RaterSegError(f"--output: expected a model file in a folder that can be created "
-                            f"and written, got '{out}' ('{folder}' is "
-                            f"{'not a folder' if not folder.is_dir() else 'not writable'})")
+    _check_output_folder(out.absolute().parent)
     images, raters, ids = load_training_set(args.data)
     top = int(raters.max()) if raters.size else 0
     if args.num_classes is not None and top >= args.num_classes:  # before any progress line

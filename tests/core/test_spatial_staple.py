@@ -29,7 +29,9 @@ def lr_cases():
 
 
 def test_box_sum_matches_explicit_windows(rng):
-    for shape, w in [((7, 9), 3), ((7, 9), 4), ((5, 6, 7), 5), ((4, 3), 1), ((4, 3), 50)]:
+    cases = [((7, 9), 3), ((7, 9), 4), ((5, 6, 7), 5), ((4, 3), 1), ((4, 3), 50), ((3, 8), 6),
+             ((6, 2, 5), 9)]
+    for shape, w in cases:
         x = rng.random((2,) + shape)
         got = box_sum(torch.as_tensor(x), w, len(shape)).numpy()
         lo, hi = (w - 1) // 2, w // 2
@@ -38,6 +40,22 @@ def test_box_sum_matches_explicit_windows(rng):
             box = tuple(slice(max(0, i - lo), i + hi + 1) for i in idx)
             ref[(slice(None),) + idx] = x[(slice(None),) + box].reshape(2, -1).sum(1)
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_both_box_sum_kernels_match_on_every_axis(rng):
+    """The CPU runs a slice-by-slice running sum on outer axes and cumulative sums on the
+    last; GPUs run cumulative sums on every axis. Both kernels, on every axis, every clip."""
+    from raterseg.methods.spatial_staple import _cumsum_box, _running_box
+
+    for n in (1, 2, 3, 6, 11):
+        x = torch.as_tensor(rng.random((2, n, 3, n)))
+        for w in range(1, 2 * n + 3):
+            a, b = min((w - 1) // 2, n - 1), min(w // 2, n - 1)
+            for ax in (1, 3):
+                ref = torch.stack([x.narrow(ax, max(0, i - a), min(n, i + b + 1) - max(0, i - a))
+                                   .sum(ax) for i in range(n)], ax)
+                torch.testing.assert_close(_cumsum_box(x, ax, a, b), ref, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(_running_box(x, ax, a, b), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_beats_global_staple_when_a_rater_changes_across_the_image(lr_cases):

@@ -15,8 +15,8 @@ local performance, weighted like a Dirichlet pseudo-count κ):
 
 The paper estimates θ on a coarse grid of overlapping windows and interpolates; here
 every voxel has its own window (a sliding box), computed for any window size in O(N)
-with cumulative sums, in torch on the chosen device. With a window covering the whole
-image, θ_r,i = θ_r^0 and the method is STAPLE. The iteration order follows SimpleITK's
+with running or cumulative sums, in torch on the chosen device. With a window covering
+the whole image, θ_r,i = θ_r^0 and the method is STAPLE. The iteration order follows SimpleITK's
 STAPLE (see DESIGN.md): W₀ = share of raters per class, prior f = mean of W₀, M-step first.
 """
 
@@ -43,24 +43,73 @@ def box_sum(x, window: int, spatial_dims: int):
         window: box side in voxels; covers offsets -(window-1)//2 .. window//2.
 
     Returns:
-        Tensor of ``x``'s shape and dtype. Cost O(N) whatever the window (cumulative sums).
+        Tensor of ``x``'s shape and dtype. Cost O(N) whatever the window: one pass per
+        axis (a running sum over slices on the CPU, cumulative sums otherwise).
     """
-    import torch
-
     lo, hi = (window - 1) // 2, window // 2
     for ax in range(x.ndim - spatial_dims, x.ndim):
         n = x.shape[ax]
         a, b = min(lo, n - 1), min(hi, n - 1)  # a window wider than the axis sees all of it
-        c = torch.cumsum(x, dim=ax)
-        # p[k] = c[clamp(k - a - 1, -1, n - 1)] with c[-1] = 0, so that the sum over
-        # [i - a, i + b] is p[i + a + b + 1] - p[i]: two slices, one subtraction.
-        parts = [torch.zeros_like(c.narrow(ax, 0, 1)).expand(
-                     *[a + 1 if d == ax else -1 for d in range(c.ndim)]), c]
-        if b:
-            parts.append(c.narrow(ax, n - 1, 1).expand(*[b if d == ax else -1 for d in range(c.ndim)]))
-        p = torch.cat(parts, dim=ax)
-        x = p.narrow(ax, a + b + 1, n) - p.narrow(ax, 0, n)
+        if x.device.type == "cpu" and ax < x.ndim - 1:
+            x = _running_box(x, ax, a, b)
+        else:
+            x = _cumsum_box(x, ax, a, b)
     return x
+
+
+def _cumsum_box(x, ax: int, a: int, b: int):
+    """Sum over ``[i - a, i + b]`` along ``ax`` from one cumulative sum (few kernels: GPUs,
+    and the CPU's contiguous last axis)."""
+    import torch
+
+    n = x.shape[ax]
+    c = torch.cumsum(x, dim=ax)
+    out = torch.empty_like(c)
+
+    def part(lo: int, hi: int):  # out[lo:hi] along ax (hi exclusive)
+        return out.narrow(ax, lo, hi - lo)
+
+    def cs(lo: int, hi: int):
+        return c.narrow(ax, lo, hi - lo)
+
+    # window [i - a, i + b] clipped to the axis: c[min(i + b, n - 1)] - c[i - a - 1],
+    # with c[-1] = 0; four ranges of i, by which clips apply
+    end = c.narrow(ax, n - 1, 1)
+    mid_lo, mid_hi = a + 1, n - b  # both ends inside
+    if mid_lo < mid_hi:
+        torch.sub(cs(mid_lo + b, mid_hi + b), cs(mid_lo - a - 1, mid_hi - a - 1),
+                  out=part(mid_lo, mid_hi))
+    lo_hi = min(a + 1, n - b)  # i in [0, lo_hi): nothing to subtract, right end inside
+    if lo_hi > 0:
+        part(0, lo_hi).copy_(cs(b, lo_hi + b))
+    hi_lo = max(a + 1, n - b)  # i in [hi_lo, n): right end clipped, left end inside
+    if hi_lo < n:
+        torch.sub(end, cs(hi_lo - a - 1, n - a - 1), out=part(hi_lo, n))
+    if n - b < a + 1:  # i in [n - b, a + 1): both ends clipped: the whole axis
+        part(n - b, a + 1).copy_(end.expand_as(part(n - b, a + 1)))
+    return out
+
+
+def _running_box(x, ax: int, a: int, b: int):
+    """Sum over ``[i - a, i + b]`` along a non-last axis ``ax``, slice by slice:
+    out[i] = out[i-1] + x[i+b] - x[i-a-1]. Every step works on whole contiguous rows,
+    where torch's CPU cumsum along an outer axis is strided (5-7x slower here)."""
+    import torch
+
+    n = x.shape[ax]
+    out = torch.empty_like(x)
+    prev = out.select(ax, 0)
+    torch.sum(x.narrow(ax, 0, b + 1), dim=ax, out=prev)
+    for i in range(1, n):
+        cur = out.select(ax, i)
+        if i + b < n:
+            torch.add(prev, x.select(ax, i + b), out=cur)
+        else:
+            cur.copy_(prev)
+        if i - a - 1 >= 0:
+            cur.sub_(x.select(ax, i - a - 1))
+        prev = cur
+    return out
 
 
 @register_method("spatial_staple")
@@ -110,8 +159,7 @@ class SpatialStaple(FusionMethod):
         # count's rounding error (~1e-7 relative) is far below what EM resolves.
         # Whole-image sums (θ_r^0) accumulate in float64.
         f32 = torch.float32
-        lab = torch.as_tensor(stack.labels, device=dev).long()  # (R, *S)
-        ann = lab >= 0
+        lab = torch.as_tensor(stack.labels, device=dev)  # (R, *S) int16/int32
         frac, _, _ = vote_fractions(stack, dev)
         W = frac.to(f32)  # W₀: share of annotating raters per class
         if cfg.prior == "global":  # f(s), fixed: the mean of W₀ (as SimpleITK's STAPLE)
@@ -123,19 +171,21 @@ class SpatialStaple(FusionMethod):
             log_prior = torch.log(local_prior.clamp_min(1e-6))
         classes = torch.arange(L, device=dev).reshape((L,) + (1,) * nd)
         history: list[dict] = []
-        theta0 = torch.zeros((R, L, L), dtype=torch.float64, device=dev)
-        # Window counts of each rater's labels, 1[D_r = s'], do not change during EM.
-        said_box = [box_sum((lab[r].unsqueeze(0) == classes).to(f32), window, nd)
-                    if bool(ann[r].any()) else None for r in range(R)]
+        theta0 = torch.eye(L, dtype=torch.float64, device=dev).repeat(R, 1, 1)
+        # What EM needs of each rater that does not change (None: annotated nothing,
+        # which leaves the identity in theta0 and no factor in the likelihood).
+        fixed = [_RaterLabels.of(lab[r], classes, window, nd) for r in range(R)]
+        any_full = any(f is not None and f.full for f in fixed)
         for it in range(1, int(cfg.max_iterations) + 1):
+            shared = _SharedSums.of(W, window, nd, with_box=any_full)
             loglik = log_prior.expand_as(W).clone()
-            for r in range(R):
-                if said_box[r] is None:  # a rater who annotated nothing
-                    theta0[r] = torch.eye(L, dtype=torch.float64, device=dev)
+            for r, f in enumerate(fixed):
+                if f is None:
                     continue
-                theta0[r], local = self._rater_performance(lab[r], said_box[r], W, classes,
-                                                           window, kappa, nd)
-                loglik += torch.where(ann[r], torch.log(local.clamp_min(_TINY)), 0.0)
+                num, flat = _window_counts(f, W, shared, window, nd)
+                theta0[r] = _whole_image_theta(flat)
+                log_factor = torch.log(_observed_factor(f, num, theta0[r], kappa).clamp_min(_TINY))
+                loglik += log_factor if f.full else torch.where(f.annotated, log_factor, 0.0)
             W_new = torch.softmax(loglik, dim=0)
             change = float((W_new - W).abs().max())
             W = W_new
@@ -145,61 +195,137 @@ class SpatialStaple(FusionMethod):
                                        f"spatial_staple: EM iteration {it}", {"change": change}))
             if change <= cfg.tolerance:
                 break
-        maps = self._rater_maps(lab, said_box, W, classes, window, kappa, nd)
+        maps = _rater_maps(fixed, W, window, kappa, nd)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
                              rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
                              history=history)
 
-    @staticmethod
-    def _local_theta(lab_r, said_box, W, classes, window, kappa, nd):
-        """Whole-image θ_r^0 ``(L, L)`` and windowed θ_r,i ``(L, L, *S)`` (``[s', s, i]``).
 
-        ``said_box`` ``(L', *S)`` is the window count of 1[D_r = s'], fixed over EM. As
-        Σ_s W_s = 1, the counts for the last true class are said_box minus the others,
-        so each iteration box-filters L(L-1) maps instead of L². Voxels the rater left
-        out (-1) match no class s', so they add to no count.
-        """
+@dataclass
+class _RaterLabels:
+    """One rater's labels as EM uses them; fixed over the iterations.
+
+    Attributes:
+        said: float32 ``(L', *S)`` 1[D_r = s'] (0 everywhere the rater left out).
+        said_box: float32 ``(L', *S)`` window counts of ``said``.
+        said_total: float64 ``(L',)`` whole-image counts of ``said``.
+        annotated: bool ``(*S)``.
+        full: whether the rater annotated every voxel.
+    """
+
+    said: object
+    said_box: object
+    said_total: object
+    annotated: object
+    full: bool
+
+    @classmethod
+    def of(cls, lab_r, classes, window: int, nd: int):
+        import torch
+
+        annotated = lab_r >= 0
+        if not bool(annotated.any()):
+            return None
+        said = (lab_r.unsqueeze(0) == classes).to(torch.float32)
+        return cls(said=said, said_box=box_sum(said, window, nd),
+                   said_total=said.reshape(said.shape[0], -1).sum(-1, dtype=torch.float64),
+                   annotated=annotated, full=bool(annotated.all()))
+
+
+@dataclass
+class _SharedSums:
+    """Sums of W (one EM iteration) shared by raters who annotated every voxel: for
+    them Σ_s' 1[D_r = s'] W_s = W_s, so their last row of counts needs no box filter.
+
+    Attributes:
+        box: float32 ``(L-1, *S)`` window sums of W_s for s < L-1, or None.
+        total: float64 ``(L,)`` whole-image sums of W_s.
+    """
+
+    box: object
+    total: object
+
+    @classmethod
+    def of(cls, W, window: int, nd: int, *, with_box: bool):
         import torch
 
         L = W.shape[0]
-        said = (lab_r.unsqueeze(0) == classes).to(W.dtype)  # (L', *S): 1[D_r = s']
-        joint = said.unsqueeze(1) * W[: L - 1].unsqueeze(0)  # (L', L-1, *S)
-        num = box_sum(joint, window, nd)
-        num = torch.cat([num, (said_box - num.sum(1)).unsqueeze(1)], dim=1)  # (L', L, *S)
-        flat = joint.reshape(L, L - 1, -1).sum(-1, dtype=torch.float64)
-        total = said.reshape(L, -1).sum(-1, dtype=torch.float64)
-        flat = torch.cat([flat, (total - flat.sum(1)).unsqueeze(1)], 1)
-        col = flat.sum(0, keepdim=True)
-        eye = torch.eye(L, dtype=torch.float64, device=W.device)
-        theta0 = torch.where(col > 0, flat / col.clamp_min(_TINY), eye)
-        num = num.clamp_min(0.0)  # the subtraction may leave -1e-13
-        den = num.sum(0, keepdim=True)  # = window count of 1[annotated] W_s
-        prior = theta0.to(W.dtype).reshape((L, L) + (1,) * nd)
-        if kappa > 0:
-            local = (num + kappa * prior) / (den + kappa)
-        else:  # no regularisation: fall back to θ_r^0 only where the window holds no mass
-            local = torch.where(den > 0, num / den.clamp_min(_TINY), prior)
-        return theta0, local
+        return cls(box=box_sum(W[: L - 1], window, nd) if with_box else None,
+                   total=W.reshape(L, -1).sum(-1, dtype=torch.float64))
 
-    def _rater_performance(self, lab_r, said_box, W, classes, window, kappa, nd):
-        """θ_r^0 and θ_r,i(D_ri, s) ``(L, *S)``, the factor of the E-step."""
-        theta0, local = self._local_theta(lab_r, said_box, W, classes, window, kappa, nd)
-        idx = lab_r.clamp_min(0).unsqueeze(0).unsqueeze(0).expand((1,) + tuple(local.shape[1:]))
-        return theta0, local.gather(0, idx).squeeze(0)
 
-    def _rater_maps(self, lab, said_box, W, classes, window, kappa, nd) -> np.ndarray:
-        """Local probability each rater is right, Σ_s W_s θ_r,i(s, s): float32 ``(R, *S)``."""
-        import torch
+def _window_counts(f: _RaterLabels, W, shared: _SharedSums, window: int, nd: int):
+    """Counts of the M-step for one rater: ``num[s', s] = Σ_{k∈B(i)} 1[D_rk = s'] W_sk``,
+    float32 ``(L', L, *S)``, and the same over the whole image, float64 ``(L', L)``.
 
-        L = W.shape[0]
-        R = lab.shape[0]
-        maps = np.empty((R,) + tuple(W.shape[1:]), np.float32)
-        diag = torch.arange(L, device=W.device)
-        for r in range(R):
-            if said_box[r] is None:
-                maps[r] = 1.0 / L
-                continue
-            _, local = self._local_theta(lab[r], said_box[r], W, classes, window, kappa, nd)
-            right = (local[diag, diag] * W).sum(0)
-            maps[r] = right.clamp(0, 1).float().cpu().numpy()
-        return maps
+    Only rows s' < L'-1 (all rows if the rater left voxels out) and columns s < L-1 are
+    box-filtered: the last column is ``said_box`` minus the others (Σ_s W_s = 1), and a
+    rater who annotated every voxel has as last row the window sums of W minus the others.
+    """
+    import torch
+
+    L = W.shape[0]
+    rows = L - 1 if f.full else L
+    joint = f.said[:rows].unsqueeze(1) * W[: L - 1].unsqueeze(0)  # (rows, L-1, *S)
+    num = box_sum(joint, window, nd)
+    flat = joint.reshape(rows, L - 1, -1).sum(-1, dtype=torch.float64)
+    if f.full:
+        num = torch.cat([num, (shared.box - num.sum(0)).unsqueeze(0)], 0)
+        flat = torch.cat([flat, (shared.total[: L - 1] - flat.sum(0)).unsqueeze(0)], 0)
+    num = torch.cat([num, (f.said_box - num.sum(1)).unsqueeze(1)], 1)
+    flat = torch.cat([flat, (f.said_total - flat.sum(1)).unsqueeze(1)], 1)
+    return num.clamp_min_(0.0), flat  # the subtractions may leave -1e-7
+
+
+def _whole_image_theta(flat):
+    """θ_r^0 ``(L', L)`` float64 from whole-image counts; an empty column is the identity's."""
+    import torch
+
+    col = flat.sum(0, keepdim=True)
+    eye = torch.eye(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    return torch.where(col > 0, flat / col.clamp_min(_TINY), eye)
+
+
+def _local(num_sel, den, prior_sel, kappa: float):
+    """θ_r,i from window counts, regularised towards θ_r^0 with pseudo-count κ (κ = 0:
+    θ_r^0 only where the window holds no mass)."""
+    import torch
+
+    if kappa > 0:
+        return (num_sel + kappa * prior_sel) / (den + kappa)
+    return torch.where(den > 0, num_sel / den.clamp_min(_TINY), prior_sel)
+
+
+def _observed_factor(f: _RaterLabels, num, theta0, kappa: float):
+    """θ_r,i(D_ri, s), float32 ``(L, *S)``: the rater's factor in the E-step."""
+
+    L, nd = num.shape[1], num.ndim - 2
+    prior = theta0.to(num.dtype).reshape((L, L) + (1,) * nd)
+    # row D_ri of num and of θ_r^0 as Σ_s' 1[D_ri = s'] · row s' (faster on the CPU than a
+    # gather along the first axis; where the rater left the voxel out, any value will do)
+    num_sel = f.said[0] * num[0]
+    prior_sel = f.said[0] * prior[0]
+    for c in range(1, L):
+        num_sel.addcmul_(f.said[c], num[c])
+        prior_sel.addcmul_(f.said[c], prior[c])
+    return _local(num_sel, num.sum(0), prior_sel, kappa)
+
+
+def _rater_maps(fixed, W, window: int, kappa: float, nd: int) -> np.ndarray:
+    """Local probability each rater is right, Σ_s W_s θ_r,i(s, s): float32 ``(R, *S)``."""
+    import torch
+
+    L = W.shape[0]
+    maps = np.empty((len(fixed),) + tuple(W.shape[1:]), np.float32)
+    shared = _SharedSums.of(W, window, nd, with_box=any(f is not None and f.full for f in fixed))
+    diag = torch.arange(L, device=W.device)
+    for r, f in enumerate(fixed):
+        if f is None:
+            maps[r] = 1.0 / L
+            continue
+        num, flat = _window_counts(f, W, shared, window, nd)
+        theta0 = _whole_image_theta(flat).to(W.dtype)
+        local = _local(num[diag, diag], num.sum(0), theta0[diag, diag].reshape((L,) + (1,) * nd),
+                       kappa)
+        maps[r] = (local * W).sum(0).clamp(0, 1).float().cpu().numpy()
+    return maps

@@ -42,20 +42,49 @@ def test_box_sum_matches_explicit_windows(rng):
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_both_box_sum_kernels_match_on_every_axis(rng):
-    """The CPU runs a slice-by-slice running sum on outer axes and cumulative sums on the
-    last; GPUs run cumulative sums on every axis. Both kernels, on every axis, every clip."""
-    from raterseg.methods.spatial_staple import _cumsum_box, _running_box
+@pytest.mark.parametrize("slicewise", [False, True])
+def test_box_sum_on_every_axis_and_clip(rng, monkeypatch, slicewise):
+    """The CPU builds outer-axis cumulative sums slice by slice when slices are large (forced
+    here for small ones) and with torch.cumsum otherwise, as GPUs do on every axis."""
+    from raterseg.methods import spatial_staple
 
+    monkeypatch.setattr(spatial_staple, "_SLICEWISE_MIN", 1 if slicewise else 1 << 30)
     for n in (1, 2, 3, 6, 11):
         x = torch.as_tensor(rng.random((2, n, 3, n)))
         for w in range(1, 2 * n + 3):
-            a, b = min((w - 1) // 2, n - 1), min(w // 2, n - 1)
-            for ax in (1, 3):
-                ref = torch.stack([x.narrow(ax, max(0, i - a), min(n, i + b + 1) - max(0, i - a))
-                                   .sum(ax) for i in range(n)], ax)
-                torch.testing.assert_close(_cumsum_box(x, ax, a, b), ref, rtol=1e-12, atol=1e-12)
-                torch.testing.assert_close(_running_box(x, ax, a, b), ref, rtol=1e-12, atol=1e-12)
+            for ax in (1, 2, 3):
+                m = x.shape[ax]
+                a, b = min((w - 1) // 2, m - 1), min(w // 2, m - 1)
+                ref = torch.stack([x.narrow(ax, max(0, i - a), min(m, i + b + 1) - max(0, i - a))
+                                   .sum(ax) for i in range(m)], ax)
+                got = spatial_staple._cumsum_box(x, ax, a, b)
+                torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("slicewise", [False, True])
+def test_no_prior_weight_falls_back_to_whole_image_performance(monkeypatch, slicewise):
+    """prior_weight=0 (κ = 0): where a rater's window holds none of its labels, θ_r,i is its
+    whole-image θ_r^0, so its reliability map there is Σ_s W_s θ_r^0(s, s). Empty windows
+    must sum to exactly 0 for that (a running sum's rounding leftovers broke it)."""
+    from raterseg.methods import spatial_staple
+
+    monkeypatch.setattr(spatial_staple, "_SLICEWISE_MIN", 1 if slicewise else 1 << 30)
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.ogrid[:16, :32, :32]
+    truth = (((zz - 8) ** 2 / 36 + (yy - 16) ** 2 / 100 + (xx - 16) ** 2 / 100) < 1).astype(np.int16)
+    raters = np.stack([np.where(rng.random(truth.shape) < 0.1 + 0.05 * r, 1 - truth, truth)
+                       for r in range(4)]).astype(np.int16)
+    raters[0, 8:] = -1  # rater 0 annotated slices 0-7 only
+    w = 5
+    res = rs.fuse(raters, method="spatial_staple", device="cpu", window=w, prior_weight=0.0,
+                  max_iterations=10, tolerance=0.0)
+    W = res.probabilities.astype(np.float64)
+    said = np.stack([raters[0] == c for c in range(2)]).astype(np.float64)
+    flat = np.einsum("ixyz,sxyz->is", said, W)
+    theta0 = flat / flat.sum(0, keepdims=True)  # from the final W (rater_maps use it)
+    expect = W[0] * theta0[0, 0] + W[1] * theta0[1, 1]
+    far = slice(8 + (w - 1) // 2, None)  # windows that hold none of rater 0's labels
+    np.testing.assert_allclose(res.rater_maps[0][far], expect[far], atol=1e-4)
 
 
 def test_beats_global_staple_when_a_rater_changes_across_the_image(lr_cases):

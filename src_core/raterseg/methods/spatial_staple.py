@@ -43,27 +43,48 @@ def box_sum(x, window: int, spatial_dims: int):
         window: box side in voxels; covers offsets -(window-1)//2 .. window//2.
 
     Returns:
-        Tensor of ``x``'s shape and dtype. Cost O(N) whatever the window: one pass per
-        axis (a running sum over slices on the CPU, cumulative sums otherwise).
+        Tensor of ``x``'s shape and dtype. Cost O(N) whatever the window: per axis, one
+        cumulative sum and the difference of two shifted slices of it. A window that
+        holds only zeros sums to exactly 0 (equal prefix sums cancel), which the κ = 0
+        fallback of spatial STAPLE relies on.
     """
     lo, hi = (window - 1) // 2, window // 2
     for ax in range(x.ndim - spatial_dims, x.ndim):
         n = x.shape[ax]
         a, b = min(lo, n - 1), min(hi, n - 1)  # a window wider than the axis sees all of it
-        if x.device.type == "cpu" and ax < x.ndim - 1:
-            x = _running_box(x, ax, a, b)
-        else:
-            x = _cumsum_box(x, ax, a, b)
+        x = _cumsum_box(x, ax, a, b)
     return x
 
 
-def _cumsum_box(x, ax: int, a: int, b: int):
-    """Sum over ``[i - a, i + b]`` along ``ax`` from one cumulative sum (few kernels: GPUs,
-    and the CPU's contiguous last axis)."""
+#: Elements per slice from which an outer-axis cumulative sum on the CPU runs slice by
+#: slice (contiguous adds); below it the Python loop costs more than torch's strided cumsum.
+_SLICEWISE_MIN = 1 << 12
+
+
+def _cumsum(x, ax: int):
+    """``torch.cumsum(x, ax)``. On the CPU along an outer axis with large slices, as a
+    running sum over whole slices: torch's CPU cumsum there is strided, 5-7x slower."""
     import torch
 
     n = x.shape[ax]
-    c = torch.cumsum(x, dim=ax)
+    if x.device.type != "cpu" or ax == x.ndim - 1 or n < 2 or x.numel() // n < _SLICEWISE_MIN:
+        return torch.cumsum(x, dim=ax)
+    c = x.clone(memory_format=torch.contiguous_format)
+    prev = c.select(ax, 0)
+    for i in range(1, n):
+        cur = c.select(ax, i)
+        cur += prev
+        prev = cur
+    return c
+
+
+def _cumsum_box(x, ax: int, a: int, b: int):
+    """Sum over ``[i - a, i + b]`` (clipped to the axis) along ``ax``, from one cumulative
+    sum ``c``: ``c[min(i + b, n - 1)] - c[i - a - 1]`` with ``c[-1] = 0``."""
+    import torch
+
+    n = x.shape[ax]
+    c = _cumsum(x, ax)
     out = torch.empty_like(c)
 
     def part(lo: int, hi: int):  # out[lo:hi] along ax (hi exclusive)
@@ -72,8 +93,7 @@ def _cumsum_box(x, ax: int, a: int, b: int):
     def cs(lo: int, hi: int):
         return c.narrow(ax, lo, hi - lo)
 
-    # window [i - a, i + b] clipped to the axis: c[min(i + b, n - 1)] - c[i - a - 1],
-    # with c[-1] = 0; four ranges of i, by which clips apply
+    # four ranges of i, by which ends of the window are clipped
     end = c.narrow(ax, n - 1, 1)
     mid_lo, mid_hi = a + 1, n - b  # both ends inside
     if mid_lo < mid_hi:
@@ -87,28 +107,6 @@ def _cumsum_box(x, ax: int, a: int, b: int):
         torch.sub(end, cs(hi_lo - a - 1, n - a - 1), out=part(hi_lo, n))
     if n - b < a + 1:  # i in [n - b, a + 1): both ends clipped: the whole axis
         part(n - b, a + 1).copy_(end.expand_as(part(n - b, a + 1)))
-    return out
-
-
-def _running_box(x, ax: int, a: int, b: int):
-    """Sum over ``[i - a, i + b]`` along a non-last axis ``ax``, slice by slice:
-    out[i] = out[i-1] + x[i+b] - x[i-a-1]. Every step works on whole contiguous rows,
-    where torch's CPU cumsum along an outer axis is strided (5-7x slower here)."""
-    import torch
-
-    n = x.shape[ax]
-    out = torch.empty_like(x)
-    prev = out.select(ax, 0)
-    torch.sum(x.narrow(ax, 0, b + 1), dim=ax, out=prev)
-    for i in range(1, n):
-        cur = out.select(ax, i)
-        if i + b < n:
-            torch.add(prev, x.select(ax, i + b), out=cur)
-        else:
-            cur.copy_(prev)
-        if i - a - 1 >= 0:
-            cur.sub_(x.select(ax, i - a - 1))
-        prev = cur
     return out
 
 
@@ -274,7 +272,7 @@ def _window_counts(f: _RaterLabels, W, shared: _SharedSums, window: int, nd: int
         flat = torch.cat([flat, (shared.total[: L - 1] - flat.sum(0)).unsqueeze(0)], 0)
     num = torch.cat([num, (f.said_box - num.sum(1)).unsqueeze(1)], 1)
     flat = torch.cat([flat, (f.said_total - flat.sum(1)).unsqueeze(1)], 1)
-    return num.clamp_min_(0.0), flat  # the subtractions may leave -1e-7
+    return num.clamp_min_(0.0), flat  # float32 subtractions may leave -1e-7
 
 
 def _whole_image_theta(flat):

@@ -116,8 +116,9 @@ class SpatialStaple(FusionMethod):
 
     Use it when a rater's quality changes across the image (careful in one region,
     careless in another). ``rater_maps`` is each rater's local probability of being
-    right, Σ_s W_s θ_r,i(s, s); ``rater_confusion`` the whole-image matrices θ_r^0.
-    Raters marked -1 are left out of the likelihood and of the counts. A rater who
+    right, Σ_s W_s θ_r,i(s, s) (θ_r,i from the final W); ``rater_confusion`` the
+    whole-image matrices θ_r^0 of the last M-step (one E-step before the final W; the
+    difference is below the tolerance at convergence). Raters marked -1 are left out of the likelihood and of the counts. A rater who
     annotated nothing gets chance (1/L) in ``rater_maps`` and an identity confusion.
 
     ``prior_weight`` sets κ = prior_weight × (voxels in a window). Keep it near 1: inside
@@ -126,6 +127,9 @@ class SpatialStaple(FusionMethod):
     equally well, and with a weak pull towards θ_r^0 (e.g. 0.1 with ``prior="global"``)
     EM can drift into the second, losing whole objects. ``prior="local"`` (class shares
     of W₀ in the window) also blocks that drift, at the cost of trusting the vote more.
+    ``prior_weight=0`` (no pull at all) is also numerically fragile: a window count of
+    exactly 0 gives a factor of 0, but float32 rounding can leave 1e-7 instead, which
+    moves the log-likelihood a lot.
 
     Examples:
         >>> res = rs.fuse(raters, method="spatial_staple", window=15)
@@ -193,7 +197,7 @@ class SpatialStaple(FusionMethod):
                                        f"spatial_staple: EM iteration {it}", {"change": change}))
             if change <= cfg.tolerance:
                 break
-        maps = _rater_maps(fixed, W, window, kappa, nd)
+        maps = _rater_maps(fixed, W, window, kappa, nd, with_box=any_full)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
                              rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
                              history=history)
@@ -309,13 +313,13 @@ def _observed_factor(f: _RaterLabels, num, theta0, kappa: float):
     return _local(num_sel, num.sum(0), prior_sel, kappa)
 
 
-def _rater_maps(fixed, W, window: int, kappa: float, nd: int) -> np.ndarray:
+def _rater_maps(fixed, W, window: int, kappa: float, nd: int, *, with_box: bool) -> np.ndarray:
     """Local probability each rater is right, Σ_s W_s θ_r,i(s, s): float32 ``(R, *S)``."""
     import torch
 
     L = W.shape[0]
     maps = np.empty((len(fixed),) + tuple(W.shape[1:]), np.float32)
-    shared = _SharedSums.of(W, window, nd, with_box=any(f is not None and f.full for f in fixed))
+    shared = _SharedSums.of(W, window, nd, with_box=with_box)
     diag = torch.arange(L, device=W.device)
     for r, f in enumerate(fixed):
         if f is None:

@@ -15,8 +15,8 @@ local performance, weighted like a Dirichlet pseudo-count κ):
 
 The paper estimates θ on a coarse grid of overlapping windows and interpolates; here
 every voxel has its own window (a sliding box), computed for any window size in O(N)
-with running or cumulative sums, in torch on the chosen device. With a window covering
-the whole image, θ_r,i = θ_r^0 and the method is STAPLE. The iteration order follows SimpleITK's
+with cumulative sums, in torch on the chosen device. With a window covering the whole
+image, θ_r,i = θ_r^0 and the method is STAPLE. The iteration order follows SimpleITK's
 STAPLE (see DESIGN.md): W₀ = share of raters per class, prior f = mean of W₀, M-step first.
 """
 
@@ -118,8 +118,9 @@ class SpatialStaple(FusionMethod):
     careless in another). ``rater_maps`` is each rater's local probability of being
     right, Σ_s W_s θ_r,i(s, s) (θ_r,i from the final W); ``rater_confusion`` the
     whole-image matrices θ_r^0 of the last M-step (one E-step before the final W; the
-    difference is below the tolerance at convergence). Raters marked -1 are left out of the likelihood and of the counts. A rater who
-    annotated nothing gets chance (1/L) in ``rater_maps`` and an identity confusion.
+    difference is below the tolerance at convergence). Raters marked -1 are left out of
+    the likelihood and of the counts. A rater who annotated nothing gets chance (1/L) in
+    ``rater_maps`` and an identity confusion.
 
     ``prior_weight`` sets κ = prior_weight × (voxels in a window). Keep it near 1: inside
     a window that holds a single class, "this is class A, and every rater is locally
@@ -223,6 +224,7 @@ class _RaterLabels:
 
     @classmethod
     def of(cls, lab_r, classes, window: int, nd: int):
+        """From the rater's labels ``(*S)``; None if it annotated nothing."""
         import torch
 
         annotated = lab_r >= 0
@@ -300,7 +302,6 @@ def _local(num_sel, den, prior_sel, kappa: float):
 
 def _observed_factor(f: _RaterLabels, num, theta0, kappa: float):
     """θ_r,i(D_ri, s), float32 ``(L, *S)``: the rater's factor in the E-step."""
-
     L, nd = num.shape[1], num.ndim - 2
     prior = theta0.to(num.dtype).reshape((L, L) + (1,) * nd)
     # row D_ri of num and of θ_r^0 as Σ_s' 1[D_ri = s'] · row s' (faster on the CPU than a

@@ -210,7 +210,8 @@ class MrPrism(LearnedMethod):
                 perm = torch.randperm(R, generator=state.generator).to(q.device)
                 w = confidences(qd, ann[:, perm])
                 pred = fuse(q[:, perm], w)
-                hard = F.one_hot(fuse(onehot[:, perm], w).argmax(1), L).movedim(-1, 1)
+                # .max(1).indices = .argmax(1) (first maximum), but ~14x faster on the CPU
+                hard = F.one_hot(fuse(onehot[:, perm], w).max(1).indices, L).movedim(-1, 1)
                 ce = -(hard * torch.log(pred.clamp_min(_EPS))).sum(1)
                 l_sf = l_sf + (ce * any_ann).sum() / n_ann
             l_sf = l_sf / self.config.shuffles

@@ -20,8 +20,10 @@ epochs, learning rate and seed, then segment held-out digits. Reported per run:
 
 ``--variants`` runs an ablation instead of ``--methods``: ``pixel``, ``image``, ``global``
 (TGCE with that ``reliability``), ``none`` (TGCE with ``reliability="none"``: Λ ≡ 1, plain
-GCE on every rater) and ``unet_mv`` (or any ``unet_<target>``). Results are keyed
-``tgce_pixel``, ``tgce_none``, … and ``unet_mv``. The diagnosis table in docs/BENCHMARKS.md:
+GCE on every rater), ``literal_ek`` (TGCE with pixel Λ and eq. 2-6's first term read
+literally as a mean over the classes, ``(1 − f_y^q)/(q·L)``, instead of eq. 2-1's GCE; an
+ablation only, defined here, not an option of the method) and ``unet_mv`` (or any
+``unet_<target>``). Results are keyed ``tgce_pixel``, ``tgce_none``, … and ``unet_mv``. The diagnosis table in docs/BENCHMARKS.md:
 
     python benchmarks/tgce_mnist.py --variants pixel none unet_mv --epochs 8 --seeds 0 \
         --device cpu --threads 1 --out docs/tgce_mnist_ablation_e8_s0.json   # seeds 1, 2; 15 epochs
@@ -75,6 +77,31 @@ RING_PX = 2.0
 VARIANTS = ("pixel", "image", "global", "none")
 
 
+def literal_ek_tgce(**kwargs):
+    """TGCE (pixel Λ) whose loss takes eq. 2-6's ``E_k`` literally: the GCE term is divided
+    by L, ``Λ (1 − f_y^q)/(q L) + (1 − Λ)(1 − L^{-q})/q``, averaged like eq. 2-7. The method
+    uses eq. 2-1's sum over classes (see raterseg.nn.tgce_loss); this is the ablation."""
+    import torch
+    from raterseg.methods.tgce import TruncatedGCE
+    from raterseg.nn.tgce_loss import gce_per_pixel, uniform_gce
+
+    class LiteralEk(TruncatedGCE):
+        def loss(self, outputs, raters, annotated, state):
+            seg = outputs["seg"]
+            L = seg.shape[1]
+            lam = self._reliability(outputs)
+            per = lam * gce_per_pixel(seg, raters, self.config.q) / L \
+                + (1.0 - lam) * uniform_gce(L, self.config.q)
+            per = torch.where(annotated, per, torch.zeros((), dtype=per.dtype, device=per.device))
+            b = per.shape[0]
+            count = annotated.reshape(b, -1).sum(1).to(per.dtype)
+            per_image = per.reshape(b, -1).sum(1) / count.clamp_min(1.0)
+            has = count > 0
+            return per_image[has].sum() / has.sum().clamp_min(1), {}
+
+    return LiteralEk(**kwargs)
+
+
 def ring_mask(truth: np.ndarray, width: float = RING_PX) -> np.ndarray:
     """Pixels outside each image's foreground within Euclidean distance ``width`` of it:
     truth (N, H, W) → bool (N, H, W)."""
@@ -101,10 +128,13 @@ def plan(methods: list[str], variants: list[str] | None, tgce_params: dict) -> l
     for v in variants:
         if v in VARIANTS:
             out.append((f"tgce_{v}", "tgce", {**tgce_params, "reliability": v}))
+        elif v == "literal_ek":
+            out.append(("tgce_literal_ek", "tgce_literal_ek", {**tgce_params, "reliability": "pixel"}))
         elif v.startswith("unet_"):
             out.append((v, "unet", {"target": v[len("unet_"):]}))
         else:
-            raise SystemExit(f"--variants: unknown {v!r} (expected {', '.join(VARIANTS)} or unet_<target>)")
+            raise SystemExit(f"--variants: unknown {v!r} (expected {', '.join(VARIANTS)}, "
+                             "literal_ek or unet_<target>)")
     return out
 
 
@@ -137,7 +167,11 @@ def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
     out["ring_pixels"] = int(ring.sum())
     out["rater_fg_on_ring"] = {k: float((te_raters[:, r][ring] == 1).mean()) for r, k in enumerate(KINDS)}
     for name, method, extra in plan(methods, variants, tgce_params):
-        model = rs.create(method, num_classes=2, device=device, seed=seed, **params, **extra)
+        if method == "tgce_literal_ek":
+            model = literal_ek_tgce(num_classes=2, num_raters=None, device=device, seed=seed,
+                                    **params, **extra)
+        else:
+            model = rs.create(method, num_classes=2, device=device, seed=seed, **params, **extra)
         t0 = time.perf_counter()
         model.fit(tr_img, tr_raters)
         fit_s = time.perf_counter() - t0
@@ -152,7 +186,7 @@ def run(setting: str, seed: int, n_train: int, n_test: int, device: str | None,
         entry["ring_fg_fraction"] = float((res.truth[ring] == 1).mean())
         msg = (f"[{setting} seed {seed}] {name}: Dice {entry['dice']:.2f} ({fit_s:.0f} s), "
                f"ring f {entry['ring_f_mean']:.2f}, fg {entry['ring_fg_fraction']:.2f}")
-        if method == "tgce":
+        if method.startswith("tgce"):
             lam = res.rater_maps  # (N, R, H, W)
             entry["lambda_fg"] = {k: float(lam[:, r][fg].mean()) for r, k in enumerate(KINDS)}
             entry["lambda_bg"] = {k: float(lam[:, r][~fg].mean()) for r, k in enumerate(KINDS)}
@@ -256,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["tgce", "unet_mv"])
     ap.add_argument("--variants", nargs="+", default=None,
                     help="ablation instead of --methods: pixel, image, global, none (TGCE's "
-                         "reliability) and unet_mv / unet_<target>")
+                         "reliability), literal_ek and unet_mv / unet_<target>")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: CUDA when available)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for every number")

@@ -43,3 +43,32 @@ def _torch_threads():
     torch.set_num_threads(int(os.environ.get("RATERSEG_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def phantom_split():
+    """32 small 2D phantoms with 3 raters (good, over, under; ``synth.sample_case``):
+    ``(images, raters, truth)`` of 24 training cases and of 8 held-out ones. Needs no
+    ../shared data, so the learned methods' quality checks also run on CI."""
+    from raterseg import synth
+
+    cases = [synth.sample_case(dims=2, num_raters=3, seed=i, shape=(32, 32)) for i in range(32)]
+    images = np.stack([c[0] for c in cases]).astype(np.float32)
+    raters = np.stack([c[1] for c in cases])
+    truth = np.stack([c[2] for c in cases])
+    return (images[:24], raters[:24], truth[:24]), (images[24:], raters[24:], truth[24:])
+
+
+@pytest.fixture(scope="session")
+def held_out_dice(phantom_split):
+    """``held_out_dice(method)``: mean Dice against the truth on the held-out phantoms of
+    ``method`` (unfitted) trained on the training ones, predicting from the images alone."""
+    from raterseg import metrics
+
+    (x, y, _), (xt, _, tt) = phantom_split
+
+    def score(method) -> float:
+        res = method.fit(x, y).predict(xt)
+        return float(np.mean([metrics.dice(p, t) for p, t in zip(res.truth, tt)]))
+
+    return score

@@ -265,7 +265,9 @@ def test_mnist_reliability_tells_the_blank_rater_from_the_good_one(shared_dir):
     assert lam["good"] > 0.7, lam
     assert lam["under"] < 0.5, lam
     dice = np.mean([metrics.dice(p, t) for p, t in zip(res.truth, truth[64:])])
-    assert dice > 0.5, dice
+    # 0.85 here (0.85-0.93 over seeds 0-2); copying the over or the wrong rater, or
+    # per-digit STAPLE, scores 0.56-0.60
+    assert dice > 0.8, dice
     # the estimated confusion of the blank rater: it says background on the foreground
     assert res.rater_confusion[4, 0, 1] > 0.7
     assert res.rater_confusion[0, 1, 1] > 0.7

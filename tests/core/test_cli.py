@@ -55,6 +55,10 @@ def test_methods_lists_every_method_and_parameter(capsys):
     assert code == 0
     blocks = {b.split()[0]: b for b in out.split("\n\n")}
     assert list(blocks) == rs.available_methods()
+    # every method of DESIGN.md is registered (a module that failed to load would drop out
+    # of the list, and the tests parametrised over it would shrink silently)
+    assert set(blocks) >= {"majority_vote", "mean", "staple", "spatial_staple", "cm", "tgce",
+                           "mrprism", "avap", "unet", "softseg"}
     for name, block in blocks.items():
         cls = rs.get_method(name)
         assert block.startswith(f"{name} ({'learned' if cls.learned else 'classical'})")

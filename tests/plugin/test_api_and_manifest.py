@@ -48,9 +48,6 @@ def test_fuse_layers_matches_the_core_and_adds_layers(make_napari_viewer):
 
 
 def test_fuse_layers_rater_maps_have_rater_axis_first(make_napari_viewer):
-    with_maps = [m for m in rs.available_methods(learned=False) if m == "spatial_staple"]
-    if not with_maps:
-        pytest.skip("spatial_staple (a classical method with rater maps) not registered yet")
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     truth = np.zeros((24, 24), np.int16)

@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
-import raterseg as rs
 
 from napari_raterseg._widget import FuseRatersWidget
 
@@ -20,8 +18,6 @@ DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 
 def test_screenshot_after_fusion_shows_truth_and_uncertainty(make_napari_viewer,
                                                              sample_3d_layers, qtbot, tmp_path):
-    if "staple" not in rs.available_methods():
-        pytest.skip("method 'staple' not registered yet")
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1600, 1150)
     for data, kwargs, ltype in sample_3d_layers:

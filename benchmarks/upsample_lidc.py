@@ -47,19 +47,13 @@ def roughness(prob: np.ndarray, where: np.ndarray) -> float:
 
 
 def patch_upsample(mode: str) -> None:
-    """Make :func:`raterseg.nn.backbones.unet_trunk` build its U-Net with ``mode``."""
+    """Make the trunk of every network built from now on (in this process) use ``mode``."""
+    import functools
+
     import raterseg.nn.backbones as B
-    from monai.networks.nets import BasicUNet
 
-    def unet_trunk(spatial_dims, in_channels, features):
-        f = B.check_features(features)
-        net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
-                        features=f, act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
-                        norm=("instance", {"affine": True}), upsample=mode)
-        net.final_conv = B.nn.Identity()
-        return net, f[5]
-
-    B.unet_trunk = unet_trunk
+    original = getattr(B.unet_trunk, "func", B.unet_trunk)  # unwrap an earlier patch
+    B.unet_trunk = functools.partial(original, upsample=mode)
 
 
 def run(seed: int, mode: str, args) -> dict:

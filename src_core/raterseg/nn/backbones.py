@@ -45,8 +45,12 @@ def check_features(features: Sequence[int]) -> tuple[int, ...]:
     return f if len(f) == 6 else f + (f[0],)
 
 
-def unet_trunk(spatial_dims: int, in_channels: int, features: Sequence[int]) -> tuple[nn.Module, int]:
+def unet_trunk(spatial_dims: int, in_channels: int, features: Sequence[int],
+               upsample: str = "deconv") -> tuple[nn.Module, int]:
     """MONAI ``BasicUNet`` (4 down-sampling stages, instance norm) without its last 1×1 conv.
+
+    ``upsample``: MONAI's up-sampling mode (``"deconv"`` for every method; the others for
+    ablations, benchmarks/upsample_lidc.py).
 
     Returns:
         ``(trunk, width)``: ``trunk(x)`` maps ``(B, in_channels, *s)`` to features
@@ -62,7 +66,7 @@ def unet_trunk(spatial_dims: int, in_channels: int, features: Sequence[int]) -> 
         features=f,
         act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         norm=("instance", {"affine": True}),
-        upsample="deconv",
+        upsample=upsample,
     )
     net.final_conv = nn.Identity()
     return net, f[5]

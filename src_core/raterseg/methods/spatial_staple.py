@@ -180,7 +180,7 @@ class SpatialStaple(FusionMethod):
         fixed = [_RaterLabels.of(lab[r], classes, window, nd) for r in range(R)]
         any_full = any(f is not None and f.full for f in fixed)
         for it in range(1, int(cfg.max_iterations) + 1):
-            shared = _SharedSums.of(W, window, nd, with_box=any_full)
+            shared = _SharedSums.of(W, window, nd, any_full=any_full)
             loglik = log_prior.expand_as(W).clone()
             for r, f in enumerate(fixed):
                 if f is None:
@@ -198,7 +198,7 @@ class SpatialStaple(FusionMethod):
                                        f"spatial_staple: EM iteration {it}", {"change": change}))
             if change <= cfg.tolerance:
                 break
-        maps = _rater_maps(fixed, W, window, kappa, nd, with_box=any_full)
+        maps = _rater_maps(fixed, W, window, kappa, nd, any_full=any_full)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
                              rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
                              history=history)
@@ -242,19 +242,23 @@ class _SharedSums:
     them Σ_s' 1[D_r = s'] W_s = W_s, so their last row of counts needs no box filter.
 
     Attributes:
-        box: float32 ``(L-1, *S)`` window sums of W_s for s < L-1, or None.
+        box: float32 ``(L-1, *S)`` window sums of W_s for s < L-1.
         total: float64 ``(L,)`` whole-image sums of W_s.
+
+    Both None when no rater annotated every voxel (nothing would use them).
     """
 
     box: object
     total: object
 
     @classmethod
-    def of(cls, W, window: int, nd: int, *, with_box: bool):
+    def of(cls, W, window: int, nd: int, *, any_full: bool):
         import torch
 
         L = W.shape[0]
-        return cls(box=box_sum(W[: L - 1], window, nd) if with_box else None,
+        if not any_full:
+            return cls(box=None, total=None)
+        return cls(box=box_sum(W[: L - 1], window, nd),
                    total=W.reshape(L, -1).sum(-1, dtype=torch.float64))
 
 
@@ -314,13 +318,13 @@ def _observed_factor(f: _RaterLabels, num, theta0, kappa: float):
     return _local(num_sel, num.sum(0), prior_sel, kappa)
 
 
-def _rater_maps(fixed, W, window: int, kappa: float, nd: int, *, with_box: bool) -> np.ndarray:
+def _rater_maps(fixed, W, window: int, kappa: float, nd: int, *, any_full: bool) -> np.ndarray:
     """Local probability each rater is right, Σ_s W_s θ_r,i(s, s): float32 ``(R, *S)``."""
     import torch
 
     L = W.shape[0]
     maps = np.empty((len(fixed),) + tuple(W.shape[1:]), np.float32)
-    shared = _SharedSums.of(W, window, nd, with_box=with_box)
+    shared = _SharedSums.of(W, window, nd, any_full=any_full)
     diag = torch.arange(L, device=W.device)
     for r, f in enumerate(fixed):
         if f is None:

@@ -151,13 +151,22 @@ def _check_output_spares_inputs(output: str | os.PathLike, inputs: Sequence[str]
                                 f"input '{given}'; choose another folder")
 
 
+#: Settings every method takes that the commands set through options of their own.
+_OPTION_SETTINGS = {"seed": "--seed", "device": "--device", "num_classes": "--num-classes"}
+
+
 def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
     params: dict[str, str] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RaterSegError(f"--set: expected key=value, got {item!r}")
-        params[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in _OPTION_SETTINGS:
+            raise RaterSegError(f"--set: {key} is set with the option {_OPTION_SETTINGS[key]} "
+                                f"(e.g. {_OPTION_SETTINGS[key]} {value.strip() or '...'}), "
+                                f"not with --set")
+        params[key] = value.strip()
     return params
 
 

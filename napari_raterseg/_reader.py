@@ -95,16 +95,16 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
 
 def as_labels(arr: np.ndarray) -> np.ndarray:
     """A label map read from a file as the core reads rater files
-    (:func:`raterseg.datasets.read_labels`): bool → 0/1, a uint8 mask holding only 0 and
-    255 → 0/1 (taken as classes 0..255 it would fuse into 256-class maps), whole-number
-    floats → int16. Other integer arrays are returned as they are."""
+    (:func:`raterseg.datasets.read_labels`): bool → 0/1, a mask holding only 0 and 255
+    (any dtype) → 0/1 (taken as classes 0..255 it would fuse into 256-class maps),
+    whole-number floats → int16. Other integer arrays are returned as they are."""
     from raterseg.datasets import is_0_255_mask
 
     if arr.dtype == bool:
         return arr.view(np.uint8)  # freshly read: a view is safe and saves a copy
     if arr.dtype.kind == "f":
-        return arr.astype(np.int16)
-    if arr.dtype == np.uint8 and is_0_255_mask(arr):
+        arr = arr.astype(np.int16)
+    if is_0_255_mask(arr):
         return arr // 255
     return arr
 

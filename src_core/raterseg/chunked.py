@@ -38,8 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import check_same_grid
 from .io import check_output_folder
-from .types import MISSING, FusionResult, RaterSegError, TrainingEvent
+from .types import (
+    MAX_INFERRED_CLASSES,
+    MISSING,
+    SPARSE_CHECK_MIN_CLASSES,
+    FusionResult,
+    RaterSegError,
+    TrainingEvent,
+    infer_num_classes,
+)
 
 __all__ = ["CHUNK_VOXELS", "fuse_chunked"]
 
@@ -64,6 +73,9 @@ class _Source:
     #: :func:`raterseg.io.read_labels` reads them; array-likes must be integers, as in
     #: :func:`raterseg.fuse`.
     float_ok = False
+    #: Files holding only 0 and 255 are binary masks and read as 0/1, as everywhere in
+    #: raterseg (:func:`raterseg.datasets.read_labels`); set by the first pass.
+    divisor = 1
 
     def read(self, start: int, stop: int) -> np.ndarray:
         raise NotImplementedError
@@ -358,17 +370,51 @@ def _read_slab(srcs: list[_Source], start: int, stop: int, dtype,
     cast; and the largest label seen."""
     out, hi = None, 0
     for r, s in enumerate(srcs):
-        a = s.read(start, stop)
-        if a.dtype.kind == "f":  # a file's labels stored as floats, or scaled
-            bad = ~np.isfinite(a) | (a != np.round(a))
-            if bad.any():
-                raise RaterSegError(f"raters ('{s.name}'): expected integer class labels, got "
-                                    f"the value {a[bad].flat[0]}")
+        a = _read_checked(s, start, stop)
+        if s.divisor != 1:
+            a = a // s.divisor
         hi = max(hi, _check_range(a, num_classes)[1])
         if out is None:
             out = np.empty((len(srcs), a.size), dtype)
         out[r] = a.reshape(-1)
     return out, hi
+
+
+def _read_checked(s: _Source, start: int, stop: int) -> np.ndarray:
+    """A slab of one rater, whose float values (a file's labels stored as floats, or
+    scaled) are checked to be whole numbers."""
+    a = s.read(start, stop)
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            raise RaterSegError(f"raters ('{s.name}'): expected integer class labels, got "
+                                f"the value {a[bad].flat[0]}")
+    return a
+
+
+def _scan_labels(srcs: list[_Source], slabs: list, report) -> tuple[int, np.ndarray]:
+    """First pass over every rater: marks files holding only 0 and 255 as 0/1 masks
+    (``divisor``); returns the largest label and which labels up to
+    :data:`MAX_INFERRED_CLASSES` occur, both as read after that mapping."""
+    n_present = MAX_INFERRED_CLASSES + 1
+    hi = [-1] * len(srcs)
+    present = np.zeros((len(srcs), n_present), bool)
+    only_0_255 = [s.float_ok for s in srcs]  # array-likes are taken as given, as by fuse
+    for i, (a, b, _) in enumerate(slabs):
+        for r, s in enumerate(srcs):
+            lab = _read_checked(s, a, b)
+            hi[r] = max(hi[r], _check_range(lab, None)[1])
+            if only_0_255[r]:
+                only_0_255[r] = bool(((lab == 0) | (lab == 255)).all())
+            v = lab[(lab >= 0) & (lab < n_present)].astype(np.intp)
+            present[r] |= np.bincount(v, minlength=n_present) > 0
+        report("checking labels,", i)
+    for r, s in enumerate(srcs):
+        if only_0_255[r] and hi[r] == 255:
+            s.divisor = 255
+            hi[r] = 1
+            present[r, 1], present[r, 255] = True, False
+    return max(hi), present.any(axis=0)
 
 
 def _check_range(lab: np.ndarray, num_classes: int | None) -> tuple[int, int]:
@@ -514,6 +560,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raise RaterSegError("output_format: 'nii' needs 3D NIfTI raters (their geometry is "
                             f"copied); got {'shape ' + str(shape) if nifti else 'no NIfTI rater'}")
     _check_not_outputs(srcs, out_dir)
+    check_same_grid([(s.name, {"affine": s.affine}) for s in srcs if isinstance(s, _NiftiSource)],
+                    "raters")
     R = len(srcs)
     dev = resolve_device(device)
     slabs = list(_slabs(shape, int(chunk_voxels)))
@@ -522,14 +570,15 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         if progress is not None:
             progress(TrainingEvent(i + 1, len(slabs), f"{method}: {pass_name} slab {i + 1}/{len(slabs)}"))
 
-    # Pass 1: the label range, when L is not given.
+    # Pass 1 (when L is not given, or some rater is a file): the label range, and which
+    # files are 0/255 masks.
     L = num_classes
-    if L is None:
-        hi_all = 1
-        for i, (a, b, _) in enumerate(slabs):
-            hi_all = max(hi_all, _read_slab(srcs, a, b, np.int32, None)[1])
-            report("checking labels,", i)
-        L = max(hi_all + 1, 2)
+    if L is None or any(s.float_ok for s in srcs):
+        hi_all, present = _scan_labels(srcs, slabs, report)
+        if L is None:
+            sparse = hi_all + 1 > SPARSE_CHECK_MIN_CLASSES and hi_all < MAX_INFERRED_CLASSES
+            L = infer_num_classes(hi_all, present[: hi_all + 1] if sparse else None,
+                                  math.prod(shape), "raters")
     L = int(L)
     lab_dtype = np.int16 if L < 32000 else np.int32
     _check_disk_space(out_dir, shape, L)

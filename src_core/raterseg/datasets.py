@@ -164,15 +164,16 @@ def whole_numbers(arr: np.ndarray) -> bool:
 
 
 def is_0_255_mask(arr: np.ndarray) -> bool:
-    """Whether ``arr`` holds only 0 and 255, with some 255: a binary mask as image tools save
-    it, which taken as classes 0..255 would make 256-class probability maps."""
-    if not arr.size or int(arr.max()) != 255:
+    """Whether ``arr`` (any numeric dtype) holds only 0 and 255, with some 255: a binary mask
+    as image tools save it (uint8 PNG/TIFF, but also int16 or float NIfTI from Slicer or
+    ITK), which taken as classes 0..255 would make 256-class probability maps."""
+    if not arr.size or arr.max() != 255:
         return False
-    return bool(np.isin(np.unique(arr), (0, 255)).all())
+    return bool(((arr == 0) | (arr == 255)).all())
 
 
 def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
-    """bool → 0/1, a uint8 0/255 mask → 0/1, whole-number floats → integers; int16 (int32
+    """bool → 0/1, a 0/255 mask → 0/1, whole-number floats → integers; int16 (int32
     for >= 32000 classes). Refuses fractional or non-finite values, non-numeric dtypes and
     values below -1."""
     if arr.dtype == bool:
@@ -183,7 +184,7 @@ def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
             raise RaterSegError(f"{where}: expected integer class labels, got the value {bad}")
     elif arr.dtype.kind not in "iu":
         raise RaterSegError(f"{where}: expected integer class labels, got dtype {arr.dtype}")
-    if arr.dtype == np.uint8 and is_0_255_mask(arr):  # PNG, TIFF and NIfTI masks alike
+    if is_0_255_mask(arr):  # PNG, TIFF and NIfTI masks alike, whatever the dtype
         arr = arr // 255
     hi = float(arr.max()) if arr.size else 0.0
     lo = float(arr.min()) if arr.size else 0.0

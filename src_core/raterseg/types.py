@@ -132,6 +132,47 @@ class RaterStack:
 MAX_INFERRED_CLASSES = 256
 
 
+#: From this many inferred classes on, the labels must use at least half of 0..L-1: fewer
+#: distinct values (0/255 masks, a grey anti-aliased edge, 0/100) are grey levels or ids
+#: rather than classes.
+SPARSE_CHECK_MIN_CLASSES = 32
+
+
+def infer_num_classes(hi: int, present: np.ndarray | None, voxels: int, argname: str) -> int:
+    """L = largest label + 1 (at least 2), refusing labels that do not look like classes.
+
+    Args:
+        hi: the largest label.
+        present: bool ``(hi + 1,)``, which labels occur; None skips the sparseness check
+            (callers compute it only when ``hi + 1 > SPARSE_CHECK_MIN_CLASSES``).
+        voxels: voxels of one rater's labels over all cases (for the memory estimate).
+
+    Raises:
+        RaterSegError: more than :data:`MAX_INFERRED_CLASSES` classes, or more than
+            :data:`SPARSE_CHECK_MIN_CLASSES` of which fewer than half occur.
+    """
+    num_classes = max(int(hi) + 1, 2)
+    if num_classes > MAX_INFERRED_CLASSES:
+        gib = num_classes * voxels * 4 / 2**30
+        raise RaterSegError(
+            f"{argname}: the largest label is {hi}, so fusion would make {num_classes} "
+            f"probability maps ({gib:.1f} GiB in float32). Relabel the classes to 0..L-1 "
+            f"(object ids are not classes), or pass num_classes={num_classes} to go ahead")
+    if present is not None and num_classes > SPARSE_CHECK_MIN_CLASSES:
+        values = np.flatnonzero(present)
+        if 2 * len(values) < num_classes:
+            shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+            hint = ("this is a 0/255 mask: use labels 0/1 (divide by 255)"
+                    if set(values.tolist()) <= {0, 255} else
+                    "relabel the classes to 0..L-1; grey values from anti-aliasing or "
+                    "resampling need a threshold")
+            raise RaterSegError(
+                f"{argname}: the labels go up to {hi} but only {len(values)} values occur "
+                f"({shown}), so fusion would make {num_classes} probability maps for "
+                f"{len(values)} classes: {hint}; or pass num_classes={num_classes} to go ahead")
+    return num_classes
+
+
 def _copy_as(arr: np.ndarray, dtype) -> np.ndarray:
     """``arr.astype(dtype)`` (always a copy), converted on several threads when large."""
     if not arr.flags.c_contiguous or arr.size < (1 << 20):
@@ -203,14 +244,11 @@ def as_rater_stack(
             f"{argname}: expected labels >= -1 (-1 = rater did not annotate), got minimum {lo}"
         )
     if num_classes is None:
-        num_classes = max(hi + 1, 2)
-        if num_classes > MAX_INFERRED_CLASSES:
-            voxels = arr[0].size if not batched else arr[0, 0].size * arr.shape[0]
-            gib = num_classes * voxels * 4 / 2**30
-            raise RaterSegError(
-                f"{argname}: the largest label is {hi}, so fusion would make {num_classes} "
-                f"probability maps ({gib:.1f} GiB in float32). Relabel the classes to 0..L-1 "
-                f"(object ids are not classes), or pass num_classes={num_classes} to go ahead")
+        present = None
+        if hi + 1 > SPARSE_CHECK_MIN_CLASSES and hi < MAX_INFERRED_CLASSES:
+            present = np.bincount(arr[arr >= 0].ravel().astype(np.intp), minlength=hi + 1) > 0
+        voxels = arr[0].size if not batched else arr[0, 0].size * arr.shape[0]
+        num_classes = infer_num_classes(hi, present, voxels, argname)
     else:
         if int(num_classes) != num_classes or num_classes < 2:
             raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")

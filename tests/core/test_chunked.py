@@ -94,6 +94,37 @@ def test_nifti_in_nifti_out_with_the_raters_geometry(tmp_path):
         rs.fuse_chunked(raters, tmp_path / "o2", output_format="nii")
 
 
+def test_0_255_mask_files_and_grids_as_in_memory(tmp_path):
+    # a 0/255 mask file is a binary mask (2 classes), in slabs as in memory; a file on
+    # another voxel grid is refused, as in memory
+    nib = pytest.importorskip("nibabel")
+    from raterseg.datasets import read_labels
+
+    raters = _raters_3d(missing=False)
+    paths = []
+    for r, lab in enumerate(raters):
+        paths.append(tmp_path / f"mask{r}.nii.gz")
+        scaled = (lab * 255).astype(np.uint8 if r % 2 else np.int16)
+        nib.save(nib.Nifti1Image(scaled, np.eye(4)), paths[-1])
+    as_read = np.stack([read_labels(p)[0] for p in paths])
+    assert set(np.unique(as_read)) == {0, 1}
+    ref = rs.fuse(as_read, method="staple")
+    for num_classes in (None, 2):
+        res = rs.fuse_chunked(paths, tmp_path / "out", method="staple", chunk_voxels=3000,
+                              num_classes=num_classes)
+        assert res.num_classes == 2
+        _same(ref, res)
+    shifted = np.eye(4)
+    shifted[0, 3] = 50.0
+    nib.save(nib.Nifti1Image((raters[0] * 255).astype(np.uint8), shifted), tmp_path / "far.nii.gz")
+    with pytest.raises(rs.RaterSegError, match="far.nii.gz' lies on another voxel grid"):
+        rs.fuse_chunked([paths[0], tmp_path / "far.nii.gz"], tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+    # an array holding 0/255 is taken as given (as by rs.fuse): refused as grey levels
+    with pytest.raises(rs.RaterSegError, match="0/255 mask"):
+        rs.fuse_chunked(raters * 255, tmp_path / "o3")
+
+
 def test_array_likes_and_2d(tmp_path):
     truth = synth.phantom_2d((64, 80), seed=3)[1]
     raters = synth.simulate_raters(truth, ("good", "over", "under"), seed=1).astype(np.int32)
@@ -406,7 +437,7 @@ def test_outputs_that_would_not_fit_on_disk_refused_before_writing(tmp_path, mon
     from collections import namedtuple
 
     raters = _raters_3d()
-    raters[0, 0, 0, 0] = 255  # a stray "ignore" value: 256 classes of probabilities
+    raters[0].flat[:256] = np.arange(256)  # 256 classes of probabilities
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**8, 0, 10**7))
     seen = []

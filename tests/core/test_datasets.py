@@ -23,9 +23,12 @@ def test_colour_png_mask_is_refused_not_read_as_three_slices(tmp_path):
     assert lab.shape == (12, 16) and set(np.unique(lab)) == {0, 1}
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".npy", ".png"])
-def test_uint8_0_255_mask_becomes_0_1_in_every_format(tmp_path, suffix):
-    mask = np.zeros((10, 12), np.uint8)
+@pytest.mark.parametrize("suffix, dtype", [(".nii.gz", np.uint8), (".npy", np.uint8),
+                                           (".png", np.uint8), (".nii.gz", np.int16),
+                                           (".nii.gz", np.float32), (".npy", np.int32)])
+def test_0_255_mask_becomes_0_1_in_every_format_and_dtype(tmp_path, suffix, dtype):
+    # Slicer saves int16 masks, ITK tools float32: 0/255 is a binary mask whatever the dtype
+    mask = np.zeros((10, 12), dtype)
     mask[2:6, 3:9] = 255
     path = tmp_path / f"m{suffix}"
     if suffix == ".nii.gz":
@@ -37,7 +40,7 @@ def test_uint8_0_255_mask_becomes_0_1_in_every_format(tmp_path, suffix):
     lab, _ = read_labels(path)
     assert set(np.unique(lab)) == {0, 1}
     assert int(lab.sum()) == 24
-    # a uint8 map with other labels keeps them
+    # a map with other labels keeps them
     multi = mask.copy()
     multi[0, 0] = 2
     np.save(tmp_path / "multi.npy", multi)

@@ -185,3 +185,24 @@ def test_labels_far_beyond_any_class_count_need_an_explicit_num_classes():
     assert np.array_equal(raters, before)
     res = rs.fuse(raters, method="majority_vote", num_classes=300)  # said explicitly: fine
     assert res.probabilities.shape == (300, 6, 6) and res.truth.max() == 299
+
+
+def test_grey_levels_are_not_taken_as_hundreds_of_classes():
+    # 0/255 masks and anti-aliased edges (0/128/255) from image tools: inferred as classes
+    # 0..255 they made 256 probability maps for 2-3 classes
+    raters = np.zeros((3, 16, 16), np.int16)
+    raters[:, 4:12, 4:12] = 255
+    original = raters.copy()
+    with pytest.raises(RaterSegError, match=r"raters: .*up to 255 but only 2 values occur "
+                                            r"\(0, 255\).*0/255 mask.*num_classes=256"):
+        rs.fuse(raters, method="majority_vote")
+    raters[0, 4, 4:12] = 128
+    with pytest.raises(RaterSegError, match=r"only 3 values occur \(0, 128, 255\).*threshold"):
+        rs.fuse(raters, method="majority_vote")
+    np.testing.assert_array_equal(raters[1:], original[1:])
+    # as 0/1 it fuses; with an explicit num_classes the caller gets what they asked for
+    assert rs.fuse(raters // 255, method="majority_vote").num_classes == 2
+    assert rs.fuse(raters, method="majority_vote", num_classes=256).num_classes == 256
+    # dense labels (every class occurs) are classes, however many
+    dense = np.arange(3 * 8 * 15, dtype=np.int16).reshape(3, 8, 15) % 40
+    assert rs.fuse(dense, method="majority_vote").num_classes == 40

@@ -225,12 +225,22 @@ def _add_fuse(sub) -> None:
 
 def _read_inputs(paths: list[str], image_path: str | None):
     """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
-    from .datasets import _match_image, _stem, check_same_grid, read_case, read_image, read_labels
+    from .datasets import (
+        _IMAGE_STEMS,
+        _match_image,
+        _stem,
+        check_same_grid,
+        read_case,
+        read_image,
+        read_labels,
+    )
 
     def is_case(folder: Path) -> bool:
+        # rater* files, an LIDC layout, or an image.* file (a case folder whose raters are
+        # misnamed: read_case then says what it expected and lists what it found)
         return folder.is_dir() and any(
             e.name.lower().startswith(("rater", "nodule-", "mask-", "images"))
-            for e in folder.iterdir())
+            or _stem(e).lower() in _IMAGE_STEMS for e in folder.iterdir())
 
     first = Path(paths[0])
     if len(paths) == 1 and is_case(first):
@@ -288,7 +298,8 @@ def _run_fuse(args: argparse.Namespace) -> int:
     if image is not None:
         check_image(image, stack.spatial_shape)
     elif method.learned:
-        raise RaterSegError(f"--image: method {args.method!r} is learned and needs the image")
+        raise RaterSegError(f"--image: method {args.method!r} is learned and needs the image: "
+                            "pass --image FILE, or name it image.* in the case folder")
     _info(f"raterseg fuse: {len(names)} rater{'s' * (len(names) != 1)}, shape "
           f"{stack.spatial_shape}, {stack.num_classes} classes, method {args.method}", args.quiet)
     progress = TextProgress(args.method, quiet=args.quiet)

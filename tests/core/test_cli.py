@@ -190,6 +190,26 @@ def test_bad_input_exit_2_one_line(case_dir, capsys, make_argv, match):
     assert before == {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def test_case_folder_naming_mistakes_are_explained(tmp_path, capsys):
+    # raters not named rater*: the folder was read as a stack of 2D slices, image included,
+    # and the message complained about a fractional label
+    case = tmp_path / "case"
+    case.mkdir()
+    rng = np.random.default_rng(0)
+    rio.write_array(case / "image.nii.gz", rng.random((4, 8, 8)).astype(np.float32))
+    for name in ("seg_A", "seg_B"):
+        rio.write_array(case / f"{name}.nii.gz", (rng.random((4, 8, 8)) > 0.5).astype(np.int16))
+    code, _, err = _run(["fuse", case, "-m", "staple", "-o", tmp_path / "o"], capsys)
+    line = _one_error_line(code, err)
+    assert re.search(r"expected rater files \(rater\*.*found none among .*seg_A", line), line
+    # a learned method without an image.* file says how to give it one
+    for name in ("seg_A", "seg_B"):
+        (case / f"{name}.nii.gz").rename(case / f"rater_{name}.nii.gz")
+    (case / "image.nii.gz").rename(case / "ct.nii.gz")
+    code, _, err = _run(["fuse", case, "-m", "cm", "-o", tmp_path / "o"], capsys)
+    assert "pass --image FILE, or name it image.* in the case folder" in _one_error_line(code, err)
+
+
 def test_bad_input_through_the_installed_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(tmp_path / "x.nii.gz"),
                           "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)

@@ -198,8 +198,13 @@ def _add_fuse(sub) -> None:
                                    "rater confusion matrices.",
                        epilog="Files: .nii/.nii.gz, .tif/.tiff, .npy, .npz, .png (0/255 masks "
                               "read as 0/1). Outputs are NIfTI with the geometry of the image "
-                              "(or the first rater). Example: raterseg fuse r1.nii.gz r2.nii.gz "
-                              "r3.nii.gz --method staple --set prior=0.2 -o out/")
+                              "(or the first rater). Axis order: arrays are (z, y, x) and a "
+                              "NIfTI volume (x, y, z) is read and written transposed, so NIfTI "
+                              "in gives NIfTI out in the same orientation, while .npy/.tif "
+                              "raters of shape (D, H, W) give NIfTI outputs that nibabel loads "
+                              "as (W, H, D) (probabilities: (W, H, D, L)). Example: raterseg "
+                              "fuse r1.nii.gz r2.nii.gz r3.nii.gz --method staple --set "
+                              "prior=0.2 -o out/")
     p.add_argument("raters", nargs="+", metavar="RATER",
                    help="one label file (or folder of 2D slices) per rater, one .npy holding "
                         "every rater (R, *S), or one case folder")

@@ -18,6 +18,11 @@ every voxel has its own window (a sliding box), computed for any window size in 
 with cumulative sums, in torch on the chosen device. With a window covering the whole
 image, θ_r,i = θ_r^0 and the method is STAPLE. The iteration order follows SimpleITK's
 STAPLE (see DESIGN.md): W₀ = share of raters per class, prior f = mean of W₀, M-step first.
+
+EM converges linearly here (each update shrinks the change by only ~0.8 on the demo
+phantom), so by default the updates are driven by SQUAREM (Varadhan & Roland 2008), which
+extrapolates along pairs of EM updates towards the same fixed point: about 2× fewer
+updates (docs/BENCHMARKS.md, "Spatial STAPLE: SQUAREM acceleration").
 """
 
 from __future__ import annotations
@@ -132,6 +137,10 @@ class SpatialStaple(FusionMethod):
     exactly 0 gives a factor of 0, but float32 rounding can leave 1e-7 instead, which
     moves the log-likelihood a lot.
 
+    ``acceleration="squarem"`` (default) reaches EM's fixed point in about half the EM
+    updates; ``"none"`` runs plain EM. The stopping rule is the same (an update that moves
+    no voxel by more than ``tolerance``), and ``max_iterations`` counts EM updates.
+
     Examples:
         >>> res = rs.fuse(raters, method="spatial_staple", window=15)
         >>> res.rater_maps.shape   # (R, *S): where each rater can be trusted
@@ -148,6 +157,9 @@ class SpatialStaple(FusionMethod):
         max_iterations: int = param(100, "most EM iterations", low=1)
         tolerance: float = param(1e-4, "stop when no voxel's probability changes more than this",
                                  low=0.0)
+        acceleration: str = param("squarem", "squarem: extrapolated EM cycles (same fixed point, "
+                                  "2-3x fewer iterations); none: plain EM",
+                                  choices=("squarem", "none"))
 
     def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
         import torch
@@ -173,13 +185,14 @@ class SpatialStaple(FusionMethod):
             local_prior = local_prior / local_prior.sum(0, keepdim=True).clamp_min(_TINY)
             log_prior = torch.log(local_prior.clamp_min(1e-6))
         classes = torch.arange(L, device=dev).reshape((L,) + (1,) * nd)
-        history: list[dict] = []
         theta0 = torch.eye(L, dtype=torch.float64, device=dev).repeat(R, 1, 1)
         # What EM needs of each rater that does not change (None: annotated nothing,
         # which leaves the identity in theta0 and no factor in the likelihood).
         fixed = [_RaterLabels.of(lab[r], classes, window, nd) for r in range(R)]
         any_full = any(f is not None and f.full for f in fixed)
-        for it in range(1, int(cfg.max_iterations) + 1):
+
+        def em_update(W):
+            """One M-step (θ_r,i and θ_r^0 from W) and E-step: the next W."""
             shared = _SharedSums.of(W, window, nd, any_full=any_full)
             loglik = log_prior.expand_as(W).clone()
             for r, f in enumerate(fixed):
@@ -189,19 +202,72 @@ class SpatialStaple(FusionMethod):
                 theta0[r] = _whole_image_theta(flat)
                 log_factor = torch.log(_observed_factor(f, num, theta0[r], kappa).clamp_min(_TINY))
                 loglik += log_factor if f.full else torch.where(f.annotated, log_factor, 0.0)
-            W_new = torch.softmax(loglik, dim=0)
+            return torch.softmax(loglik, dim=0)
+
+        history: list[dict] = []
+        max_it = int(cfg.max_iterations)
+
+        def step(W):
+            """One EM update, logged; returns the new W and whether to stop."""
+            W_new = em_update(W)
             change = float((W_new - W).abs().max())
-            W = W_new
+            it = len(history) + 1
             history.append({"iteration": it, "change": change})
             if progress is not None:
-                progress(TrainingEvent(it, int(cfg.max_iterations),
-                                       f"spatial_staple: EM iteration {it}", {"change": change}))
-            if change <= cfg.tolerance:
-                break
+                progress(TrainingEvent(it, max_it, f"spatial_staple: EM iteration {it}",
+                                       {"change": change}))
+            return W_new, change <= cfg.tolerance or it >= max_it
+
+        if cfg.acceleration == "squarem":
+            W = _squarem(step, W)
+        else:
+            done = False
+            while not done:
+                W, done = step(W)
         maps = _rater_maps(fixed, W, window, kappa, nd, any_full=any_full)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
                              rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
                              history=history)
+
+
+#: SQUAREM's bounds on the step length |α|: the first cap, and the factor by which the cap
+#: grows each time a step reaches it (Varadhan & Roland 2008, their defaults).
+_SQUAREM_STEP_MAX0 = 1.0
+_SQUAREM_STEP_GROWTH = 4.0
+
+
+def _squarem(step, W):
+    """Run EM from ``W`` with SQUAREM (Varadhan & Roland, Scand. J. Stat. 35:335, 2008).
+
+    ``step(W) -> (W_new, done)`` is one logged EM update. Each cycle takes two EM updates
+    W → W1 → W2, jumps along the squared extrapolation
+    ``W' = W − 2α·r + α²·v`` (r = W1 − W, v = W2 − 2·W1 + W, α = −‖r‖/‖v‖, scheme S3),
+    moved back onto the simplex (clipped at 0, renormalised over classes), then applies one
+    EM update to W' as its stabilising step. α = −1 gives W2, plain EM. The fixed points are
+    EM's, and the stopping rule is unchanged (an EM update that moves no voxel by more than
+    the tolerance); EM's linear convergence (~0.8 per iteration on the demo phantom) needs
+    2-3× more updates to get there.
+    """
+    step_max = _SQUAREM_STEP_MAX0
+    while True:
+        W1, done = step(W)
+        if done:
+            return W1
+        W2, done = step(W1)
+        if done:
+            return W2
+        r = W1 - W
+        v = W2 - W1 - r
+        alpha = -float(r.norm() / v.norm().clamp_min(1e-30))
+        alpha = max(min(alpha, -1.0), -step_max)
+        if alpha == -step_max:
+            step_max *= _SQUAREM_STEP_GROWTH
+        W_jump = W.add(r, alpha=-2.0 * alpha).add_(v, alpha=alpha * alpha).clamp_min_(0.0)
+        W_jump /= W_jump.sum(0, keepdim=True).clamp_min(_TINY)
+        del W1, W2, r, v
+        W, done = step(W_jump)
+        if done:
+            return W
 
 
 @dataclass

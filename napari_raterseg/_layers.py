@@ -86,8 +86,11 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
     arrays = []
     for layer in rater_layers:
         if layer_kind(layer) != "labels":
+            how = (" (a mask opened as an image: right-click it in the layer list and choose "
+                   "'Convert to Labels')") if layer_kind(layer) == "image" else ""
             raise RaterSegError(
-                f"raters: expected Labels layers, got {layer_kind(layer)} layer {layer.name!r}"
+                f"raters: expected Labels layers, got {layer_kind(layer)} layer "
+                f"{layer.name!r}{how}"
             )
         arrays.append(_layer_array(layer, "raters"))
     shapes = [a.shape for a in arrays]

@@ -69,8 +69,9 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     Bool arrays are labels. Integer arrays with values in ``-1..255`` are labels when
     the file name says so (``mask``, ``label``, ``seg``, ``rater``, …) or when they hold
     at most 32 distinct values (a CT or an 8-bit photo holds many more). Float arrays
-    (ITK tools often save masks as float32) are labels only when the file name says so
-    and every value is a whole number in ``-1..255``.
+    (ITK tools often save masks as float32) are labels when every value is a whole number
+    in ``-1..255`` and the file name says so, or when they hold only 0 and 1 or only 0
+    and 255 (a binary mask, whatever the file is called).
     """
     if arr.dtype == bool:
         return True
@@ -78,9 +79,12 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     if arr.size == 0:
         return False
     if arr.dtype.kind == "f":
-        from raterseg.datasets import whole_numbers
+        from raterseg.datasets import is_0_255_mask, whole_numbers
 
-        if not hinted or not whole_numbers(arr):
+        if not whole_numbers(arr):
+            return False
+        binary = (arr.max() == 1 and bool(((arr == 0) | (arr == 1)).all())) or is_0_255_mask(arr)
+        if not (hinted or binary):
             return False
     elif not np.issubdtype(arr.dtype, np.integer):
         return False

@@ -127,3 +127,13 @@ def test_rater_layers_holding_0_and_255_fuse_as_binary_masks(make_napari_viewer)
     assert res.probabilities.shape == (2, 24, 24)
     assert set(np.unique(res.truth)) <= {0, 1}
     assert viewer.layers["mask a"].data.max() == 255  # the layer itself is untouched
+
+
+def test_an_image_layer_picked_as_rater_says_how_to_convert_it(make_napari_viewer):
+    viewer = make_napari_viewer()
+    a = np.zeros((24, 24), np.uint8)
+    a[4:14, 4:14] = 1
+    viewer.add_labels(a, name="mask a")
+    viewer.add_image(np.roll(a, 2, axis=0).astype(np.float32) * 0.5, name="soft b")
+    with pytest.raises(rs.RaterSegError, match="image layer 'soft b'.*Convert to Labels"):
+        fuse_layers(viewer, None, ["mask a", "soft b"], "majority_vote")

@@ -1,7 +1,7 @@
 """Between napari layers and the core: gather fusion inputs, turn results into layers.
 
 Nothing here imports Qt; napari layer objects are only duck-typed (``.data``,
-``.name``, ``.scale``, ``.translate``, ``._type_string``), so the console API,
+``.name``, ``.scale``, ``.translate``, the class name), so the console API,
 the widgets and the tests share one code path.
 """
 
@@ -25,8 +25,9 @@ def layer_name(base: str, kind: str, method: str) -> str:
 
 
 def layer_kind(layer: Any) -> str:
-    """``"image"``, ``"labels"``, … for a napari layer (its type string)."""
-    return getattr(layer, "_type_string", type(layer).__name__.lower())
+    """``"image"``, ``"labels"``, … for a napari layer: its class name in lower case (the
+    public spelling of napari's private ``_type_string``)."""
+    return type(layer).__name__.lower()
 
 
 @dataclass

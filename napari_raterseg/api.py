@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._layers import add_result_layers, gather_inputs
+from ._layers import add_result_layers, gather_inputs, layer_kind
 
 
 def _layer(viewer: Any, layer: Any, argname: str) -> Any:
@@ -49,7 +49,7 @@ def fuse_layers(viewer: Any, image: Any, raters: Sequence[Any] | None = None,
 
     image_layer = _layer(viewer, image, "image")
     if raters is None:
-        raters = [lyr for lyr in viewer.layers if lyr._type_string == "labels"
+        raters = [lyr for lyr in viewer.layers if layer_kind(lyr) == "labels"
                   and "method" not in (lyr.metadata or {})]
     rater_layers = [_layer(viewer, r, "raters") for r in raters]
     inputs = gather_inputs(image_layer, rater_layers)

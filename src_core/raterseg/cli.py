@@ -320,7 +320,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
     for name, row in zip(names, _rater_rows(raters, res.truth)):
         rows.append([name, _fmt(row.get("sensitivity")), _fmt(row.get("specificity")),
                      _fmt(row.get("dice"))])
-    print(f"{args.method}: fused {len(names)} raters ({res.num_classes} classes, shape "
+    print(f"{args.method}: fused {len(names)} rater{'s' * (len(names) != 1)} ({res.num_classes} classes, shape "
           f"{tuple(res.truth.shape)}) in {seconds:.2f} s")
     print("Each rater against the fused truth (foreground = any label > 0):")
     print(_table(rows, ["rater", "sensitivity", "specificity", "Dice"]))
@@ -360,7 +360,7 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
         names = [_stem(Path(n)) for n in args.raters]
     cm = res.rater_confusion
     L = res.num_classes
-    print(f"{args.method}: fused {len(names)} raters ({L} classes, shape "
+    print(f"{args.method}: fused {len(names)} rater{'s' * (len(names) != 1)} ({L} classes, shape "
           f"{tuple(res.truth.shape)}) in {seconds:.2f} s, in slabs")
     if L == 2:
         rows = [[n, _fmt(float(c[1, 1])), _fmt(float(c[0, 0]))] for n, c in zip(names, cm)]

@@ -81,7 +81,7 @@ def run(seed: int, data, common: dict, avap_params: dict, raters_only: list[int]
 
     def fit(name, method, labels, **extra):
         t = time.perf_counter()
-        m = rs.create(method, seed=seed, **common, **extra).fit(xtr, labels)
+        m = rs.create(method, seed=seed, **{**common, **extra}).fit(xtr, labels)
         seconds[name] = time.perf_counter() - t
         print(f"  seed {seed} {name}: trained in {seconds[name]:.0f} s, "
               f"{len(m.history_)} epochs", file=sys.stderr, flush=True)
@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="AVAP's backbone (the baselines always use the shared U-Net)")
     ap.add_argument("--apm-raters", default="one", choices=("one", "all"))
     ap.add_argument("--apm-fraction", type=float, default=0.5)
+    ap.add_argument("--avap-epochs", type=int, default=None,
+                    help="AVAP's epochs, both steps together (default: --epochs). E.g. twice "
+                         "--epochs with --apm-fraction 0.5 gives step 1 (backbone + AVM) the "
+                         "U-Nets' epochs and trains the APM on top")
     ap.add_argument("--raters-only", type=int, nargs="*", default=None,
                     help="train M_r only for these 0-based raters (default: all)")
     ap.add_argument("--rows", nargs="+", default=["avap", "unet_mean", "M"],
@@ -177,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "patience": args.patience, "features": tuple(args.features), "device": args.device}
     avap_params = {"backbone": args.backbone, "apm_raters": args.apm_raters,
-                       "apm_fraction": args.apm_fraction}
+                   "apm_fraction": args.apm_fraction}
+    if args.avap_epochs is not None:
+        avap_params["epochs"] = args.avap_epochs
     t0 = time.perf_counter()
     runs = []
     jargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

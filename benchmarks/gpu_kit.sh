@@ -67,9 +67,12 @@ run)
     # shellcheck disable=SC2086
     step classical_all 60 $PY benchmarks/classical_speed.py --device "$DEVICE" --threads "$(nproc)" \
         $CLASSICAL_SIZE --no-docs --json "$OUT/classical_speed_gpu_allthreads.json"
+    # spatial STAPLE, plain EM vs SQUAREM, on this GPU
+    step spatial_staple 40 $PY benchmarks/spatial_staple_speed.py --device "$DEVICE" --repeats 1 \
+        --no-docs --json "$OUT/spatial_staple_speed_gpu.json"
     # issue 3: time to fuse 128x128x64 with 4 raters and defaults, and bf16 throughput
     # shellcheck disable=SC2086
-    step learned 240 $PY benchmarks/learned_fuse_speed.py --device "$DEVICE" $LEARNED_SIZE \
+    step learned 220 $PY benchmarks/learned_fuse_speed.py --device "$DEVICE" $LEARNED_SIZE \
         --methods cm tgce mrprism avap unet softseg --out "$OUT/learned_fuse_speed_gpu.json"
     echo "done $(date +%T)" | tee -a "$log"
     ;;
@@ -78,8 +81,10 @@ render)
     for f in "$dir"/classical_speed_gpu_*.json; do
         [ -e "$f" ] && .venv/bin/python benchmarks/classical_speed.py --from-json "$f"
     done
-    [ -e "$dir/learned_fuse_speed_gpu.json" ] && cp "$dir/learned_fuse_speed_gpu.json" docs/
-    echo "docs/BENCHMARKS.md: classical GPU rows rendered; learned_fuse_speed_gpu.json copied to docs/ (write its table into the cm_baselines section by hand)"
+    for f in learned_fuse_speed_gpu.json spatial_staple_speed_gpu.json; do
+        [ -e "$dir/$f" ] && cp "$dir/$f" docs/
+    done
+    echo "docs/BENCHMARKS.md: classical GPU rows rendered; learned_fuse_speed_gpu.json and spatial_staple_speed_gpu.json copied to docs/ (write their tables into the cm_baselines and spatial_staple_speed sections by hand)"
     ;;
 *)
     sed -n 2,16p "$0"

@@ -41,9 +41,8 @@ import numpy as np
 from .datasets import check_same_grid
 from .io import check_output_folder
 from .types import (
-    MAX_INFERRED_CLASSES,
+    GREY_LEVEL_MAX,
     MISSING,
-    SPARSE_CHECK_MIN_CLASSES,
     FusionResult,
     RaterSegError,
     TrainingEvent,
@@ -392,29 +391,36 @@ def _read_checked(s: _Source, start: int, stop: int) -> np.ndarray:
     return a
 
 
-def _scan_labels(srcs: list[_Source], slabs: list, report) -> tuple[int, np.ndarray]:
-    """First pass over every rater: marks files holding only 0 and 255 as 0/1 masks
-    (``divisor``); returns the largest label and which labels up to
-    :data:`MAX_INFERRED_CLASSES` occur, both as read after that mapping."""
-    n_present = MAX_INFERRED_CLASSES + 1
+def _scan_labels(srcs: list[_Source], slabs: list, report) -> int:
+    """First pass over every rater: each file's label range, checked; marks files holding
+    only 0 and 255 (and -1) as 0/1 masks (``divisor``). Returns the largest label as read
+    after that mapping."""
     hi = [-1] * len(srcs)
-    present = np.zeros((len(srcs), n_present), bool)
     only_0_255 = [s.float_ok for s in srcs]  # array-likes are taken as given, as by fuse
     for i, (a, b, _) in enumerate(slabs):
         for r, s in enumerate(srcs):
             lab = _read_checked(s, a, b)
             hi[r] = max(hi[r], _check_range(lab, None)[1])
             if only_0_255[r]:
-                only_0_255[r] = bool(((lab == 0) | (lab == 255)).all())
-            v = lab[(lab >= 0) & (lab < n_present)].astype(np.intp)
-            present[r] |= np.bincount(v, minlength=n_present) > 0
+                only_0_255[r] = bool(((lab == 0) | (lab == 255) | (lab == MISSING)).all())
         report("checking labels,", i)
     for r, s in enumerate(srcs):
         if only_0_255[r] and hi[r] == 255:
             s.divisor = 255
             hi[r] = 1
-            present[r, 1], present[r, 255] = True, False
-    return max(hi), present.any(axis=0)
+    return max(hi)
+
+
+def _labels_present(srcs: list[_Source], slabs: list, hi: int) -> np.ndarray:
+    """bool ``(hi + 1,)``: which labels occur (a further pass, only for labels up to 255)."""
+    from .types import labels_present
+
+    present = np.zeros(hi + 1, bool)
+    for a, b, _ in slabs:
+        for s in srcs:
+            lab = _read_checked(s, a, b)
+            present |= labels_present(lab // s.divisor if s.divisor != 1 else lab, hi)
+    return present
 
 
 def _check_range(lab: np.ndarray, num_classes: int | None) -> tuple[int, int]:
@@ -574,11 +580,10 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     # files are 0/255 masks.
     L = num_classes
     if L is None or any(s.float_ok for s in srcs):
-        hi_all, present = _scan_labels(srcs, slabs, report)
+        hi_all = _scan_labels(srcs, slabs, report)
         if L is None:
-            sparse = hi_all + 1 > SPARSE_CHECK_MIN_CLASSES and hi_all < MAX_INFERRED_CLASSES
-            L = infer_num_classes(hi_all, present[: hi_all + 1] if sparse else None,
-                                  math.prod(shape), "raters")
+            present = _labels_present(srcs, slabs, hi_all) if hi_all == GREY_LEVEL_MAX else None
+            L = infer_num_classes(hi_all, present, math.prod(shape), "raters")
     L = int(L)
     lab_dtype = np.int16 if L < 32000 else np.int32
     _check_disk_space(out_dir, shape, L)

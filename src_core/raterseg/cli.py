@@ -235,6 +235,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         _match_image,
         _stem,
         check_same_grid,
+        is_0_255_mask,
         read_case,
         read_image,
         read_labels,
@@ -267,8 +268,10 @@ def _read_inputs(paths: list[str], image_path: str | None):
             raise RaterSegError(f"raters: expected every rater's labels to have the same shape, "
                                 f"got {listing}")
         if len(paths) == 1 and metas[0]["format"] == "npy" and labels[0].ndim in (3, 4):
-            # one .npy holding (R, *S), as 'fuse --chunked' reads it
-            raters, image, meta = labels[0], None, metas[0]
+            # one .npy holding (R, *S), as 'fuse --chunked' reads it; a rater holding only
+            # 0 and 255 is a 0/1 mask, rater by rater as --chunked decides
+            raters = np.stack([r // 255 if is_0_255_mask(r) else r for r in labels[0]])
+            image, meta = None, metas[0]
             names = [f"rater{r + 1}" for r in range(raters.shape[0])]
         else:
             raters, image, meta = np.stack(labels), None, metas[0]

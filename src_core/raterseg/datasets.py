@@ -164,12 +164,13 @@ def whole_numbers(arr: np.ndarray) -> bool:
 
 
 def is_0_255_mask(arr: np.ndarray) -> bool:
-    """Whether ``arr`` (any numeric dtype) holds only 0 and 255, with some 255: a binary mask
-    as image tools save it (uint8 PNG/TIFF, but also int16 or float NIfTI from Slicer or
-    ITK), which taken as classes 0..255 would make 256-class probability maps."""
+    """Whether ``arr`` (any numeric dtype) holds only 0 and 255 (and -1, not annotated), with
+    some 255: a binary mask as image tools save it (uint8 PNG/TIFF, but also int16 or float
+    NIfTI from Slicer or ITK), which taken as classes 0..255 would make 256-class
+    probability maps. ``arr // 255`` maps it to 0/1, keeping -1."""
     if not arr.size or arr.max() != 255:
         return False
-    return bool(((arr == 0) | (arr == 255)).all())
+    return bool(((arr == 0) | (arr == 255) | (arr == -1)).all())
 
 
 def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:

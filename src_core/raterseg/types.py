@@ -132,10 +132,9 @@ class RaterStack:
 MAX_INFERRED_CLASSES = 256
 
 
-#: From this many inferred classes on, the labels must use at least half of 0..L-1: fewer
-#: distinct values (0/255 masks, a grey anti-aliased edge, 0/100) are grey levels or ids
-#: rather than classes.
-SPARSE_CHECK_MIN_CLASSES = 32
+#: The largest value of 8-bit images. Labels going up to exactly 255 of which fewer than half
+#: occur are grey levels (0/255 masks, anti-aliased or resampled edges), not 256 classes.
+GREY_LEVEL_MAX = 255
 
 
 def infer_num_classes(hi: int, present: np.ndarray | None, voxels: int, argname: str) -> int:
@@ -143,13 +142,13 @@ def infer_num_classes(hi: int, present: np.ndarray | None, voxels: int, argname:
 
     Args:
         hi: the largest label.
-        present: bool ``(hi + 1,)``, which labels occur; None skips the sparseness check
-            (callers compute it only when ``hi + 1 > SPARSE_CHECK_MIN_CLASSES``).
+        present: bool ``(hi + 1,)``, which labels occur; only needed (and only looked at)
+            when ``hi == GREY_LEVEL_MAX``; None skips that check.
         voxels: voxels of one rater's labels over all cases (for the memory estimate).
 
     Raises:
-        RaterSegError: more than :data:`MAX_INFERRED_CLASSES` classes, or more than
-            :data:`SPARSE_CHECK_MIN_CLASSES` of which fewer than half occur.
+        RaterSegError: more than :data:`MAX_INFERRED_CLASSES` classes, or labels up to 255
+            of which fewer than half occur (an 8-bit image's grey levels).
     """
     num_classes = max(int(hi) + 1, 2)
     if num_classes > MAX_INFERRED_CLASSES:
@@ -158,19 +157,30 @@ def infer_num_classes(hi: int, present: np.ndarray | None, voxels: int, argname:
             f"{argname}: the largest label is {hi}, so fusion would make {num_classes} "
             f"probability maps ({gib:.1f} GiB in float32). Relabel the classes to 0..L-1 "
             f"(object ids are not classes), or pass num_classes={num_classes} to go ahead")
-    if present is not None and num_classes > SPARSE_CHECK_MIN_CLASSES:
+    if present is not None and hi == GREY_LEVEL_MAX:
         values = np.flatnonzero(present)
         if 2 * len(values) < num_classes:
             shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
             hint = ("this is a 0/255 mask: use labels 0/1 (divide by 255)"
                     if set(values.tolist()) <= {0, 255} else
-                    "relabel the classes to 0..L-1; grey values from anti-aliasing or "
-                    "resampling need a threshold")
+                    "grey levels of an 8-bit image (anti-aliased or resampled edges) need a "
+                    "threshold; classes need relabelling to 0..L-1")
             raise RaterSegError(
-                f"{argname}: the labels go up to {hi} but only {len(values)} values occur "
-                f"({shown}), so fusion would make {num_classes} probability maps for "
-                f"{len(values)} classes: {hint}; or pass num_classes={num_classes} to go ahead")
+                f"{argname}: the labels go up to 255 but only {len(values)} values occur "
+                f"({shown}), so fusion would make 256 probability maps for {len(values)} "
+                f"classes: {hint}; or pass num_classes=256 to go ahead")
     return num_classes
+
+
+def labels_present(arr: np.ndarray, hi: int, chunk: int = 1 << 20) -> np.ndarray:
+    """bool ``(hi + 1,)``: which labels 0..hi occur in ``arr`` (-1 ignored), counted a
+    chunk at a time (no full-size temporaries)."""
+    flat = arr.reshape(-1)
+    present = np.zeros(hi + 1, bool)
+    for s in range(0, flat.size, chunk):
+        c = flat[s:s + chunk]
+        present |= np.bincount(c[c >= 0].astype(np.intp), minlength=hi + 1)[: hi + 1] > 0
+    return present
 
 
 def _copy_as(arr: np.ndarray, dtype) -> np.ndarray:
@@ -244,9 +254,7 @@ def as_rater_stack(
             f"{argname}: expected labels >= -1 (-1 = rater did not annotate), got minimum {lo}"
         )
     if num_classes is None:
-        present = None
-        if hi + 1 > SPARSE_CHECK_MIN_CLASSES and hi < MAX_INFERRED_CLASSES:
-            present = np.bincount(arr[arr >= 0].ravel().astype(np.intp), minlength=hi + 1) > 0
+        present = labels_present(arr, hi) if hi == GREY_LEVEL_MAX else None
         voxels = arr[0].size if not batched else arr[0, 0].size * arr.shape[0]
         num_classes = infer_num_classes(hi, present, voxels, argname)
     else:

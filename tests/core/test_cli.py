@@ -210,6 +210,27 @@ def test_case_folder_naming_mistakes_are_explained(tmp_path, capsys):
     assert "pass --image FILE, or name it image.* in the case folder" in _one_error_line(code, err)
 
 
+def test_stack_npy_with_one_0_255_rater_fuses_as_with_chunked(tmp_path, capsys):
+    # one (R, *S) .npy whose first rater was saved as 0/255 and the others as 0/1: each rater
+    # is read as a 0/1 mask, in memory as in slabs (--chunked)
+    raters = np.zeros((3, 6, 10, 12), np.int16)
+    raters[:, 1:5, 2:8, 3:9] = 1
+    raters[1, 1, 2:8, 3:9] = 0
+    stack = raters.copy()
+    stack[0] *= 255
+    np.save(tmp_path / "stack.npy", stack)
+    for extra in ([], ["--chunked"]):
+        out = tmp_path / f"o{len(extra)}"
+        code, text, err = _run(["fuse", tmp_path / "stack.npy", "-m", "majority_vote", *extra,
+                                "-o", out], capsys)
+        assert code == 0, err
+        assert "(2 classes" in text
+    truth = np.load(tmp_path / "o1" / "truth.npy")
+    np.testing.assert_array_equal(truth, rs.fuse(raters, method="majority_vote").truth)
+    in_memory, _ = rio.read_array(tmp_path / "o0" / "truth.nii.gz")
+    np.testing.assert_array_equal(in_memory, truth)
+
+
 def test_bad_input_through_the_installed_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "raterseg", "fuse", str(tmp_path / "x.nii.gz"),
                           "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)

@@ -40,6 +40,12 @@ def test_0_255_mask_becomes_0_1_in_every_format_and_dtype(tmp_path, suffix, dtyp
     lab, _ = read_labels(path)
     assert set(np.unique(lab)) == {0, 1}
     assert int(lab.sum()) == 24
+    if np.dtype(dtype).kind != "u":  # -1 (not annotated) stays -1
+        part = mask.copy()
+        part[8:] = -1
+        np.save(tmp_path / "part.npy", part)
+        lab, _ = read_labels(tmp_path / "part.npy")
+        assert set(np.unique(lab)) == {-1, 0, 1} and int(lab.sum()) == 24 - 2 * 12
     # a map with other labels keeps them
     multi = mask.copy()
     multi[0, 0] = 2

@@ -203,6 +203,9 @@ def test_grey_levels_are_not_taken_as_hundreds_of_classes():
     # as 0/1 it fuses; with an explicit num_classes the caller gets what they asked for
     assert rs.fuse(raters // 255, method="majority_vote").num_classes == 2
     assert rs.fuse(raters, method="majority_vote", num_classes=256).num_classes == 256
-    # dense labels (every class occurs) are classes, however many
+    # dense labels (every class occurs) are classes, however many; so are sparse class ids
+    # that do not end at 255 (a crop of a TotalSegmentator map)
     dense = np.arange(3 * 8 * 15, dtype=np.int16).reshape(3, 8, 15) % 40
     assert rs.fuse(dense, method="majority_vote").num_classes == 40
+    ids = np.array([0, 1, 5, 12, 55, 90, 117], np.int16)[dense % 7]
+    assert rs.fuse(ids, method="majority_vote").num_classes == 118

@@ -385,6 +385,7 @@ def test_given_prior_and_tolerance():
 @pytest.mark.parametrize("kwargs, match", [
     ({"prior": "0.2,0.3,0.5"}, "expected 2 class probabilities"),
     ({"prior": "0.3,0.3"}, r"sum to 1, got '0.3,0.3' \(sum 0.6\)"),
+    ({"prior": "0.5,0.4"}, r"sum to 1, got .*\(sum 0.9\)"),
     ({"prior": "abc"}, "prior"),
     ({"prior": -0.5}, "non-negative"),
     ({"prior": 1.0}, r"in \(0, 1\)"),

@@ -369,7 +369,7 @@ class Staple(PatternMethod):
                 f"(num_classes={L}){' or one foreground probability' if L == 2 else ''}, "
                 f"got {len(vals)}: {self.config.prior!r}")
         p = np.asarray(vals, np.float64)
-        if abs(p.sum() - 1.0) > 1e-3:  # e.g. '0.3,0.3': a typo rather than weights
+        if abs(p.sum() - 1.0) > 0.05:  # '0.3,0.3' is a typo; '0.33,0.33,0.33' is rounding
             raise RaterSegError(
                 f"prior (parameter of 'staple'): expected class probabilities that sum to 1, "
                 f"got {self.config.prior!r} (sum {p.sum():.4g})")

@@ -67,6 +67,11 @@ class AVAP(LearnedMethod):
     parameters in 2D, 64 M in 3D, a GPU backbone; ``features`` reversed are its
     decoder widths. Both work in 2D and 3D.
 
+    ``epochs`` covers both steps (step 2 gets ``apm_fraction`` of them), so the AVM trains
+    for half the epochs by default. To compare with a ``unet`` trained for E epochs, give
+    AVAP 2E: step 1 then trains as long as the U-Net (on LIDC that turned the AVM from
+    6.6 points behind the U-Net on the mean into 6.8 ahead; docs/BENCHMARKS.md, "AVAP").
+
     ``history`` holds one record per epoch run with ``step`` (1 or 2) and ``epoch``
     counted on the planned schedule (step 2's first epoch is ``epochs - apm epochs + 1``
     even when step 1 stopped early).

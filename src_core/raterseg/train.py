@@ -282,12 +282,19 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
             sums = dict(zip(keys, totals))
             dist_.broadcast_buffers(network)
         record: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
+        # A last step can turn the weights non-finite after a finite loss; such weights
+        # must never be validated, kept or saved.
+        _check_finite(network, ddp, f"non-finite weights after epoch {epoch + 1}", lr)
         if has_val:
             total, n_val = _validate(method, network, val_idx, batch, batch_size, device,
                                      TrainState(epoch, epochs, step, False, gen))
             if ddp:
                 total, n_val = dist_.all_reduce_sum([total, n_val])
             record["val_loss"] = total / max(n_val, 1)
+            if not math.isfinite(record["val_loss"]):
+                raise RaterSegError(f"lr: training diverged (validation loss "
+                                    f"{record['val_loss']} in epoch {epoch + 1}) with lr={lr}; "
+                                    "try a smaller lr")
         history.append(record)
         monitored = record.get("val_loss", record["loss"])
         if monitored < best:
@@ -307,9 +314,32 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
             break
     if best_state is not None:
         network.load_state_dict(best_state)
+    # The weights kept must give finite outputs: after a huge step they can be finite yet
+    # overflow (no validation split catches that), and would be saved and predict NaN.
+    probe, n_probe = _validate(method, network, train_idx[:batch_size], batch, batch_size,
+                               device, TrainState(epochs - 1, epochs, step, False, gen))
+    if ddp:
+        probe, n_probe = dist_.all_reduce_sum([probe, n_probe])
+    if not math.isfinite(probe / max(n_probe, 1)):
+        raise RaterSegError(f"lr: training diverged (the trained network's loss on training "
+                            f"images is {probe / max(n_probe, 1)}) with lr={lr}; try a smaller lr")
     network.eval()
     del model
     return history
+
+
+def _check_finite(network, ddp: bool, where: str, lr: float) -> None:
+    """RaterSegError (``lr``) when any weight of ``network`` is NaN or infinite (on any
+    process: every process stops together)."""
+    import torch
+
+    from . import _distributed as dist_
+
+    bad = 0.0 if all(bool(torch.isfinite(p).all()) for p in network.parameters()) else 1.0
+    if ddp:
+        bad = dist_.all_reduce_sum([bad])[0]
+    if bad:
+        raise RaterSegError(f"lr: training diverged ({where}) with lr={lr}; try a smaller lr")
 
 
 def _sharded_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int,

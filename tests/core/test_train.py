@@ -112,6 +112,29 @@ def test_diverging_loss_is_reported_with_a_hint():
         Broken(epochs=1, **TINY).fit(images, raters)
 
 
+@pytest.mark.parametrize("val_fraction", [0.34, 0.0])
+def test_a_diverged_network_is_never_kept(val_fraction, tmp_path):
+    # every batch loss was finite, but the last optimiser step left weights whose outputs
+    # overflow: the model was kept (and saved by 'raterseg train') and predicted NaN
+    images, raters, _ = _data(n=8)
+    m = rs.create("unet", epochs=1, lr=1e30, val_fraction=val_fraction,
+                  **{**TINY, "batch_size": 8})
+    with pytest.raises(rs.RaterSegError, match=r"lr: training diverged .* try a smaller lr"):
+        m.fit(images, raters)
+    with pytest.raises(rs.RaterSegError, match="not trained yet"):
+        m.predict(images)
+
+
+def test_predict_refuses_non_finite_outputs_of_a_saved_model():
+    # a model saved before divergence was caught: predict says so instead of returning NaN
+    images, raters, _ = _data(n=8)
+    m = rs.create("unet", epochs=1, **TINY).fit(images, raters)
+    with torch.no_grad():
+        next(iter(m.network_.parameters())).fill_(float("nan"))
+    with pytest.raises(rs.RaterSegError, match=r"model: .*NaN or infinite.*smaller lr"):
+        m.predict(images)
+
+
 def test_bad_inputs_raise_raterseg_errors():
     images, raters, _ = _data()
     m = rs.create("cm", epochs=1, **TINY)

@@ -209,7 +209,8 @@ class LearnedMethod(FusionMethod):
             ``rater_confusion`` (averaged over the batch); ``disagreement`` is 0.
 
         Raises:
-            RaterSegError: not trained, wrong number of dimensions or channels, NaN.
+            RaterSegError: not trained, wrong number of dimensions or channels, NaN in the
+                images or in the model's outputs.
         """
         self._check_fitted("predict")
         arr = np.asarray(images)
@@ -227,6 +228,11 @@ class LearnedMethod(FusionMethod):
             )
         out = self._outputs(imgs)
         prob = out["probabilities"]
+        if not np.isfinite(prob).all():  # a model saved from a diverged training run
+            raise RaterSegError(
+                f"model: method {self.name!r} gives NaN or infinite probabilities on these "
+                f"images: its training diverged (lr={self.config.lr}); retrain it with a "
+                "smaller lr")
         truth = prob.argmax(axis=1).astype(np.int16)
         return FusionResult(
             truth=truth,

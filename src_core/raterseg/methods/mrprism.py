@@ -252,7 +252,9 @@ class MrPrism(LearnedMethod):
         out = {}
         for t, p in enumerate(probs):
             fg = (1.0 - p[:, 0]).clamp(0, 1).cpu().numpy()[keep]
-            out[f"dice_rec{t}"] = soft_dice(fg, target)
+            # NaN outputs (a diverging run) score NaN; the engine then stops with its
+            # "training diverged" message instead of soft_dice's complaint about them
+            out[f"dice_rec{t}"] = soft_dice(fg, target) if np.isfinite(fg).all() else float("nan")
         return out
 
     # -- results ------------------------------------------------------------------------

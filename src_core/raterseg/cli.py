@@ -601,8 +601,9 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     method = rs.create(args.method, num_classes=args.num_classes,
                        device=str(device) if parallel else args.device, seed=args.seed, **params)
     out = Path(args.output)
-    if out.is_dir():
-        raise RaterSegError(f"--output: expected a model file name, got the folder '{out}'")
+    if out.is_dir() or str(args.output).endswith(("/", os.sep)):
+        raise RaterSegError(f"--output: expected a model file name (e.g. model.safetensors), "
+                            f"got the folder '{args.output}'")
     # checked on every process before training (rank 0 creates the folder only at the end)
     _check_output_folder(out.absolute().parent)
     images, raters, ids = load_training_set(args.data)
@@ -623,7 +624,11 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     if not main_rank:  # rank 0 writes and reports; the others wait until it has
         _distributed.barrier()
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RaterSegError(f"--output: cannot create the folder '{out.parent}' "
+                            f"({exc.strerror or exc})") from None
     method.save(out)
     _distributed.barrier()
     history = getattr(method, "history_", [])
@@ -717,6 +722,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     read_header(args.model, "MODEL")  # a wrong model file fails before any slow import
     # every image is read and checked before anything is written
     inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
+    for p, image, _ in inputs:
+        if not np.isfinite(image).all():
+            raise RaterSegError(f"IMG ('{p}'): contains NaN or infinite values")
     device = resolve_device(args.device)
     model = load_method(args.model, device=args.device)
     batches = [_as_batch(model, image, str(p),

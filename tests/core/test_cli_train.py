@@ -140,6 +140,8 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
     colour = np.zeros((32, 32, 3), np.uint8)
     colour[8:20, 10:22, 0] = 200  # an RGB photo of a slice, not 3 slices of a volume
     skimage.io.imsave(tmp_path / "colour.png", colour, check_contrast=False)
+    np.save(tmp_path / "ok.npy", np.zeros((32, 32), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((32, 32), np.nan, np.float32))
     m = tmp_path / "m.safetensors"
     for argv, match in [
         (["train", folder / "data.npz", "-m", "staple", "-o", m],
@@ -150,7 +152,11 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
         (["train", folder / "data.npz", "-m", "unet", "--set", "epoch=1", "-o", m],
          "did you mean 'epochs'"),
         (["train", folder / "data.npz", "-m", "unet", "-o", tmp_path],
-         "expected a model file name, got the folder"),
+         "expected a model file name .*, got the folder"),
+        (["train", folder / "data.npz", "-m", "unet", "-o", f"{tmp_path / 'new'}/"],
+         "expected a model file name .*, got the folder .*new/"),  # not a file named 'new'
+        (["predict", unet_model, tmp_path / "ok.npy", tmp_path / "nan.npy", "-o", tmp_path / "o"],
+         r"IMG \('.*nan.npy'\): contains NaN"),
         (["predict", tmp_path / "notes.txt", tmp_path / "rgb.nii.gz", "-o", tmp_path / "o"],
          "is not one"),
         (["predict", unet_model, tmp_path / "rgb.nii.gz", "-o", tmp_path / "o"],
@@ -163,4 +169,4 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
         code, out, err = _run(argv, capsys)
         assert re.search(match, _error(code, err)), err
         assert out == ""
-        assert not m.exists() and not (tmp_path / "o").exists()
+        assert not m.exists() and not (tmp_path / "o").exists() and not (tmp_path / "new").exists()

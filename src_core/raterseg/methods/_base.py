@@ -270,6 +270,26 @@ class FusionMethod:
 
     # -- datasets -------------------------------------------------------------------
     def fit(self, images: Any, raters: Any, progress: Progress = None) -> FusionMethod:
+        """Train on a dataset (learned methods) or fuse each of its cases (classical ones).
+
+        Args:
+            images: float ``(N, C, *S)`` or ``(N, *S)``; classical methods ignore them.
+            raters: int ``(N, R, *S)``, -1 where a rater did not annotate.
+            progress: called with a :class:`~raterseg.types.TrainingEvent` per epoch
+                (learned) or per case (classical).
+
+        Returns:
+            ``self``, trained: ``predict``, ``save`` (learned) or ``results_`` (classical).
+            A learned method trains from a fresh initialisation every time, also after
+            :func:`raterseg.load` (no fine-tuning of the loaded weights).
+
+        Raises:
+            RaterSegError: bad shapes or labels, or a training run that diverged.
+
+        Examples:
+            >>> model = rs.create("cm", epochs=30).fit(images, raters, progress=print)
+            >>> model.predict(new_images).truth
+        """
         for event in self.iter_fit(images, raters):
             if progress is not None:
                 progress(event)

@@ -82,7 +82,9 @@ class LearnedMethod(FusionMethod):
         val_fraction: float = param(0.1, "share of slices/images held out for early stopping",
                                     low=0.0, high=0.9)
         features: tuple[int, ...] = param((16, 32, 64, 128, 256),
-                                          "U-Net widths: input block and 4 down-sampling stages")
+                                          "U-Net widths: input block and 4 down-sampling "
+                                          "stages (5 numbers), optionally the last decoder "
+                                          "block's width as a 6th (default: the first)")
         patience: int = param(10, "stop after this many epochs without a better validation "
                                   "loss (0: never stop early)", low=0)
 

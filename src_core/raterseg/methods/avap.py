@@ -98,12 +98,11 @@ class AVAP(LearnedMethod):
                                        "(paper) or all annotating raters",
                                 choices=("one", "all"))
         apm_channels: int = param(8, "channels of the dynamic convolutions (eq. 6)", low=1)
+        epochs: int = param(40, "training epochs of both steps together (passes over the "
+                                "slices or patches; step 2 gets apm_fraction of them)", low=2)
 
     def check_config(self) -> None:
         cfg = self.config
-        if cfg.epochs < 2:
-            raise RaterSegError(f"epochs: expected at least 2 for avap's two training steps, "
-                                f"got {cfg.epochs}")
         if not 0.0 < cfg.apm_fraction < 1.0:
             raise RaterSegError(f"apm_fraction: expected a share strictly between 0 and 1 "
                                 f"(both steps need epochs), got {cfg.apm_fraction}")

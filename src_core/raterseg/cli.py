@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -68,12 +69,13 @@ class TextProgress:
         step = min(max(int(event.step), 0), total)
         filled = self.width * step // total
         bar = "#" * filled + "-" * (self.width - filled)
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
-                           if isinstance(v, (int, float)))
         message = event.message or ""
         own = f"{self.label.strip()}: "
         if self.label.strip() and message.startswith(own):  # "staple: EM iteration 3"
             message = message[len(own):]
+        # numbers the message already gives ("loss 0.41, val_loss 0.38") are not repeated
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
+                           if isinstance(v, (int, float)) and f"{k} " not in f"{message} ")
         return f"{self.label} [{bar}] {step}/{total} {message} {metrics}".rstrip()
 
     def __call__(self, event: TrainingEvent) -> None:
@@ -632,12 +634,15 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     method.save(out)
     _distributed.barrier()
     history = getattr(method, "history_", [])
-    last = history[-1] if history else {}
-    losses = " ".join(f"{k}={v:.4g}" for k, v in last.items()
+    # the weights kept are those of the epoch with the best monitored loss (the engine's rule)
+    key = "val_loss" if history and all("val_loss" in h for h in history) else "loss"
+    kept = min(history, key=lambda h: h.get(key, math.inf)) if history else {}
+    losses = " ".join(f"{k}={v:.4g}" for k, v in kept.items()
                       if isinstance(v, (int, float)) and k != "epoch")
-    print(f"{args.method}: trained on {len(ids)} cases ({raters.shape[1]} raters, "
-          f"{method.num_classes} classes) for {len(history)} epochs in {seconds:.1f} s"
-          + (f"; last epoch {losses}" if losses else ""))
+    n_cases, n_epochs = len(ids), len(history)
+    print(f"{args.method}: trained on {n_cases} case{'s' * (n_cases != 1)} ({raters.shape[1]} "
+          f"raters, {method.num_classes} classes) for {n_epochs} epoch{'s' * (n_epochs != 1)} "
+          f"in {seconds:.1f} s" + (f"; kept epoch {kept.get('epoch')}: {losses}" if losses else ""))
     print(f"wrote {out}")
     return 0
 

@@ -307,7 +307,7 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
         if "val_loss" in record:
             msg += f", val_loss {record['val_loss']:.4f}"
         if stop:
-            msg += f" (early stop: no improvement for {patience} epochs)"
+            msg += f" (early stop: no improvement for {patience} epoch{'s' * (patience != 1)})"
         yield TrainingEvent(epoch + 1, epochs, msg,
                             {k: float(v) for k, v in record.items() if k != "epoch"})
         if stop:

@@ -284,6 +284,12 @@ def test_text_progress_is_short_in_logs_and_draws_in_place_on_a_terminal():
     lines = log.getvalue().splitlines()
     assert 10 <= len(lines) <= 11
     assert lines[-1].startswith("staple [##########] 100/100 iteration 100 change=0.01")
+    # numbers the message gives are not repeated as metrics; the others are shown
+    epoch = io.StringIO()
+    TextProgress("cm", stream=epoch, width=4)(TrainingEvent(
+        4, 4, "cm: epoch 4/4, loss 0.4100, val_loss 0.3800", {"loss": 0.41, "val_loss": 0.38,
+                                                             "trace": 1.5}))
+    assert epoch.getvalue().strip() == "cm [####] 4/4 epoch 4/4, loss 0.4100, val_loss 0.3800 trace=1.5"
 
     class Tty(io.StringIO):
         def isatty(self):

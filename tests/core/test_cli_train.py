@@ -123,7 +123,8 @@ def test_train_lidc_masks_key_with_progress(npz, tmp_path, capsys):
     assert code == 0, err
     m = rs.load(tmp_path / "m.safetensors")
     assert m.num_raters == 3 and m.num_classes == 2
-    assert "unet: trained on 5 cases (3 raters, 2 classes) for 1 epochs" in out
+    assert "unet: trained on 5 cases (3 raters, 2 classes) for 1 epoch in " in out
+    assert "; kept epoch 1: loss=" in out
     assert "raterseg train: 5 cases, 3 raters, shape (32, 32)" in err
     assert "unet [##############################] 1/1" in err  # the epoch progress bar
 

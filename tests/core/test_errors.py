@@ -114,6 +114,10 @@ def test_unknown_parameter_suggests_closest():
                         raters, match="not a parameter of method 'majority_vote'")
     assert "did you mean 'tie'" in msg
     _expect_error(lambda: rs.create("mean", anything=1), "anything", match="expected one of")
+    # names from other tools point to ours (spelling alone suggested 'apm_raters' here)
+    msg = _expect_error(lambda: rs.create("avap", learning_rate=1e-3), "learning_rate",
+                        match="not a parameter")
+    assert msg.endswith("did you mean 'lr'?")
 
 
 def test_parameter_value_outside_its_choices():

@@ -62,8 +62,19 @@ def available_methods(learned: bool | None = None) -> list[str]:
     return [n for lrn, n in sorted(items, key=lambda t: t[0]) if learned is None or lrn == learned]
 
 
+#: Names users bring from other tools, and what they mean here (checked before spelling).
+_SYNONYMS = {"learning_rate": "lr", "n_epochs": "epochs", "num_epochs": "epochs",
+             "max_epochs": "epochs", "batchsize": "batch_size", "bs": "batch_size",
+             "max_iter": "max_iterations", "n_iter": "max_iterations", "tol": "tolerance",
+             "window_size": "window", "n_classes": "num_classes"}
+
+
 def suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
+    options = list(options)
+    synonym = _SYNONYMS.get(str(name).lower())
+    if synonym in options:
+        return f"; did you mean {synonym!r}?"
+    close = difflib.get_close_matches(str(name), options, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -125,6 +125,15 @@ def test_a_diverged_network_is_never_kept(val_fraction, tmp_path):
         m.predict(images)
 
 
+def test_predict_on_one_image_says_how_to_make_a_batch():
+    images, raters, _ = _data(n=8)
+    m = rs.create("unet", epochs=1, **TINY).fit(images, raters)
+    with pytest.raises(rs.RaterSegError, match=r"got an array of shape \(24, 24\); for one "
+                                               r"image pass image\[None\]"):
+        m.predict(images[0])
+    assert m.predict(images[0][None]).truth.shape == (1, 24, 24)
+
+
 def test_predict_refuses_non_finite_outputs_of_a_saved_model():
     # a model saved before divergence was caught: predict says so instead of returning NaN
     images, raters, _ = _data(n=8)

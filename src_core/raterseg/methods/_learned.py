@@ -218,9 +218,10 @@ class LearnedMethod(FusionMethod):
         arr = np.asarray(images)
         rank = self.data_ndim_
         if arr.ndim not in (rank + 1, rank + 2):
+            one = "; for one image pass image[None]" if arr.ndim == rank else ""
             raise RaterSegError(
                 f"images: expected (N, C, *S) or (N, *S) with S {rank}D like the training data, "
-                f"got an array of shape {arr.shape}"
+                f"got an array of shape {arr.shape}{one}"
             )
         imgs = check_image(arr, tuple(arr.shape[-rank:]), batched=True, argname="images")
         if imgs.shape[1] != self.in_channels_:

@@ -89,7 +89,10 @@ class ApplyModelWidget(QWidget):
             notify_error(exc)
             return
         m = self.model
-        self.model_info.setText(f"{m.name}: {m.num_classes} classes, {m.num_raters} raters")
+        dims = getattr(m, "data_ndim_", None)
+        shape = f"{dims}D images, " if dims else ""
+        self.model_info.setText(f"{m.name}: {shape}{m.in_channels_} channel(s), "
+                                f"{m.num_classes} classes, {m.num_raters} raters")
         self.controls.run_button.setEnabled(not self.controls.busy)
 
     def run(self) -> None:
@@ -104,6 +107,7 @@ class ApplyModelWidget(QWidget):
             inputs = image_inputs(self.image.value)
             _check_channels(self.model, self.image.value, inputs.image)
         except Exception as exc:  # noqa: BLE001
+            self.controls.status.setText(f"Not started: {exc}")  # not a previous run's text
             notify_error(exc)
             return
         job = FusionJob(None, inputs.image, model=self.model)

@@ -31,7 +31,8 @@ def test_apply_model_predicts_on_image_layer(make_napari_viewer, qtbot, saved_mo
     assert not widget.controls.run_button.isEnabled()  # nothing loaded yet
     widget.model_path.value = str(path)
     widget.load_button.click()
-    assert widget.model is not None and method in widget.model_info.text()
+    assert widget.model is not None
+    assert widget.model_info.text() == f"{method}: 2D images, 1 channel(s), 2 classes, 2 raters"
     assert widget.image.value is layer
     with qtbot.waitSignal(widget.controls.done, timeout=60_000) as blocker:
         widget.controls.run_button.click()
@@ -59,6 +60,21 @@ def test_apply_model_predicts_a_volume_slice_by_slice(make_napari_viewer, qtbot,
     assert truth.shape == volume.shape
     model = rs.load(path)
     np.testing.assert_array_equal(truth[1], model.predict(volume[1][None]).truth[0])
+
+
+def test_an_image_refused_before_the_run_replaces_the_status(make_napari_viewer, saved_model,
+                                                               notifications):
+    path, image, _ = saved_model
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 8, 8, 3), np.uint8), name="rgb", rgb=True)
+    widget = ApplyModelWidget(viewer)
+    widget.model_path.value = str(path)
+    widget.load_button.click()
+    widget.controls.status.setText("Failed: an earlier run")
+    widget.image.value = viewer.layers["rgb"]
+    widget.controls.run_button.click()  # refused at once: no job starts
+    assert widget.controls.status.text().startswith("Not started: ")
+    assert any(n.severity == "error" for n in notifications)
 
 
 def test_bad_model_file_is_a_notification(make_napari_viewer, tmp_path, notifications):

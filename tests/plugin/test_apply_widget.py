@@ -64,7 +64,7 @@ def test_apply_model_predicts_a_volume_slice_by_slice(make_napari_viewer, qtbot,
 
 def test_an_image_refused_before_the_run_replaces_the_status(make_napari_viewer, saved_model,
                                                                notifications):
-    path, image, _ = saved_model
+    path, _, _ = saved_model
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((4, 8, 8, 3), np.uint8), name="rgb", rgb=True)
     widget = ApplyModelWidget(viewer)

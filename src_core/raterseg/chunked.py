@@ -47,6 +47,7 @@ from .types import (
     RaterSegError,
     TrainingEvent,
     infer_num_classes,
+    labels_present,
 )
 
 __all__ = ["CHUNK_VOXELS", "fuse_chunked"]
@@ -413,8 +414,6 @@ def _scan_labels(srcs: list[_Source], slabs: list, report) -> int:
 
 def _labels_present(srcs: list[_Source], slabs: list, hi: int) -> np.ndarray:
     """bool ``(hi + 1,)``: which labels occur (a further pass, only for labels up to 255)."""
-    from .types import labels_present
-
     present = np.zeros(hi + 1, bool)
     for a, b, _ in slabs:
         for s in srcs:

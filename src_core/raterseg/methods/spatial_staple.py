@@ -158,7 +158,7 @@ class SpatialStaple(FusionMethod):
         tolerance: float = param(1e-4, "stop when no voxel's probability changes more than this",
                                  low=0.0)
         acceleration: str = param("squarem", "squarem: extrapolated EM cycles (same fixed point, "
-                                  "2-3x fewer iterations); none: plain EM",
+                                  "about 2x fewer EM updates); none: plain EM",
                                   choices=("squarem", "none"))
 
     def _fuse(self, stack: RaterStack, image, progress: Progress) -> FusionResult:
@@ -208,7 +208,7 @@ class SpatialStaple(FusionMethod):
         max_it = int(cfg.max_iterations)
 
         def step(W):
-            """One EM update, logged; returns the new W and whether to stop."""
+            """One EM update, logged: the new W, its change and whether to stop."""
             W_new = em_update(W)
             change = float((W_new - W).abs().max())
             it = len(history) + 1
@@ -285,6 +285,7 @@ def _squarem(step, W):
         best = min(best, cycle_best)
         if stalled >= _SQUAREM_PATIENCE:
             return _plain_em(step, W)
+
 
 @dataclass
 class _RaterLabels:

@@ -133,7 +133,16 @@ def load_method(path: str | os.PathLike, method: str | None = None, device: Any 
     if not getattr(cls, "learned", False):
         raise RaterSegError(f"path: method {name!r} in {str(path)!r} has no trained model")
     config = dict(meta.get("config", {}))
-    obj = cls(device=device, seed=int(meta.get("seed", 0)), **config)
+    try:
+        obj = cls(device=device, seed=int(meta.get("seed", 0)), **config)
+    except RaterSegError as err:  # e.g. a parameter a newer raterseg added
+        from . import __version__
+
+        saved = meta.get("raterseg_version")
+        newer = f"; it was saved by raterseg {saved} (this is {__version__}): update " \
+                "raterseg to load it" if saved and str(saved) != __version__ else ""
+        raise RaterSegError(f"path: {str(path)!r} holds a {name!r} configuration this raterseg "
+                            f"cannot use ({err}){newer}") from None
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:

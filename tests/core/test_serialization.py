@@ -106,6 +106,14 @@ def test_other_files_are_refused_with_clear_errors(tmp_path, data):
     save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"raterseg": json.dumps(meta)})
     with pytest.raises(rs.RaterSegError, match="do not fit"):
         rs.load(tmp_path / "bad.safetensors")
+    # a parameter that a newer raterseg added: the message says to update
+    meta = read_header(path)
+    meta["config"]["newthing"] = 1
+    meta["raterseg_version"] = "99.0"
+    save_file(load_file(path), tmp_path / "new.safetensors", metadata={"raterseg": json.dumps(meta)})
+    with pytest.raises(rs.RaterSegError, match=r"newthing: not a parameter.*saved by raterseg "
+                                               r"99.0 \(this is .*\): update raterseg"):
+        rs.load(tmp_path / "new.safetensors")
 
 
 def test_saving_an_untrained_or_classical_method_is_an_error(tmp_path):

@@ -4,7 +4,8 @@ A model file is a standard safetensors file (8-byte little-endian header length,
 a JSON header, raw tensor bytes). The header's ``__metadata__`` holds one entry,
 ``"raterseg"``: a JSON object with the format name and version, the raterseg
 version, the method's registered name, its configuration, ``seed``, and the fitted
-facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``history``).
+facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``history``), and
+the SHA-256 of the weights, checked on loading (corrupted bytes under an intact header).
 Any safetensors reader can open it; ``python -m json.tool`` can show the config.
 
 Loading reads the header as JSON, checks it, and reads the tensors with
@@ -56,6 +57,7 @@ def save_method(method: Any, path: str | os.PathLike) -> Path:
         **method._fitted_meta(),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.network_.state_dict().items()}
+    meta["weights_sha256"] = _digest(tensors)
     try:  # atomic, with the mode a plain open() would give (readable by the group)
         with _atomic(path) as tmp:
             save_file(tensors, str(tmp), metadata={"raterseg": json.dumps(meta)})
@@ -147,5 +149,23 @@ def load_method(path: str | os.PathLike, method: str | None = None, device: Any 
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise RaterSegError(f"path: {str(path)!r} holds damaged weights ({err})") from None
+    expected = meta.get("weights_sha256")  # files from before the digest have none
+    if expected is not None and _digest(tensors) != expected:
+        raise RaterSegError(f"path: {str(path)!r} holds damaged weights (their SHA-256 differs "
+                            "from the one recorded when the model was saved)")
     obj._restore(meta, tensors)
     return obj
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -106,6 +106,12 @@ def test_other_files_are_refused_with_clear_errors(tmp_path, data):
     save_file(load_file(path), tmp_path / "bad.safetensors", metadata={"raterseg": json.dumps(meta)})
     with pytest.raises(rs.RaterSegError, match="do not fit"):
         rs.load(tmp_path / "bad.safetensors")
+    # bytes of the weights damaged under an intact header: refused, not loaded as they are
+    raw = bytearray(path.read_bytes())
+    raw[-100:] = bytes(100)
+    (tmp_path / "damaged.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(rs.RaterSegError, match="damaged weights .*SHA-256"):
+        rs.load(tmp_path / "damaged.safetensors")
     # a parameter that a newer raterseg added: the message says to update
     meta = read_header(path)
     meta["config"]["newthing"] = 1

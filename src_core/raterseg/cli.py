@@ -823,7 +823,8 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
     table = []
     for row in rows:
         dice = [s["dice"] for s in row.get("rater_stats") or [] if s.get("dice") is not None]
-        table.append([row["case"], row["status"], str(row.get("raters", "")),
+        status = row["status"] + (f" (replaced {row['replaced']})" if row.get("replaced") else "")
+        table.append([row["case"], status, str(row.get("raters", "")),
                       f"{float(row['seconds']):.2f}" if row.get("seconds") is not None else "",
                       _fmt(float(np.nanmean(dice))) if dice and np.isfinite(dice).any() else "",
                       ])

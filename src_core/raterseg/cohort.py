@@ -69,6 +69,19 @@ def _finished(case_out: Path, method: str, params: dict, settings: dict) -> dict
     return row
 
 
+def _previous_method(case_out: Path) -> str | None:
+    """``"method {params}"`` of a finished result in ``case_out`` (another run's), or None."""
+    try:
+        row = json.loads((case_out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("status") != "fused":
+        return None
+    params = row.get("params") or {}
+    return f"{row.get('method')} {json.dumps(params, sort_keys=True)}" if params else \
+        str(row.get("method"))
+
+
 def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
               num_classes: int | None, device: Any, seed: int) -> dict:
     """Read, fuse and write one case; never raises for a problem of the case (returns its row)."""
@@ -196,17 +209,23 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     params = {k: v for k, v in m.params_dict.items() if k in params}  # coerced values
     rows: dict[str, dict] = {}
     todo: list[tuple[Path, str]] = []
+    replaced: dict[str, str] = {}  # case: the method of a result this run overwrites
     for d, name in zip(case_dirs, names):
         done = _finished(out / name, method, params, settings)
         if done is not None:
             rows[name] = {**done, "status": "skipped"}
         else:
             todo.append((d, name))
+            previous = _previous_method(out / name)
+            if previous is not None:
+                replaced[name] = previous
     total, count = len(names), 0
 
     def finished(row: dict) -> None:
         nonlocal count
         count += 1
+        if row["case"] in replaced and row["status"] == "fused":
+            row = {**row, "replaced": replaced[row["case"]]}
         rows[row["case"]] = row
         if on_case is not None:
             on_case(row)

@@ -111,6 +111,11 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(cohort, fused, tm
     # another method or parameter is not "finished": everything is redone
     rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
     assert [r["status"] for r in rows] == ["fused"] * len(names)
+    # ... and each row says which earlier result it replaced
+    assert {r.get("replaced") for r in rows} == {"staple"}
+    rows = fuse_cohort(root, out, "majority_vote")
+    assert {r.get("replaced") for r in rows} == {'majority_vote {"tie": "undecided"}'}
+    rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
     for name, raters in data.items():
         np.testing.assert_array_equal(rio.read_array(out / name / "truth.nii.gz")[0],
                                       rs.fuse(raters, method="majority_vote",

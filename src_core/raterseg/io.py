@@ -538,6 +538,7 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
         "params": result.params,
         "num_classes": int(result.probabilities.shape[0]),
         "spatial_shape": list(truth.shape),
+        "source": (meta or {}).get("path"),  # the file whose geometry the outputs carry
         "spacing": (meta or {}).get("spacing"),
         "class_voxels": {int(k): int(v) for k, v in zip(labels, counts)},
         "rater_names": names,

@@ -92,6 +92,7 @@ def test_predict_nifti_2d_and_a_volume_slice_by_slice(unet_model, npz, tmp_path,
     assert unc.shape == (3, 32, 32) and 0 <= unc.min() and unc.max() <= 1
     summary = json.loads((tmp_path / "pred" / "vol" / "summary.json").read_text())
     assert summary["method"] == "unet" and summary["spatial_shape"] == [3, 32, 32]
+    assert summary["source"].endswith("vol.nii.gz")  # which image this result belongs to
     assert "vol    3x32x32" in out
 
 

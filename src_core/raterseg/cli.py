@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,8 @@ class TextProgress:
             message = message[len(own):]
         # numbers the message already gives ("loss 0.41, val_loss 0.38") are not repeated
         metrics = " ".join(f"{k}={v:.4g}" for k, v in (event.metrics or {}).items()
-                           if isinstance(v, (int, float)) and f"{k} " not in f"{message} ")
+                           if isinstance(v, (int, float))
+                           and not re.search(rf"(?<![\w]){re.escape(k)} ", f"{message} "))
         return f"{self.label} [{bar}] {step}/{total} {message} {metrics}".rstrip()
 
     def __call__(self, event: TrainingEvent) -> None:
@@ -634,17 +636,30 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     method.save(out)
     _distributed.barrier()
     history = getattr(method, "history_", [])
-    # the weights kept are those of the epoch with the best monitored loss (the engine's rule)
-    key = "val_loss" if history and all("val_loss" in h for h in history) else "loss"
-    kept = min(history, key=lambda h: h.get(key, math.inf)) if history else {}
-    losses = " ".join(f"{k}={v:.4g}" for k, v in kept.items()
-                      if isinstance(v, (int, float)) and k != "epoch")
-    n_cases, n_epochs = len(ids), len(history)
-    print(f"{args.method}: trained on {n_cases} case{'s' * (n_cases != 1)} ({raters.shape[1]} "
-          f"raters, {method.num_classes} classes) for {n_epochs} epoch{'s' * (n_epochs != 1)} "
-          f"in {seconds:.1f} s" + (f"; kept epoch {kept.get('epoch')}: {losses}" if losses else ""))
+    n_cases, n_epochs, n_raters = len(ids), len(history), raters.shape[1]
+    print(f"{args.method}: trained on {n_cases} case{'s' * (n_cases != 1)} ({n_raters} "
+          f"rater{'s' * (n_raters != 1)}, {method.num_classes} classes) for {n_epochs} "
+          f"epoch{'s' * (n_epochs != 1)} in {seconds:.1f} s" + _kept_epochs(history))
     print(f"wrote {out}")
     return 0
+
+
+def _kept_epochs(history: list[dict]) -> str:
+    """"; kept epoch 7: loss=... val_loss=..." for the weights training kept: per training
+    run (AVAP's two steps are two runs, told apart by ``step``), the first epoch with the
+    lowest validation loss (training loss without a validation split), as the engine keeps."""
+    runs: dict[Any, list[dict]] = {}
+    for h in history:
+        runs.setdefault(h.get("step"), []).append(h)
+    parts = []
+    for run_step, recs in runs.items():
+        key = "val_loss" if all("val_loss" in h for h in recs) else "loss"
+        kept = min(recs, key=lambda h: h.get(key, math.inf))
+        losses = " ".join(f"{k}={v:.4g}" for k, v in kept.items()
+                          if isinstance(v, (int, float)) and k not in ("epoch", "step"))
+        where = f" (step {run_step})" if run_step is not None else ""
+        parts.append(f"epoch {kept.get('epoch')}{where}: {losses}")
+    return "; kept " + "; ".join(parts) if parts else ""
 
 
 # -- predict ---------------------------------------------------------------------------

@@ -69,17 +69,28 @@ def _finished(case_out: Path, method: str, params: dict, settings: dict) -> dict
     return row
 
 
-def _previous_method(case_out: Path) -> str | None:
-    """``"method {params}"`` of a finished result in ``case_out`` (another run's), or None."""
+def _previous_method(case_out: Path, method: str, params: dict, settings: dict) -> str | None:
+    """What an earlier finished result in ``case_out`` was made with, when that differs
+    from this run's method, parameters or settings ("staple", 'majority_vote {"tie":
+    "undecided"}', "staple, seed 0"); None when there is none or it is this run's own
+    (a case being repaired)."""
+    from .io import _jsonable
+
     try:
         row = json.loads((case_out / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(row, dict) or row.get("status") != "fused":
         return None
-    params = row.get("params") or {}
-    return f"{row.get('method')} {json.dumps(params, sort_keys=True)}" if params else \
-        str(row.get("method"))
+    old_params, old_settings = row.get("params") or {}, row.get("settings") or {}
+    if (row.get("method"), old_params, old_settings) == (method, _jsonable(params), settings):
+        return None
+    text = str(row.get("method"))
+    if old_params:
+        text += f" {json.dumps(old_params, sort_keys=True)}"
+    changed = [f"{k} {old_settings.get(k)}" for k in sorted(settings)
+               if old_settings.get(k) != settings.get(k)]
+    return ", ".join([text, *changed])
 
 
 def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
@@ -216,7 +227,7 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             rows[name] = {**done, "status": "skipped"}
         else:
             todo.append((d, name))
-            previous = _previous_method(out / name)
+            previous = _previous_method(out / name, method, params, settings)
             if previous is not None:
                 replaced[name] = previous
     total, count = len(names), 0

@@ -140,11 +140,15 @@ def load_method(path: str | os.PathLike, method: str | None = None, device: Any 
     except RaterSegError as err:  # e.g. a parameter a newer raterseg added
         from . import __version__
 
-        saved = meta.get("raterseg_version")
-        newer = f"; it was saved by raterseg {saved} (this is {__version__}): update " \
-                "raterseg to load it" if saved and str(saved) != __version__ else ""
+        saved = str(meta.get("raterseg_version") or "")
+        if _version_key(saved) > _version_key(__version__):
+            why = f"; it was saved by raterseg {saved} (this is {__version__}): update raterseg"
+        elif saved and saved != __version__:
+            why = f"; it was saved by raterseg {saved} (this is {__version__})"
+        else:
+            why = ""
         raise RaterSegError(f"path: {str(path)!r} holds a {name!r} configuration this raterseg "
-                            f"cannot use ({err}){newer}") from None
+                            f"cannot use ({err}){why}") from None
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -157,6 +161,14 @@ def load_method(path: str | os.PathLike, method: str | None = None, device: Any 
     return obj
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    """(0, 1, 0) for "0.1.0" or "0.1.0.dev3": the leading release numbers, for ordering."""
+    import re
+
+    m = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(p) for p in m.group(0).split(".")) if m else ()
+
+
 def _digest(tensors: dict) -> str:
     """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
     import hashlib
@@ -167,5 +179,5 @@ def _digest(tensors: dict) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()

@@ -246,12 +246,13 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     model = dist_.wrap(network, device) if ddp else network
     optimizer = method.configure_optimizer(network.parameters(), lr)
     history: list[dict] = []
-    best, best_state, since_best, step = math.inf, None, 0, 0
+    best, best_state, best_epoch, since_best, step = math.inf, None, 0, 0, 0
     for epoch in range(epochs):
         network.train()
         state = TrainState(epoch, epochs, step, True, gen)
         sums: dict[str, float] = {}
         count = 0
+        diverged = None  # what went non-finite, if anything
         epoch_idx = train_idx.repeat(repeats)
         batches = (_sharded_batches(epoch_idx, batch_size, seed, epoch, rank, world) if ddp
                    else _batches(epoch_idx, batch_size, gen))
@@ -265,9 +266,8 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
                 bad = dist_.all_reduce_sum([bad])[0]
             if bad:
                 where = f"loss {float(loss.detach())}" if not finite else "non-finite loss on another process"
-                raise RaterSegError(
-                    f"lr: training diverged ({where}) in epoch {epoch + 1} with lr={lr}; try a smaller lr"
-                )
+                diverged = f"{where} in epoch {epoch + 1}"
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -282,23 +282,30 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
             sums = dict(zip(keys, totals))
             dist_.broadcast_buffers(network)
         record: dict[str, Any] = {"epoch": epoch + 1, **{k: v / max(count, 1) for k, v in sums.items()}}
-        # A last step can turn the weights non-finite after a finite loss; such weights
-        # must never be validated, kept or saved.
-        _check_finite(network, ddp, f"non-finite weights after epoch {epoch + 1}", lr)
-        if has_val:
+        # A step can turn the weights non-finite after a finite loss; such weights must
+        # never be validated, kept or saved.
+        if diverged is None and not _weights_finite(network, ddp):
+            diverged = f"non-finite weights after epoch {epoch + 1}"
+        if diverged is None and has_val:
             total, n_val = _validate(method, network, val_idx, batch, batch_size, device,
                                      TrainState(epoch, epochs, step, False, gen))
             if ddp:
                 total, n_val = dist_.all_reduce_sum([total, n_val])
             record["val_loss"] = total / max(n_val, 1)
             if not math.isfinite(record["val_loss"]):
-                raise RaterSegError(f"lr: training diverged (validation loss "
-                                    f"{record['val_loss']} in epoch {epoch + 1}) with lr={lr}; "
+                diverged = f"validation loss {record['val_loss']} in epoch {epoch + 1}"
+        if diverged is not None:  # stop; the best epoch so far is kept, if there is one
+            if best_state is None:
+                raise RaterSegError(f"lr: training diverged ({diverged}) with lr={lr}; "
                                     "try a smaller lr")
+            yield TrainingEvent(epoch + 1, epochs,
+                                f"{method.name}: epoch {epoch + 1}/{epochs}: training diverged "
+                                f"({diverged}) with lr={lr}; stopped, keeping epoch {best_epoch}")
+            break
         history.append(record)
         monitored = record.get("val_loss", record["loss"])
         if monitored < best:
-            best, since_best = monitored, 0
+            best, best_epoch, since_best = monitored, epoch + 1, 0
             best_state = copy.deepcopy(network.state_dict())
         else:
             since_best += 1
@@ -328,18 +335,18 @@ def iter_train(method: Any, network: torch.nn.Module, samples: Samples, *, epoch
     return history
 
 
-def _check_finite(network, ddp: bool, where: str, lr: float) -> None:
-    """RaterSegError (``lr``) when any weight of ``network`` is NaN or infinite (on any
-    process: every process stops together)."""
+def _weights_finite(network, ddp: bool) -> bool:
+    """Whether every weight and buffer of ``network`` is finite (on every process, so that
+    all of them stop together)."""
     import torch
 
     from . import _distributed as dist_
 
-    bad = 0.0 if all(bool(torch.isfinite(p).all()) for p in network.parameters()) else 1.0
+    tensors = [*network.parameters(), *(b for b in network.buffers() if b.is_floating_point())]
+    bad = 0.0 if all(bool(torch.isfinite(t).all()) for t in tensors) else 1.0
     if ddp:
         bad = dist_.all_reduce_sum([bad])[0]
-    if bad:
-        raise RaterSegError(f"lr: training diverged ({where}) with lr={lr}; try a smaller lr")
+    return not bad
 
 
 def _sharded_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int,

@@ -172,3 +172,20 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
         assert re.search(match, _error(code, err)), err
         assert out == ""
         assert not m.exists() and not (tmp_path / "o").exists() and not (tmp_path / "new").exists()
+
+
+def test_train_reports_the_epochs_whose_weights_were_kept():
+    # AVAP trains in two runs (steps) with different losses: each keeps its own best epoch,
+    # so the report must not pick one minimum over both (it named a step-1 epoch)
+    from raterseg.cli import _kept_epochs
+
+    history = [{"epoch": 1, "step": 1, "loss": 1.5, "val_loss": 1.2},
+               {"epoch": 2, "step": 1, "loss": 1.4, "val_loss": 1.175},
+               {"epoch": 3, "step": 2, "loss": 2.0, "val_loss": 1.861},
+               {"epoch": 4, "step": 2, "loss": 1.9, "val_loss": 1.304}]
+    assert _kept_epochs(history) == ("; kept epoch 2 (step 1): loss=1.4 val_loss=1.175; "
+                                     "epoch 4 (step 2): loss=1.9 val_loss=1.304")
+    # one run without validation: the lowest training loss, the first one on ties
+    plain = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}, {"epoch": 3, "loss": 0.4}]
+    assert _kept_epochs(plain) == "; kept epoch 2: loss=0.4"
+    assert _kept_epochs([]) == ""

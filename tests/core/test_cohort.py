@@ -115,6 +115,11 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(cohort, fused, tm
     assert {r.get("replaced") for r in rows} == {"staple"}
     rows = fuse_cohort(root, out, "majority_vote")
     assert {r.get("replaced") for r in rows} == {'majority_vote {"tie": "undecided"}'}
+    rows = fuse_cohort(root, out, "majority_vote", seed=3)  # a setting: named with its value
+    assert {r.get("replaced") for r in rows} == {"majority_vote, seed 0"}
+    (out / "case1" / "uncertainty.nii.gz").unlink()  # a repair replaces nothing
+    rows = fuse_cohort(root, out, "majority_vote", seed=3)
+    assert [r.get("replaced") for r in rows if r["status"] == "fused"] == [None]
     rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
     for name, raters in data.items():
         np.testing.assert_array_equal(rio.read_array(out / name / "truth.nii.gz")[0],

@@ -120,6 +120,10 @@ def test_other_files_are_refused_with_clear_errors(tmp_path, data):
     with pytest.raises(rs.RaterSegError, match=r"newthing: not a parameter.*saved by raterseg "
                                                r"99.0 \(this is .*\): update raterseg"):
         rs.load(tmp_path / "new.safetensors")
+    meta["raterseg_version"] = "0.0.1"  # an older file: no advice to update
+    save_file(load_file(path), tmp_path / "old.safetensors", metadata={"raterseg": json.dumps(meta)})
+    with pytest.raises(rs.RaterSegError, match=r"saved by raterseg 0.0.1 \(this is [^)]*\)$"):
+        rs.load(tmp_path / "old.safetensors")
 
 
 def test_saving_an_untrained_or_classical_method_is_an_error(tmp_path):

@@ -125,6 +125,37 @@ def test_a_diverged_network_is_never_kept(val_fraction, tmp_path):
         m.predict(images)
 
 
+def test_divergence_after_a_good_epoch_stops_and_keeps_that_epoch():
+    # the last optimiser step of epoch 2 turns a weight into NaN: training stops there and
+    # the model keeps epoch 1 (a run is not thrown away for its last step), and says so
+    base = type(rs.create("unet"))
+
+    class LateNaN(base):
+        def configure_optimizer(self, parameters, lr):
+            params = list(parameters)
+            opt = torch.optim.Adam(params, lr=lr)
+            plain_step, steps = opt.step, [0]
+
+            def step(*args, **kwargs):
+                plain_step(*args, **kwargs)
+                steps[0] += 1
+                if steps[0] == 2 * 2:  # 2 batches per epoch
+                    with torch.no_grad():
+                        params[0].fill_(float("nan"))
+
+            opt.step = step
+            return opt
+
+    images, raters, _ = _data(n=8)
+    events = []
+    m = LateNaN(epochs=4, val_fraction=0.25, **{**TINY, "batch_size": 3})
+    m.fit(images, raters, progress=events.append)
+    assert [h["epoch"] for h in m.history_] == [1]
+    assert "training diverged (non-finite weights after epoch 2)" in events[-1].message
+    assert "keeping epoch 1" in events[-1].message
+    assert np.isfinite(m.predict(images).probabilities).all()
+
+
 def test_predict_on_one_image_says_how_to_make_a_batch():
     images, raters, _ = _data(n=8)
     m = rs.create("unet", epochs=1, **TINY).fit(images, raters)

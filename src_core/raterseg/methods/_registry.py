@@ -66,7 +66,7 @@ def available_methods(learned: bool | None = None) -> list[str]:
 _SYNONYMS = {"learning_rate": "lr", "n_epochs": "epochs", "num_epochs": "epochs",
              "max_epochs": "epochs", "batchsize": "batch_size", "bs": "batch_size",
              "max_iter": "max_iterations", "n_iter": "max_iterations", "tol": "tolerance",
-             "window_size": "window", "n_classes": "num_classes"}
+             "window_size": "window"}
 
 
 def suggest(name: str, options) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import check_same_grid
+from .datasets import check_same_grid, only_0_255
 from .io import check_output_folder
 from .types import (
     GREY_LEVEL_MAX,
@@ -397,16 +397,16 @@ def _scan_labels(srcs: list[_Source], slabs: list, report) -> int:
     only 0 and 255 (and -1) as 0/1 masks (``divisor``). Returns the largest label as read
     after that mapping."""
     hi = [-1] * len(srcs)
-    only_0_255 = [s.float_ok for s in srcs]  # array-likes are taken as given, as by fuse
+    mask_like = [s.float_ok for s in srcs]  # array-likes are taken as given, as by fuse
     for i, (a, b, _) in enumerate(slabs):
         for r, s in enumerate(srcs):
             lab = _read_checked(s, a, b)
             hi[r] = max(hi[r], _check_range(lab, None)[1])
-            if only_0_255[r]:
-                only_0_255[r] = bool(((lab == 0) | (lab == 255) | (lab == MISSING)).all())
+            if mask_like[r]:
+                mask_like[r] = only_0_255(lab)
         report("checking labels,", i)
     for r, s in enumerate(srcs):
-        if only_0_255[r] and hi[r] == 255:
+        if mask_like[r] and hi[r] == 255:
             s.divisor = 255
             hi[r] = 1
     return max(hi)

@@ -51,46 +51,38 @@ def _case_names(root: Path, case_dirs: list[Path]) -> list[str]:
     return names
 
 
-def _finished(case_out: Path, method: str, params: dict, settings: dict) -> dict | None:
-    """The marker's row if ``case_out`` holds a complete result of ``method`` with ``params``
-    and ``settings`` (num_classes, seed)."""
+def _earlier_result(case_out: Path, method: str, params: dict,
+                    settings: dict) -> tuple[dict | None, str | None]:
+    """What ``case_out`` already holds, from its marker (read once).
+
+    Returns:
+        ``(done, replaced)``: ``done`` is the marker's row when the folder holds a complete
+        result of ``method`` with ``params`` and ``settings`` (num_classes, seed): nothing
+        to do. ``replaced`` describes a finished result of another method, parameters or
+        settings that this run will overwrite ("staple", 'majority_vote {"tie":
+        "undecided"}', "staple, seed 0"). Both None otherwise (no result yet, or this
+        run's own result with a lost file, which is redone).
+    """
     from .io import _jsonable
 
     try:
         row = json.loads((case_out / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(row, dict) or row.get("status") != "fused" or row.get("method") != method \
-            or row.get("params") != _jsonable(params) or row.get("settings") != settings:
-        return None
-    files = row.get("files") or []
-    if not files or not all((case_out / f).is_file() for f in files):
-        return None
-    return row
-
-
-def _previous_method(case_out: Path, method: str, params: dict, settings: dict) -> str | None:
-    """What an earlier finished result in ``case_out`` was made with, when that differs
-    from this run's method, parameters or settings ("staple", 'majority_vote {"tie":
-    "undecided"}', "staple, seed 0"); None when there is none or it is this run's own
-    (a case being repaired)."""
-    from .io import _jsonable
-
-    try:
-        row = json.loads((case_out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        return None, None
     if not isinstance(row, dict) or row.get("status") != "fused":
-        return None
+        return None, None
+    if row.get("method") == method and row.get("params") == _jsonable(params) \
+            and row.get("settings") == settings:
+        files = row.get("files") or []
+        complete = bool(files) and all((case_out / f).is_file() for f in files)
+        return (row if complete else None), None
     old_params, old_settings = row.get("params") or {}, row.get("settings") or {}
-    if (row.get("method"), old_params, old_settings) == (method, _jsonable(params), settings):
-        return None
     text = str(row.get("method"))
     if old_params:
         text += f" {json.dumps(old_params, sort_keys=True)}"
     changed = [f"{k} {old_settings.get(k)}" for k in sorted(settings)
                if old_settings.get(k) != settings.get(k)]
-    return ", ".join([text, *changed])
+    return None, ", ".join([text, *changed])
 
 
 def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
@@ -222,12 +214,11 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     todo: list[tuple[Path, str]] = []
     replaced: dict[str, str] = {}  # case: the method of a result this run overwrites
     for d, name in zip(case_dirs, names):
-        done = _finished(out / name, method, params, settings)
+        done, previous = _earlier_result(out / name, method, params, settings)
         if done is not None:
             rows[name] = {**done, "status": "skipped"}
         else:
             todo.append((d, name))
-            previous = _previous_method(out / name, method, params, settings)
             if previous is not None:
                 replaced[name] = previous
     total, count = len(names), 0

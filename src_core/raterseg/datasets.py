@@ -170,6 +170,12 @@ def is_0_255_mask(arr: np.ndarray) -> bool:
     probability maps. ``arr // 255`` maps it to 0/1, keeping -1."""
     if not arr.size or arr.max() != 255:
         return False
+    return only_0_255(arr)
+
+
+def only_0_255(arr: np.ndarray) -> bool:
+    """Whether every value of ``arr`` is 0, 255 or -1 (:func:`is_0_255_mask` without
+    asking for a 255: a slab of a mask file may hold none)."""
     return bool(((arr == 0) | (arr == 255) | (arr == -1)).all())
 
 

@@ -343,7 +343,9 @@ def _weights_finite(network, ddp: bool) -> bool:
     from . import _distributed as dist_
 
     tensors = [*network.parameters(), *(b for b in network.buffers() if b.is_floating_point())]
-    bad = 0.0 if all(bool(torch.isfinite(t).all()) for t in tensors) else 1.0
+    # one device sync for all of them, not one per tensor
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else True
+    bad = 0.0 if bool(finite) else 1.0
     if ddp:
         bad = dist_.all_reduce_sum([bad])[0]
     return not bad

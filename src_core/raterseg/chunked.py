@@ -19,8 +19,9 @@ nibabel's array proxy; as everywhere in raterseg, a NIfTI volume ``(x, y, z)`` i
 array ``(z, y, x)``, so its slabs are contiguous runs of the file), or any array-like
 that supports slicing (``np.memmap``, zarr, h5py). Outputs (``truth``, ``probabilities``,
 ``uncertainty``, ``disagreement``) are ``.npy`` files, or uncompressed ``.nii`` files with
-the first rater's geometry, plus ``fusion.json`` (method, parameters, rater confusion
-matrices, history); each is written to a temporary name and renamed when complete. A
+the first rater's geometry, plus ``rater_confusion.csv`` (as :func:`raterseg.io.write_result`
+writes it) and ``fusion.json`` (method, parameters, rater names, voxels per fused class,
+rater confusion matrices, history); each is written to a temporary name and renamed when complete. A
 previous result in the folder stays whole until every new file is complete; then its
 ``fusion.json`` is removed, the new files renamed into place and the new ``fusion.json``
 written last, so an interruption never leaves a mix that :func:`load_chunked` accepts.
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import check_same_grid, only_0_255
-from .io import check_output_folder
+from .io import _write_text, check_output_folder, rater_confusion_csv
 from .types import (
     GREY_LEVEL_MAX,
     MISSING,
@@ -60,6 +61,8 @@ OUTPUT_NAMES = ("truth", "probabilities", "uncertainty", "disagreement")
 #: Output formats: file ending of each array.
 FORMATS = {"npy": ".npy", "nii": ".nii"}
 META_FILE = "fusion.json"
+#: Each rater's confusion matrix against the fused truth, in raterseg fuse's CSV layout.
+CONFUSION_FILE = "rater_confusion.csv"
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -514,8 +517,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             Files may store labels as floats (or scaled NIfTI) if the values are whole
             numbers, as :func:`raterseg.io.read_labels` accepts; array-likes must be integers.
         output_dir: folder for ``truth`` int16 ``(*S)``, ``probabilities`` float32
-            ``(L, *S)``, ``uncertainty`` and ``disagreement`` float32 ``(*S)`` and
-            ``fusion.json``; created if needed.
+            ``(L, *S)``, ``uncertainty`` and ``disagreement`` float32 ``(*S)``,
+            ``rater_confusion.csv`` and ``fusion.json``; created if needed.
         method: a method with a global model: ``majority_vote``, ``mean`` or ``staple``.
         num_classes: L; inferred (one extra pass over the data) when None.
         device: where histograms and gathers run ("cpu", "cuda", None = CUDA if available).
@@ -637,12 +640,23 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raise
     for stale in set(previous) - {w.path for w in writers.values()}:
         stale.unlink(missing_ok=True)  # the previous result was in the other format
-    params_dict = m.params_dict
-    meta = {"method": m.name, "params": params_dict, "shape": list(shape), "num_classes": L,
-            "num_raters": R, "raters": [s.name for s in srcs], "format": output_format,
+    names = _rater_names(srcs)
+    cm = fit.fields.get("rater_confusion")
+    csv_path = out_dir / CONFUSION_FILE
+    if cm is not None:  # as raterseg fuse writes it
+        _write_text(csv_path, rater_confusion_csv(cm, names), "output_dir")
+    else:
+        csv_path.unlink(missing_ok=True)
+    # voxels of each fused class, from the pattern counts (no pass over the volume)
+    class_voxels = np.zeros(L, np.int64)
+    np.add.at(class_voxels, tables["truth"].astype(np.int64), counts.astype(np.int64))
+    meta = {"method": m.name, "params": m.params_dict, "shape": list(shape), "num_classes": L,
+            "num_raters": R, "raters": [s.name for s in srcs], "rater_names": names,
+            "format": output_format, "source": nifti.name if output_format == "nii" else None,
+            "spacing": _spacing(nifti, len(shape)) if nifti is not None else None,
+            "class_voxels": {str(k): int(v) for k, v in enumerate(class_voxels) if v},
             "files": {k: f"{k}{ext}" for k in OUTPUT_NAMES},
-            "rater_confusion": np.asarray(fit.fields.get("rater_confusion")).tolist()
-            if fit.fields.get("rater_confusion") is not None else None,
+            "rater_confusion": None if cm is None else np.asarray(cm).tolist(),
             "history": fit.fields.get("history", [])}
     tmp = out_dir / f".{META_FILE}.{os.getpid()}.tmp"
     try:
@@ -652,6 +666,24 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         tmp.unlink(missing_ok=True)
         raise
     return load_chunked(out_dir)
+
+
+def _rater_names(srcs: list[_Source]) -> list[str]:
+    """A file's name without its ending for one file per rater, else ``rater1``, ``rater2``, ...
+    (as ``raterseg fuse`` names them)."""
+    from .datasets import _stem
+    from .io import default_rater_names
+
+    names = default_rater_names(len(srcs))
+    for r, s in enumerate(srcs):
+        if getattr(s, "index", None) is None and getattr(s, "path", None) is not None:
+            names[r] = _stem(Path(s.path))
+    return names
+
+
+def _spacing(src: _NiftiSource, ndim: int) -> list[float]:
+    """Voxel sizes of a NIfTI source in array order ``(z, y, x)``."""
+    return [float(v) for v in reversed(src.header.get_zooms()[:ndim])]
 
 
 def load_chunked(output_dir: str | os.PathLike) -> FusionResult:

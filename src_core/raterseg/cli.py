@@ -340,7 +340,6 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
     import raterseg as rs
 
     from .chunked import CHUNK_VOXELS, check_chunkable
-    from .datasets import _stem
 
     check_chunkable(rs.create(args.method, **params))
     if args.image is not None:
@@ -361,10 +360,8 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
-    if len(args.raters) == 1:  # one (R, *S) stack
-        names = [f"rater{r + 1}" for r in range(res.rater_confusion.shape[0])]
-    else:
-        names = [_stem(Path(n)) for n in args.raters]
+    meta = json.loads((Path(args.output) / "fusion.json").read_text())
+    names = meta["rater_names"]
     cm = res.rater_confusion
     L = res.num_classes
     print(f"{args.method}: fused {len(names)} rater{'s' * (len(names) != 1)} ({L} classes, shape "
@@ -377,8 +374,8 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
         rows = [[n] + [_fmt(float(c[j, j])) for j in range(L)] for n, c in zip(names, cm)]
         print("Each rater: p(says class j | truth j), from its confusion matrix:")
         print(_table(rows, ["rater"] + [f"class {j}" for j in range(L)]))
-    files = json.loads((Path(args.output) / "fusion.json").read_text())["files"].values()
-    print(f"wrote {', '.join(files)}, fusion.json to {Path(args.output)}/")
+    files = [*meta["files"].values(), "rater_confusion.csv", "fusion.json"]
+    print(f"wrote {', '.join(files)} to {Path(args.output)}/")
     return 0
 
 

@@ -37,7 +37,7 @@ import io as _pyio
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -486,6 +486,25 @@ def _write_text(path: Path, text: str, argname: str = "path") -> None:
         raise RaterSegError(f"{argname}: could not write '{path}' ({_reason(err)})") from None
 
 
+def default_rater_names(n: int) -> list[str]:
+    """``rater1`` ... ``raterN``: the names of raters that come without one."""
+    return [f"rater{r + 1}" for r in range(n)]
+
+
+def rater_confusion_csv(cm: Any, names: Sequence[str]) -> str:
+    """The text of ``rater_confusion.csv``: one row (rater, said, true, probability) per
+    entry of each rater's confusion matrix ``cm[r, said, true] = p(said | true)``."""
+    cm = np.asarray(cm)
+    buf = _pyio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rater", "said", "true", "probability"])
+    for r in range(cm.shape[0]):
+        for i in range(cm.shape[1]):
+            for j in range(cm.shape[2]):
+                w.writerow([names[r], i, j, f"{float(cm[r, i, j]):.6g}"])
+    return buf.getvalue()
+
+
 def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | None = None,
                  prefix: str = "", *, rater_names: list[str] | None = None,
                  suffix: str = ".nii.gz") -> dict[str, Path]:
@@ -501,7 +520,7 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
     Args:
         meta: ``meta`` of the input (e.g. the image or a rater file) so that NIfTI
             outputs keep its affine and header.
-        rater_names: names for the CSV and JSON (default ``rater0``, ``rater1``, ...).
+        rater_names: names for the CSV and JSON (default ``rater1``, ``rater2``, ...).
         suffix: file ending of the arrays (any in :data:`SUFFIXES` that holds their shape).
 
     Returns:
@@ -520,17 +539,10 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
                                         argname="outdir")
     cm = result.rater_confusion
     n_r = 0 if cm is None else cm.shape[0]
-    names = list(rater_names) if rater_names is not None else [f"rater{r}" for r in range(n_r)]
+    names = list(rater_names) if rater_names is not None else default_rater_names(n_r)
     if cm is not None:
-        buf = _pyio.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["rater", "said", "true", "probability"])
-        for r in range(n_r):
-            for i in range(cm.shape[1]):
-                for j in range(cm.shape[2]):
-                    w.writerow([names[r], i, j, f"{float(cm[r, i, j]):.6g}"])
         written["rater_confusion"] = out / f"{prefix}rater_confusion.csv"
-        _write_text(written["rater_confusion"], buf.getvalue(), "outdir")
+        _write_text(written["rater_confusion"], rater_confusion_csv(cm, names), "outdir")
     truth = np.asarray(result.truth)
     labels, counts = np.unique(truth, return_counts=True)
     summary = {

@@ -85,11 +85,23 @@ def test_nifti_in_nifti_out_with_the_raters_geometry(tmp_path):
     prob_img = nib.load(tmp_path / "out" / "probabilities.nii")
     assert prob_img.shape == raters.shape[1:] + (2,)
     assert np.array_equal(np.asanyarray(prob_img.dataobj)[..., 1], ref.probabilities[1].T)
+    # the per-rater table and the summary read as raterseg fuse's do
+    written = rs.io.write_result(tmp_path / "mem", ref, rater_names=[p.name[:-7] for p in paths])
+    assert (tmp_path / "out" / "rater_confusion.csv").read_text() == \
+        written["rater_confusion"].read_text()
+    meta = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    summary = json.loads(written["summary"].read_text())
+    assert meta["rater_names"] == summary["rater_names"] == [f"rater{r}" for r in range(5)]
+    assert meta["class_voxels"] == summary["class_voxels"]
+    assert meta["spacing"] == pytest.approx(read_labels(paths[0])[1]["spacing"])  # (z, y, x)
+    assert meta["spacing"] == pytest.approx([0.7, 0.8, 2.5])
+    assert meta["source"] == str(paths[0])
     # .npy on request; a second run replaces the first result's files
     res2 = rs.fuse_chunked(paths, tmp_path / "out", method="staple", output_format="npy")
     _same(ref, res2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "disagreement.npy", "fusion.json", "probabilities.npy", "truth.npy", "uncertainty.npy"]
+        "disagreement.npy", "fusion.json", "probabilities.npy", "rater_confusion.csv", "truth.npy",
+        "uncertainty.npy"]
     with pytest.raises(rs.RaterSegError, match="output_format"):
         rs.fuse_chunked(raters, tmp_path / "o2", output_format="nii")
 
@@ -379,7 +391,8 @@ def test_interrupted_run_keeps_the_previous_result_and_leaves_no_temporaries(tmp
     assert rs.load_chunked(tmp_path / "out").method == "majority_vote"  # still whole
     # the interrupted run left no temporary files and the first result is whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "disagreement.npy", "fusion.json", "probabilities.npy", "truth.npy", "uncertainty.npy"]
+        "disagreement.npy", "fusion.json", "probabilities.npy", "rater_confusion.csv", "truth.npy",
+        "uncertainty.npy"]
     again = rs.load_chunked(tmp_path / "out")
     assert again.method == "majority_vote" and np.array_equal(again.truth, truth_before)
 

@@ -42,6 +42,7 @@ class FusionInputs:
         scale, translate: spatial calibration of the result layers (length ``len(S)``).
         io_meta: the geometry of the file the image (else first rater) was read from,
             passed on to the result layers so that saving them keeps it.
+        axis_labels: the spatial axes' labels of that layer (length ``len(S)``), or None.
     """
 
     raters: np.ndarray
@@ -51,6 +52,15 @@ class FusionInputs:
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     io_meta: dict | None = None
+    axis_labels: tuple[str, ...] | None = None
+
+
+def _spatial_axis_labels(layer: Any, nsp: int) -> tuple[str, ...] | None:
+    """The last ``nsp`` axis labels of ``layer`` (napari >= 0.5), or None."""
+    labels = getattr(layer, "axis_labels", None)
+    if labels is None or len(labels) < nsp:
+        return None
+    return tuple(str(a) for a in tuple(labels)[-nsp:])
 
 
 def _layer_array(layer: Any, argname: str) -> np.ndarray:
@@ -158,13 +168,14 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
     translate = tuple(float(t) for t in np.asarray(ref.translate)[-nsp:])
     io_meta = (getattr(ref, "metadata", None) or {}).get(IO_META_KEY)
     return FusionInputs(raters, image, [lyr.name for lyr in rater_layers], base, scale, translate,
-                        io_meta)
+                        io_meta, _spatial_axis_labels(ref, nsp))
 
 
 def result_layer_data(result: Any, base_name: str, method: str, *,
                       scale: Sequence[float] | None = None,
                       translate: Sequence[float] | None = None,
-                      io_meta: dict | None = None) -> list[tuple]:
+                      io_meta: dict | None = None,
+                      axis_labels: Sequence[str] | None = None) -> list[tuple]:
     """napari layer-data tuples ``(data, kwargs, type)`` for a one-case FusionResult.
 
     - ``"<base> truth [m]"``: Labels ``(*S)``.
@@ -173,6 +184,10 @@ def result_layer_data(result: Any, base_name: str, method: str, *,
     - ``"<base> uncertainty [m]"``: Image ``(*S)`` in [0, 1], magma, additive blending.
     - ``"<base> rater maps [m]"``: Image ``(R, *S)`` (rater axis first), only when the
       method models raters spatially (``result.rater_maps`` is not None).
+
+    ``axis_labels``: the spatial axes' labels (default napari's ``-3, -2, -1``); a leading
+    axis is labelled ``class`` or ``rater`` (``class / rater`` when both layers have one:
+    napari shows one slider for that axis), so its slider is not named ``-4``.
     """
     nsp = result.truth.ndim
     # The calibration of the spatial axes: the last ``nsp`` entries (a multi-channel image
@@ -181,6 +196,12 @@ def result_layer_data(result: Any, base_name: str, method: str, *,
     translate = ((0.0,) * nsp + tuple(translate or ()))[-nsp:]
     cal = {"scale": scale, "translate": translate}
     lead = {"scale": (1.0,) + scale, "translate": (0.0,) + translate}
+    spatial = tuple(axis_labels) if axis_labels is not None and len(axis_labels) == nsp \
+        else tuple(str(i) for i in range(-nsp, 0))
+    cal["axis_labels"] = spatial
+    multi, maps = result.probabilities.shape[0] > 2, result.rater_maps is not None
+    first = "class / rater" if multi and maps else "class" if multi else "rater"
+    lead["axis_labels"] = (first, *spatial)
     meta = {"method": method, "params": dict(result.params)}
     if io_meta:
         meta[IO_META_KEY] = io_meta
@@ -234,6 +255,8 @@ def add_or_replace_layers(viewer: Any, layer_data: Sequence[tuple], base_name: s
                     old.scale = kwargs["scale"]
                 if not np.allclose(old.translate, kwargs["translate"]):
                     old.translate = kwargs["translate"]
+                if tuple(old.axis_labels) != kwargs["axis_labels"]:
+                    old.axis_labels = kwargs["axis_labels"]
                 old.metadata = kwargs.get("metadata", {})
                 if ltype == "image":
                     old.contrast_limits = kwargs.get("contrast_limits", old.contrast_limits)
@@ -248,7 +271,8 @@ def add_or_replace_layers(viewer: Any, layer_data: Sequence[tuple], base_name: s
 def add_result_layers(viewer: Any, result: Any, inputs: FusionInputs) -> list[Any]:
     """Add (or replace) the layers of ``result``, calibrated like the input layers."""
     data = result_layer_data(result, inputs.base_name, result.method, scale=inputs.scale,
-                             translate=inputs.translate, io_meta=inputs.io_meta)
+                             translate=inputs.translate, io_meta=inputs.io_meta,
+                             axis_labels=inputs.axis_labels)
     return add_or_replace_layers(viewer, data, inputs.base_name, result.method)
 
 
@@ -271,4 +295,4 @@ def image_inputs(image_layer: Any) -> FusionInputs:
     translate = tuple(float(t) for t in np.asarray(image_layer.translate)[-nsp:])
     io_meta = (getattr(image_layer, "metadata", None) or {}).get(IO_META_KEY)
     return FusionInputs(np.zeros((0,), np.int16), np.array(img, copy=True), [], image_layer.name,
-                        scale, translate, io_meta)
+                        scale, translate, io_meta, _spatial_axis_labels(image_layer, nsp))

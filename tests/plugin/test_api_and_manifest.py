@@ -60,6 +60,8 @@ def test_fuse_layers_rater_maps_have_rater_axis_first(make_napari_viewer):
     assert maps.data.shape == (3, 24, 24)
     np.testing.assert_allclose(maps.scale, (1.0, 2.0, 2.0))
     np.testing.assert_allclose(viewer.layers["raters truth [spatial_staple]"].scale, (2.0, 2.0))
+    # the slider of the rater axis is named as such (napari's default would be "-3")
+    assert viewer.dims.axis_labels[0] == "rater"
 
 
 def test_multiclass_probability_has_class_axis_first(make_napari_viewer):
@@ -74,6 +76,7 @@ def test_multiclass_probability_has_class_axis_first(make_napari_viewer):
     prob = viewer.layers["img probability [majority_vote]"]
     assert prob.data.shape == (3, 20, 30)
     np.testing.assert_allclose(prob.scale, (1.0, 2.0, 1.0))
+    assert viewer.dims.axis_labels[0] == "class"
     np.testing.assert_array_equal(viewer.layers["img truth [majority_vote]"].data, res.truth)
     assert set(np.unique(res.truth)) == {0, 1, 2}
 

@@ -20,9 +20,11 @@ AVAP's APM Average ≥ 1 point above every M_r row's Average.
 
 Full size (GPU):
     python benchmarks/avap_lidc.py --device cuda --epochs 30 --seeds 0 1 2 --json docs/avap_lidc_gpu.json
-Reduced (CPU), e.g.:
+Reduced (CPU), one JSON per seed (docs/avap_lidc_cpu_seed{0,1,2}.json; variants in
+docs/BENCHMARKS.md, "AVAP on LIDC"):
     python benchmarks/avap_lidc.py --device cpu --threads 1 --crop 64 --n-train 800 --n-test 300 \
-        --epochs 8 --features 8 16 32 64 128 --json docs/avap_lidc_cpu.json
+        --epochs 8 --patience 0 --features 8 16 32 64 128 --seeds 0 \
+        --json docs/avap_lidc_cpu_seed0.json
 
 ``--markdown`` prints the table for docs/BENCHMARKS.md. Needs ../shared/data/lidc.
 """

@@ -2,7 +2,9 @@
 
 Also reports the training throughput (slices per second, counting every slice seen
 in every epoch, validation excluded) and the Dice of the result against the
-phantom's truth next to STAPLE's. Run once per device:
+phantom's truth next to STAPLE's. Run once per device (``--out`` writes a JSON; the CPU
+numbers in docs/BENCHMARKS.md were taken from the printed output, and no JSON of them
+was kept; no GPU run yet):
 
     python benchmarks/learned_fuse_speed.py --device cpu --out docs/learned_fuse_speed_cpu.json
     python benchmarks/learned_fuse_speed.py --device cuda --out docs/learned_fuse_speed_gpu.json

@@ -18,9 +18,11 @@ equal, and the confidences of each recurrence.
 Full size (GPU):
     python benchmarks/mrprism_lidc.py --device cuda --epochs 30 --seeds 0 1 2 \
         --json docs/mrprism_lidc_gpu.json --markdown
-Reduced (CPU), e.g.:
-    python benchmarks/mrprism_lidc.py --device cpu --threads 1 --crop 64 --n-train 600 \
-        --n-test 300 --epochs 6 --features 8 16 32 64 128 --json docs/mrprism_lidc_cpu.json
+Reduced (CPU), e.g. (docs/mrprism_lidc_cpu_e20_n300_s0.json; the other runs' commands
+are in docs/BENCHMARKS.md, "MrPrism on LIDC-IDRI"):
+    python benchmarks/mrprism_lidc.py --device cpu --threads 1 --crop 64 --n-train 300 \
+        --n-test 150 --epochs 20 --features 8 16 32 64 128 --seeds 0 \
+        --json docs/mrprism_lidc_cpu_e20_n300_s0.json
 
 Needs ../shared/data/lidc/lidc_dev.npz.
 """

@@ -116,6 +116,8 @@ def table(res: dict) -> str:
     med = statistics.median
     (l1s, _, _), (l1e, _, _) = res["load"]
     lines = [
+        "## Cohorts (`raterseg fuse-dir`)",
+        "",
         (f"`raterseg fuse-dir COHORT --method staple --workers N -o OUT` on synthetic cohorts "
         f"of case folders (`image.nii.gz` + `rater1..4.nii.gz`, 4 binary raters, phantoms "
         f"from `raterseg.synth.sample_case`), each run a fresh command in a fresh output "

@@ -123,7 +123,7 @@ class ResultPanel(QWidget):
         for r in range(R):
             for i in range(L):
                 for j in range(L):
-                    item = _item(f"{cm[r, i, j]:.3f}")
+                    item = _item(_fmt(cm[r, i, j]))  # "–": a rater who annotated nothing
                     bg, fg = heat_color(cm[r, i, j])
                     item.setBackground(QBrush(bg))
                     item.setForeground(QBrush(fg))

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import check_same_grid, only_0_255
-from .io import _write_text, check_output_folder, rater_confusion_csv
+from .io import _jsonable, _write_text, check_output_folder, rater_confusion_csv
 from .types import (
     GREY_LEVEL_MAX,
     MISSING,
@@ -642,6 +642,9 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         stale.unlink(missing_ok=True)  # the previous result was in the other format
     names = _rater_names(srcs)
     cm = fit.fields.get("rater_confusion")
+    if cm is not None:  # a rater all -1 has no matrix, as in memory (unannotated_as_nan)
+        cm = np.array(cm, dtype=np.float32, copy=True)
+        cm[(pats < 0).all(axis=1)] = np.nan
     csv_path = out_dir / CONFUSION_FILE
     if cm is not None:  # as raterseg fuse writes it
         _write_text(csv_path, rater_confusion_csv(cm, names), "output_dir")
@@ -656,7 +659,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             "spacing": _spacing(nifti, len(shape)) if nifti is not None else None,
             "class_voxels": {str(k): int(v) for k, v in enumerate(class_voxels) if v},
             "files": {k: f"{k}{ext}" for k in OUTPUT_NAMES},
-            "rater_confusion": None if cm is None else np.asarray(cm).tolist(),
+            "rater_confusion": None if cm is None else _jsonable(cm),  # NaN as null
             "history": fit.fields.get("history", [])}
     tmp = out_dir / f".{META_FILE}.{os.getpid()}.tmp"
     try:
@@ -708,6 +711,8 @@ def load_chunked(output_dir: str | os.PathLike) -> FusionResult:
                 f"output_dir: expected {meta['files'][k]} of shape {want} as {META_FILE} in "
                 f"{out_dir} records, got shape {a.shape}: the folder mixes two results")
     cm = meta.get("rater_confusion")
+    if cm is not None:
+        cm = np.array(cm, dtype=np.float64)  # null (a rater all -1) -> NaN
     return FusionResult(
         **arrays,
         rater_confusion=None if cm is None else np.asarray(cm, np.float32),

@@ -311,7 +311,11 @@ def test_fuse_any_raters_classes_and_missing(R, L, missing):
     np.testing.assert_allclose(res.probabilities.sum(0), 1, atol=1e-5)
     np.testing.assert_allclose(res.rater_estimates.sum(1), 1, atol=1e-5)
     assert res.probabilities.min() >= 0 and res.rater_maps.min() >= 0 and res.rater_maps.max() <= 1
-    np.testing.assert_allclose(res.rater_confusion.sum(1), 1, atol=1e-4)
+    seen = [r for r in range(R) if not (missing and r == 1)]
+    np.testing.assert_allclose(res.rater_confusion[seen].sum(1), 1, atol=1e-4)
+    # a rater who annotated nothing of the case has no confusion matrix
+    assert np.isnan(res.rater_confusion).any(axis=(1, 2)).tolist() == [missing and r == 1
+                                                                         for r in range(R)]
     # rater maps are the agreement of each rater's estimate with the AVM
     np.testing.assert_allclose(res.rater_maps, (res.rater_estimates * res.probabilities).sum(1),
                                atol=1e-5)

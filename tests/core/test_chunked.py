@@ -36,7 +36,7 @@ def _same(a: rs.FusionResult, b: rs.FusionResult) -> None:
     for k in FIELDS:
         x, y = getattr(a, k), getattr(b, k)
         assert x.shape == np.asarray(y).shape, k
-        assert np.array_equal(x, np.asarray(y)), k
+        assert np.array_equal(x, np.asarray(y), equal_nan=x.dtype.kind == "f"), k
     assert len(a.history) == len(b.history)
 
 
@@ -61,6 +61,23 @@ def test_npy_stack_identical_to_in_memory(tmp_path, method, num_classes):
     assert meta["shape"] == list(raters.shape[1:]) and meta["num_raters"] == 5
     # the files are plain .npy a user can open
     assert np.array_equal(np.load(tmp_path / "out" / "truth.npy"), ref.truth)
+
+
+def test_a_rater_all_missing_has_no_confusion_matrix_as_in_memory(tmp_path):
+    raters = _raters_3d()
+    raters[2] = -1  # rater 2 did not annotate this case at all
+    ref = rs.fuse(raters, method="staple")
+    res = rs.fuse_chunked(raters, tmp_path / "out", method="staple", chunk_voxels=5000)
+    _same(ref, res)
+    assert np.isnan(res.rater_confusion[2]).all()
+    assert np.isfinite(np.delete(res.rater_confusion, 2, axis=0)).all()
+    # the others are fused as if rater 2 were not there
+    without = rs.fuse(np.delete(raters, 2, axis=0), method="staple")
+    np.testing.assert_allclose(res.probabilities, without.probabilities, atol=1e-6)
+    rows = (tmp_path / "out" / "rater_confusion.csv").read_text().splitlines()
+    assert [r.split(",")[-1] for r in rows if r.startswith("rater3,")] == ["nan"] * 4
+    assert json.loads((tmp_path / "out" / "fusion.json").read_text())["rater_confusion"][2] == \
+        [[None, None], [None, None]]
 
 
 def test_nifti_in_nifti_out_with_the_raters_geometry(tmp_path):

@@ -198,6 +198,22 @@ def finish_result(probabilities: np.ndarray, stack: RaterStack | None, method: s
     )
 
 
+def unannotated_as_nan(result: FusionResult, stack: RaterStack) -> FusionResult:
+    """``result`` with NaN as the confusion matrix of each rater who annotated no voxel of
+    the case (all -1): nothing was observed of that rater, so no matrix is defined (methods
+    would otherwise report their initial value, the identity, as a perfect rater)."""
+    cm = result.rater_confusion
+    if cm is None or stack.batched:
+        return result
+    R = stack.num_raters
+    silent = stack.labels.reshape(R, -1).max(axis=1) < 0
+    if silent.any():
+        cm = np.array(cm, dtype=np.float32, copy=True)
+        cm[silent] = np.nan
+        result.rater_confusion = cm
+    return result
+
+
 class FusionMethod:
     """Base class of every fusion method.
 
@@ -257,7 +273,7 @@ class FusionMethod:
         else:
             stack = as_rater_stack(raters, self.num_classes)
         self._check_raters(stack)
-        return self._fuse(stack, image, progress)
+        return unannotated_as_nan(self._fuse(stack, image, progress), stack)
 
     def _check_raters(self, stack: RaterStack) -> None:
         if self.num_raters is not None and stack.num_raters != self.num_raters:
@@ -302,7 +318,7 @@ class FusionMethod:
         n = stack.labels.shape[0]
         for i in range(n):
             case = RaterStack(stack.labels[i], stack.num_classes)
-            self.results_.append(self._fuse(case, None, None))
+            self.results_.append(unannotated_as_nan(self._fuse(case, None, None), case))
             yield TrainingEvent(i + 1, n, f"{self.name}: case {i + 1}/{n}")
 
     def predict(self, images: Any) -> FusionResult:

@@ -213,3 +213,19 @@ def test_grey_levels_are_not_taken_as_hundreds_of_classes():
     assert rs.fuse(dense, method="majority_vote").num_classes == 40
     ids = np.array([0, 1, 5, 12, 55, 90, 117], np.int16)[dense % 7]
     assert rs.fuse(ids, method="majority_vote").num_classes == 118
+
+
+@pytest.mark.parametrize("method", ["unet", "cm"])
+def test_learned_method_refuses_a_blank_image(method):
+    # a constant image (e.g. the wrong layer or an empty file) gives a learned model nothing
+    # to segment from; it is refused before any training
+    raters, image = _raters(), np.full((8, 8), 3.0, np.float32)
+    _expect_error(lambda: rs.fuse(raters, image=image, method=method, epochs=1), "image", raters,
+                  image, match="constant")
+    images = np.zeros((2, 8, 8), np.float32)
+    _expect_error(lambda: rs.create(method, epochs=1).fit(images, np.stack([raters, raters])),
+                  "images", images, match="every image is constant")
+    # one blank image among others is fine (e.g. padding slices)
+    images[1, 2:5, 2:5] = 1.0
+    rs.create(method, epochs=1, features=(4, 4, 4, 4, 4), val_fraction=0.0).fit(
+        images, np.stack([raters, raters]))

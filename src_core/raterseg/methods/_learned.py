@@ -60,6 +60,20 @@ from ._base import (
 __all__ = ["LearnedMethod"]
 
 
+def _check_not_blank(imgs: np.ndarray, argname: str) -> None:
+    """Refuse training images ``(N, C, *S)`` that are all constant: a learned method
+    segments from the image, and on a blank one it could only learn where the raters
+    drew (usually the wrong layer or file was passed as the image)."""
+    flat = imgs.reshape(imgs.shape[0], imgs.shape[1], -1)
+    if flat.shape[-1] and (flat.max(axis=-1) == flat.min(axis=-1)).all():
+        what = "the image is" if argname == "image" else "every image is"
+        raise RaterSegError(
+            f"{argname}: expected an image with some contrast, but {what} constant "
+            f"({float(flat.flat[0]):g} everywhere); learned methods segment from the image: "
+            "pass the scan the raters outlined, or use a classical method (staple, "
+            "majority_vote), which needs no image")
+
+
 class LearnedMethod(FusionMethod):
     """Base class of the learned methods; see the module docstring for what to implement.
 
@@ -150,6 +164,7 @@ class LearnedMethod(FusionMethod):
                 f"images: expected {stack.labels.shape[0]} images, one per case of raters "
                 f"{stack.labels.shape}, got {imgs.shape[0]}"
             )
+        _check_not_blank(imgs, "images")
         return self._train(imgs, stack)
 
     def _train(self, imgs: np.ndarray, stack: RaterStack, *,
@@ -272,6 +287,7 @@ class LearnedMethod(FusionMethod):
         if image is None:
             raise RaterSegError(f"image: method {self.name!r} is learned and needs the image, got None")
         img = check_image(image, stack.spatial_shape)
+        _check_not_blank(img[None], "image")
         batched = RaterStack(stack.labels[None], stack.num_classes, batched=True)
         # One case: processes of a group usually fuse different cases, so never data-parallel
         # here (collectives over different data would hang or mix cases).

@@ -131,6 +131,9 @@ def test_parameter_value_outside_its_choices():
     ({"num_classes": 1}, "num_classes"),
     ({"num_classes": 2.5}, "num_classes"),
     ({"seed": 0.5}, "seed"),
+    ({"seed": None}, "seed"),
+    ({"seed": "x"}, "seed"),
+    ({"num_classes": "3"}, "num_classes"),
     ({"device": "tpu"}, "device"),
 ])
 def test_bad_common_arguments(kwargs, argname):

@@ -198,6 +198,15 @@ def finish_result(probabilities: np.ndarray, stack: RaterStack | None, method: s
     )
 
 
+def _whole(value: Any) -> bool:
+    """An integer (or a float with an integer value), not a bool, None or a string."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
 def unannotated_as_nan(result: FusionResult, stack: RaterStack) -> FusionResult:
     """``result`` with NaN as the confusion matrix of each rater who annotated no voxel of
     the case (all -1): nothing was observed of that rater, so no matrix is defined (methods
@@ -239,11 +248,11 @@ class FusionMethod:
 
     def __init__(self, num_classes: int | None = None, num_raters: int | None = None,
                  device: Any = None, seed: int = 0, **params: Any) -> None:
-        if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
+        if num_classes is not None and not (_whole(num_classes) and num_classes >= 2):
             raise RaterSegError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-        if num_raters is not None and (int(num_raters) != num_raters or num_raters < 1):
+        if num_raters is not None and not (_whole(num_raters) and num_raters >= 1):
             raise RaterSegError(f"num_raters: expected an integer >= 1, got {num_raters!r}")
-        if int(seed) != seed:
+        if not _whole(seed):
             raise RaterSegError(f"seed: expected an integer, got {seed!r}")
         self.num_classes = None if num_classes is None else int(num_classes)
         self.num_raters = None if num_raters is None else int(num_raters)

@@ -60,8 +60,9 @@ class FusionResult:
             annotated the voxel: 1 - (share of the most common label); 0 where
             fewer than two raters annotated or raters were not given.
         rater_confusion: float32 ``(R, L, L)``, ``[r, i, j] = p(rater r says i | truth j)``
-            (columns sum to 1; NaN for a rater who annotated no voxel of the case), or
-            None where a method does not model raters.
+            (columns sum to 1; NaN where nothing was observed: a rater who annotated no
+            voxel of the case, or a class that is never the truth), or None where a
+            method does not model raters.
         rater_maps: float32 ``(R, *S)`` per-rater reliability in [0, 1], or None.
         rater_estimates: float32 ``(R, L, *S)`` each rater's modelled segmentation, or None.
         method: the method's registered name.

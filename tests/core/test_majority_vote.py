@@ -138,3 +138,24 @@ def test_large_volume_split_over_threads_equals_per_voxel_definition(dtype):
     np.testing.assert_array_equal(res.truth, counts.argmax(0))
     np.testing.assert_array_equal(res.probabilities, frac)
     np.testing.assert_array_equal(res.disagreement, observed_disagreement(raters, L))
+
+
+@pytest.mark.parametrize("method", ["majority_vote", "mean", "staple", "spatial_staple"])
+def test_a_class_that_never_occurs_has_no_confusion_column(method):
+    # A lesion-free case (every rater drew nothing) says nothing of how raters see a
+    # lesion: p(says 1 | truth 1) is NaN, not the identity's 1 (a "perfect" sensitivity
+    # that would inflate averages over a cohort). The observed column is still right.
+    kw = {"window": 5} if method == "spatial_staple" else {}
+    empty = np.zeros((3, 12, 12), np.int16)
+    cm = rs.fuse(empty, method=method, num_classes=2, **kw).rater_confusion
+    assert np.isnan(cm[:, :, 1]).all()
+    np.testing.assert_allclose(cm[:, :, 0], [[1, 0]] * 3)
+    # labels with a gap ({0, 2}, so 3 classes): class 1 is never the truth
+    gap = np.zeros((3, 12, 12), np.int16)
+    gap[:, 3:9, 3:9] = 2
+    gap[0, 3, 3:9] = 0
+    cm = rs.fuse(gap, method=method, **kw).rater_confusion
+    assert cm.shape == (3, 3, 3)
+    assert np.isnan(cm[:, :, 1]).all()
+    assert np.isfinite(cm[:, :, [0, 2]]).all()
+    np.testing.assert_allclose(cm[:, :, [0, 2]].sum(axis=1), 1, atol=1e-5)

@@ -156,7 +156,8 @@ def empirical_confusion(labels: np.ndarray, truth_prob: np.ndarray) -> np.ndarra
     """Each rater's confusion ``(R, L, L)``: ``[r, i, j] = p(rater says i | truth j)``.
 
     Soft counts weighted by ``truth_prob`` ``(L, *S)``; voxels a rater did not annotate
-    are left out of that rater's matrix. Columns with no mass become the identity column.
+    are left out of that rater's matrix. A column with no mass is NaN
+    (:func:`normalize_columns`).
     """
     L = truth_prob.shape[0]
     R = labels.shape[0]
@@ -168,9 +169,18 @@ def empirical_confusion(labels: np.ndarray, truth_prob: np.ndarray) -> np.ndarra
             sel = lab == i
             if sel.any():
                 cm[r, i] = tp[:, sel].sum(axis=1)
-    col = cm.sum(axis=1, keepdims=True)
-    eye = np.broadcast_to(np.eye(L), cm.shape)
-    cm = np.where(col > 0, cm / np.where(col > 0, col, 1), eye)
+    return normalize_columns(cm)
+
+
+def normalize_columns(counts: np.ndarray) -> np.ndarray:
+    """Confusion matrices ``(R, L, L)`` from (soft) counts ``[r, said, true]``: each column
+    divided by its sum, float32. A column with no mass (no voxel of that true class where
+    the rater annotated: e.g. a lesion-free case, or a label no rater used) has no
+    estimate and is NaN, not a made-up value such as the identity's column."""
+    counts = np.asarray(counts, dtype=np.float64)
+    col = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cm = np.where(col > 0, counts / np.where(col > 0, col, 1.0), np.nan)
     return cm.astype(np.float32)
 
 

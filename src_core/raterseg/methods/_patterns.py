@@ -23,7 +23,7 @@ import numpy as np
 
 from .._device import resolve_device
 from .._threads import in_threads
-from ._base import FusionMethod, Progress
+from ._base import FusionMethod, Progress, normalize_columns
 
 #: Voxels per chunk when encoding: bounds temporaries, keeps them cache-friendly.
 CHUNK = 1 << 18
@@ -224,7 +224,7 @@ def pattern_confusion(hist: PatternHistogram, truth_table: np.ndarray) -> np.nda
     """:func:`~raterseg.methods._base.empirical_confusion` from per-pattern truth ``(L, P)``.
 
     ``[r, i, j] = Σ_voxels [rater r says i]·truth[j] / Σ_voxels [r annotated]·truth[j]``,
-    float32 ``(R, L, L)``; columns with no mass become the identity column.
+    float32 ``(R, L, L)``; a column with no mass is NaN.
     """
     pat = hist.labels.cpu().numpy()
     counts = hist.counts.cpu().numpy().astype(np.float64)
@@ -234,9 +234,7 @@ def pattern_confusion(hist: PatternHistogram, truth_table: np.ndarray) -> np.nda
     for r in range(pat.shape[0]):
         for i in range(L):
             cm[r, i] = weighted[:, pat[r] == i].sum(axis=1)
-    col = cm.sum(axis=1, keepdims=True)
-    eye = np.broadcast_to(np.eye(L), cm.shape)
-    return np.where(col > 0, cm / np.where(col > 0, col, 1), eye).astype(np.float32)
+    return normalize_columns(cm)
 
 
 #: Per-voxel fields of a :class:`FusionResult` that are functions of the voxel's pattern,

@@ -125,7 +125,7 @@ class SpatialStaple(FusionMethod):
     whole-image matrices θ_r^0 of the last M-step (one E-step before the final W; the
     difference is below the tolerance at convergence). Raters marked -1 are left out of
     the likelihood and of the counts. A rater who annotated nothing gets chance (1/L) in
-    ``rater_maps`` and an identity confusion.
+    ``rater_maps`` and a NaN confusion matrix; a class absent from W a NaN column.
 
     ``prior_weight`` sets κ = prior_weight × (voxels in a window). Keep it near 1: inside
     a window that holds a single class, "this is class A, and every rater is locally
@@ -186,6 +186,7 @@ class SpatialStaple(FusionMethod):
             log_prior = torch.log(local_prior.clamp_min(1e-6))
         classes = torch.arange(L, device=dev).reshape((L,) + (1,) * nd)
         theta0 = torch.eye(L, dtype=torch.float64, device=dev).repeat(R, 1, 1)
+        empty = torch.zeros((R, 1, L), dtype=torch.bool, device=dev)  # columns with no mass
         # What EM needs of each rater that does not change (None: annotated nothing,
         # which leaves the identity in theta0 and no factor in the likelihood).
         fixed = [_RaterLabels.of(lab[r], classes, window, nd) for r in range(R)]
@@ -200,6 +201,7 @@ class SpatialStaple(FusionMethod):
                     continue
                 num, flat = _window_counts(f, W, shared, window, nd)
                 theta0[r] = _whole_image_theta(flat)
+                empty[r] = flat.sum(0, keepdim=True) <= 0
                 log_factor = torch.log(_observed_factor(f, num, theta0[r], kappa).clamp_min(_TINY))
                 loglik += log_factor if f.full else torch.where(f.annotated, log_factor, 0.0)
             return torch.softmax(loglik, dim=0)
@@ -224,7 +226,8 @@ class SpatialStaple(FusionMethod):
             W = _plain_em(step, W)
         maps = _rater_maps(fixed, W, window, kappa, nd, any_full=any_full)
         return finish_result(W.float().cpu().numpy(), stack, self.name, self.params_dict,
-                             rater_confusion=theta0.float().cpu().numpy(), rater_maps=maps,
+                             rater_confusion=theta0.masked_fill(empty, float("nan")).float().cpu().numpy(),
+                             rater_maps=maps,
                              history=history)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..types import RaterSegError, TrainingEvent
-from ._base import Progress, param
+from ._base import Progress, normalize_columns, param
 from ._patterns import PatternFit, PatternHistogram, PatternMethod, pattern_histogram
 from ._registry import register_method
 
@@ -310,12 +310,6 @@ def _run_em(items: _Items, num_classes: int, init: str, prior, max_iterations: i
     return StapleFit(out, cm.cpu().numpy(), f.cpu().numpy(), history, converged)
 
 
-def _identity_empty_columns(cm: np.ndarray) -> np.ndarray:
-    col = cm.sum(axis=1, keepdims=True)
-    eye = np.broadcast_to(np.eye(cm.shape[1]), cm.shape)
-    return np.where(col > 0, cm, eye).astype(np.float32)
-
-
 @register_method("staple")
 class Staple(PatternMethod):
     """STAPLE (Warfield, Zou & Wells 2004), binary and multi-class, matching SimpleITK.
@@ -383,5 +377,5 @@ class Staple(PatternMethod):
         fit = staple_em_histogram(hist, L, init=init, prior=self._prior_for(L),
                                   max_iterations=self.config.max_iterations,
                                   tolerance=self.config.tolerance, progress=progress)
-        cm = _identity_empty_columns(fit.rater_confusion)
+        cm = normalize_columns(fit.rater_confusion)  # a class absent from W: NaN column
         return PatternFit(fit.table, None, {"rater_confusion": cm, "history": fit.history})

@@ -4,7 +4,9 @@ A model file is a standard safetensors file (8-byte little-endian header length,
 a JSON header, raw tensor bytes). The header's ``__metadata__`` holds one entry,
 ``"raterseg"``: a JSON object with the format name and version, the raterseg
 version, the method's registered name, its configuration, ``seed``, and the fitted
-facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``history``), and
+facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``class_values``:
+the labels the network outputs when some never occurred in training, else null,
+``history``), and
 the SHA-256 of the weights, checked on loading (corrupted bytes under an intact header).
 Any safetensors reader can open it; ``python -m json.tool`` can show the config.
 

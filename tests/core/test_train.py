@@ -229,3 +229,39 @@ def test_fuse_a_volume_returns_whole_volume_fields(spatial_dims):
     assert res.disagreement.shape == (12, 40, 40) and res.disagreement.max() > 0
     assert [h["epoch"] for h in res.history] == [1, 2] and len(events) == 2
     assert res.method == "cm" and res.params["spatial_dims"] == spatial_dims
+
+
+@pytest.mark.parametrize("method", ["cm", "avap", "mrprism", "tgce"])
+def test_labels_with_gaps_train_only_the_classes_that_occur(method, tmp_path):
+    # Labels {0, 2, 5} (e.g. a crop of a multi-organ map): six classes, three of them never
+    # drawn. The network is trained on the three that occur, exactly as on labels 0/1/2, and
+    # the result is on the original labels: no voxel gets 1, 3 or 4 (a user saw 61% of
+    # voxels labelled 1/3/4 by CM before), their probabilities are 0 and their confusion
+    # columns NaN.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :24]
+    disk = (yy - 12) ** 2 + (xx - 12) ** 2
+    truth = np.where(disk < 25, 5, np.where(disk < 81, 2, 0))
+    image = (truth + rng.normal(0, 0.5, truth.shape)).astype(np.float32)
+    raters = np.stack([truth, truth, np.where(truth == 5, 2, truth)]).astype(np.int16)
+    lut = np.array([0, 0, 1, 0, 0, 2])
+    kw = dict(method=method, epochs=2, seed=0, device="cpu", **TINY)
+    gap = rs.fuse(raters, image=image, **kw)
+    dense = rs.fuse(lut[raters], image=image, **kw)
+    assert gap.probabilities.shape == (6, 24, 24)
+    np.testing.assert_array_equal(gap.truth, np.array([0, 2, 5])[dense.truth])
+    np.testing.assert_allclose(gap.probabilities[[0, 2, 5]], dense.probabilities, atol=1e-6)
+    assert not gap.probabilities[[1, 3, 4]].any()
+    assert np.isnan(gap.rater_confusion[:, :, [1, 3, 4]]).all()
+    np.testing.assert_allclose(gap.rater_confusion[np.ix_(range(3), [0, 2, 5], [0, 2, 5])],
+                               dense.rater_confusion, atol=1e-6)
+    if gap.rater_estimates is not None:
+        assert gap.rater_estimates.shape == (3, 6, 24, 24)
+        assert not gap.rater_estimates[:, [1, 3, 4]].any()
+    # a model trained on such labels saves, loads and predicts on the original labels
+    m = rs.create(**kw).fit(image[None], raters[None])
+    m.save(tmp_path / "gap.safetensors")
+    again = rs.load(tmp_path / "gap.safetensors").predict(image[None])
+    assert again.probabilities.shape == (1, 6, 24, 24)
+    np.testing.assert_array_equal(again.truth, m.predict(image[None]).truth)
+    assert set(np.unique(again.truth)) <= {0, 2, 5}

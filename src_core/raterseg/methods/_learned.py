@@ -74,6 +74,50 @@ def _check_not_blank(imgs: np.ndarray, argname: str) -> None:
             "majority_vote), which needs no image")
 
 
+def _compact_classes(stack: RaterStack) -> tuple[np.ndarray | None, RaterStack]:
+    """Labels with gaps (e.g. {0, 2, 5} of a cropped multi-organ map): the label values that
+    occur, and the stack relabelled 0..K-1, so that the network is trained only on classes
+    some rater used. A network with outputs for labels nobody drew has nothing holding
+    them down, and CM's or AVAP's rater models can route the truth through such a class
+    (a user got labels 1, 3 and 4 on most voxels). ``(None, stack)`` when every label
+    occurs, or fewer than two do."""
+    L = stack.num_classes
+    lab = stack.labels
+    values = np.flatnonzero(np.bincount(lab[lab >= 0], minlength=L))
+    if len(values) == L or len(values) < 2:
+        return None, stack
+    lut = np.full(L + 1, -1, lab.dtype)  # index L: the -1 of missing labels wraps there
+    lut[values] = np.arange(len(values), dtype=lab.dtype)
+    return values, RaterStack(lut[lab], len(values), batched=stack.batched)
+
+
+def _expand_classes(out: dict[str, np.ndarray], values: np.ndarray | None,
+                    L: int) -> dict[str, np.ndarray]:
+    """Outputs over the network's K classes put back on the labels ``values`` of L classes:
+    probabilities and rater estimates are 0 for the labels that never occurred, a rater's
+    confusion column of such a label is NaN (never the truth) and its row 0 (never said)."""
+    if values is None:
+        return out
+    out = dict(out)
+    prob = out["probabilities"]  # (N, K, *S)
+    full = np.zeros((prob.shape[0], L, *prob.shape[2:]), prob.dtype)
+    full[:, values] = prob
+    out["probabilities"] = full
+    est = out.get("rater_estimates")  # (N, R, K, *S)
+    if est is not None:
+        full = np.zeros((*est.shape[:2], L, *est.shape[3:]), est.dtype)
+        full[:, :, values] = est
+        out["rater_estimates"] = full
+    cm = out.get("rater_confusion")  # (R, K, K)
+    if cm is not None:
+        full = np.zeros((cm.shape[0], L, L), np.float32)
+        full[:, :, :] = np.nan
+        full[:, :, values] = 0.0
+        full[np.ix_(np.arange(cm.shape[0]), values, values)] = cm
+        out["rater_confusion"] = full
+    return out
+
+
 class LearnedMethod(FusionMethod):
     """Base class of the learned methods; see the module docstring for what to implement.
 
@@ -179,15 +223,24 @@ class LearnedMethod(FusionMethod):
         if cfg.spatial_dims == 3 and len(stack.spatial_shape) == 2:
             raise RaterSegError("spatial_dims: expected 2 for 2D images, got 3")
         device = resolve_device(self.device)
+        L, R, C = stack.num_classes, stack.num_raters, imgs.shape[1]
+        class_values, stack = _compact_classes(stack)
+        K = stack.num_classes  # the classes the network tells apart
         labels = self.prepare_raters(stack)
         samples = train.make_samples(train.zscore(imgs), labels, cfg.spatial_dims)
         if len(samples) == 0:
             raise RaterSegError("raters: no slice has any annotation to train on")
-        L, R, C = stack.num_classes, stack.num_raters, imgs.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            network = self.build_network(C, L, R, cfg.spatial_dims)
-        history = yield from self._run_training(network, samples, device, parallel=parallel)
+            network = self.build_network(C, K, R, cfg.spatial_dims)
+        # the network's classes while training (interpret reads them through network_classes)
+        saved = getattr(self, "class_values_", None)
+        self.class_values_ = class_values
+        try:
+            history = yield from self._run_training(network, samples, device, parallel=parallel)
+        except BaseException:
+            self.class_values_ = saved
+            raise
         # Reached only when training ran to its end: commit the fitted state at once.
         self.num_classes, self.num_raters = L, R
         self.in_channels_, self.data_ndim_ = C, len(stack.spatial_shape)
@@ -208,11 +261,19 @@ class LearnedMethod(FusionMethod):
             parallel=parallel))
 
     # -- prediction ---------------------------------------------------------------------
+    @property
+    def network_classes(self) -> int | None:
+        """How many classes the network outputs: ``num_classes``, or fewer when some
+        labels never occurred in the training data (see :func:`_compact_classes`)."""
+        values = getattr(self, "class_values_", None)
+        return self.num_classes if values is None else len(values)
+
     def _outputs(self, imgs: np.ndarray) -> dict[str, np.ndarray]:
         from .. import train
 
-        return train.predict_outputs(self, self.network_, train.zscore(imgs), self.config.spatial_dims,
-                                     resolve_device(self.device), self.config.batch_size)
+        out = train.predict_outputs(self, self.network_, train.zscore(imgs), self.config.spatial_dims,
+                                    resolve_device(self.device), self.config.batch_size)
+        return _expand_classes(out, getattr(self, "class_values_", None), self.num_classes)
 
     def predict(self, images: Any) -> FusionResult:
         """Segment new images; raters are not needed.
@@ -325,12 +386,23 @@ class LearnedMethod(FusionMethod):
         save_method(self, path)
 
     def _fitted_meta(self) -> dict[str, Any]:
+        values = getattr(self, "class_values_", None)
         return {"num_classes": self.num_classes, "num_raters": self.num_raters,
                 "in_channels": self.in_channels_, "data_ndim": self.data_ndim_,
+                "class_values": None if values is None else [int(v) for v in values],
                 "history": self.history_}
 
     def _restore(self, meta: dict[str, Any], tensors: dict) -> None:
-        network = self.build_network(int(meta["in_channels"]), int(meta["num_classes"]),
+        values = meta.get("class_values")
+        L = int(meta["num_classes"])
+        if values is not None:
+            values = np.asarray(values, dtype=np.int64)
+            if values.ndim != 1 or len(values) < 2 or np.any(np.diff(values) <= 0) or \
+                    values[0] < 0 or values[-1] >= L:
+                raise RaterSegError(
+                    f"path: the model's class_values {meta.get('class_values')!r} are not "
+                    f"increasing labels in 0..{L - 1}")
+        network = self.build_network(int(meta["in_channels"]), L if values is None else len(values),
                                      int(meta["num_raters"]), self.config.spatial_dims)
         try:
             missing, unexpected = network.load_state_dict(tensors, strict=False)
@@ -344,7 +416,8 @@ class LearnedMethod(FusionMethod):
                 f"path: the weights do not fit a {self.name!r} network with this configuration "
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
-        self.num_classes, self.num_raters = int(meta["num_classes"]), int(meta["num_raters"])
+        self.num_classes, self.num_raters = L, int(meta["num_raters"])
+        self.class_values_ = values
         self.in_channels_, self.data_ndim_ = int(meta["in_channels"]), int(meta["data_ndim"])
         self.history_ = list(meta.get("history", []))
         self.network_ = network.eval()

@@ -199,7 +199,7 @@ class AVAP(LearnedMethod):
 
     # -- outputs ---------------------------------------------------------------------------
     def interpret(self, outputs):
-        R, L = self.num_raters, self.num_classes
+        R, L = self.num_raters, self.network_classes
         apm = outputs["apm"]
         b, spatial = apm.shape[0], apm.shape[2:]
         p = expected_fraction(outputs["avm"], L, R)  # (B, L, *s)

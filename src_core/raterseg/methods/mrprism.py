@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from ..nn.mrprism_net import MrPrismNet, confidences, fuse
 from ..types import FusionResult, RaterSegError, RaterStack, check_image
 from ._base import param
-from ._learned import LearnedMethod
+from ._learned import LearnedMethod, _expand_classes
 from ._registry import register_method
 
 __all__ = ["MrPrism", "rater_confidence_maps"]
@@ -307,9 +307,12 @@ class MrPrism(LearnedMethod):
         if imgs.shape[1] != self.in_channels_:
             raise RaterSegError(f"images: expected {self.in_channels_} channel(s) like the "
                                 f"training data, got {imgs.shape[1]} (shape {arr.shape})")
-        T, L = self.config.recurrences, self.num_classes
-        out = train.predict_outputs(_RecurrenceView(L, T), self.network_, train.zscore(imgs),
+        T, K = self.config.recurrences, self.network_classes
+        out = train.predict_outputs(_RecurrenceView(K, T), self.network_, train.zscore(imgs),
                                     self.config.spatial_dims, resolve_device(self.device),
                                     self.config.batch_size)
         prob = out["probabilities"]
-        return prob.reshape(prob.shape[0], T, L, *prob.shape[2:])
+        prob = prob.reshape(prob.shape[0] * T, K, *prob.shape[2:])  # recurrences as cases
+        prob = _expand_classes({"probabilities": prob}, getattr(self, "class_values_", None),
+                               self.num_classes)["probabilities"]
+        return prob.reshape(-1, T, *prob.shape[1:])

@@ -15,7 +15,9 @@ Formats, chosen by the file name's ending:
 ``.tif``, ``.tiff``       TIFF (tifffile), axes as stored: (H, W), (D, H, W), ...
 ``.npy``                  numpy, read with ``allow_pickle=False``.
 ``.npz``                  numpy archive; the array under ``key``, else the first of
-                          ``images``, ``image``, ``raters``, ``labels``, else the first array.
+                          :data:`NPZ_IMAGE_KEYS` then :data:`NPZ_LABEL_KEYS` (with
+                          ``labels=True``: label keys first, then the first array that is
+                          not an image), else the first array.
 ``.png``, ``.jpg``        2D images (Pillow); colour images become channels first
                           (3 or 4, H, W); RGB files whose channels are equal read as (H, W).
 ========================  ==============================================================
@@ -49,10 +51,13 @@ if TYPE_CHECKING:  # resolved lazily by __getattr__ at the end of this module
     from .datasets import Case, read_case, read_lidc_nodule
 
 __all__ = [
+    "NPZ_IMAGE_KEYS",
+    "NPZ_LABEL_KEYS",
     "SUFFIXES",
     "Case",
     "file_format",
     "is_supported",
+    "npz_key",
     "read_array",
     "read_case",
     "read_lidc_nodule",
@@ -73,7 +78,27 @@ SUFFIXES: dict[str, str] = {
     ".jpeg": "jpeg",
     ".jpg": "jpeg",
 }
-_NPZ_KEYS = ("images", "image", "raters", "labels")
+#: ``.npz`` keys of an image, and of label maps (raters), in the order they are chosen.
+NPZ_IMAGE_KEYS = ("images", "image", "img")
+NPZ_LABEL_KEYS = ("raters", "labels", "masks", "seg", "segmentation")
+
+
+def npz_key(keys: Sequence[str], *, labels: bool = False) -> str:
+    """The array :func:`read_array` reads from an ``.npz`` holding ``keys`` when no ``key``
+    is given: an image key, then a label key; with ``labels`` a label key, then the first
+    array that is not an image (an archive holding ``image`` and ``raters`` is read as its
+    raters, not its image). Else the first array.
+
+    Raises:
+        RaterSegError: ``keys`` is empty.
+    """
+    if not keys:
+        raise RaterSegError("key: expected at least one array in the archive, got none")
+    if labels:
+        order = [*NPZ_LABEL_KEYS, *(k for k in keys if k not in NPZ_IMAGE_KEYS)]
+    else:
+        order = [*NPZ_IMAGE_KEYS, *NPZ_LABEL_KEYS]
+    return next((k for k in order if k in keys), keys[0])
 
 
 def _suffix(path: str | os.PathLike) -> str | None:
@@ -106,14 +131,16 @@ def file_format(path: str | os.PathLike, argname: str = "path") -> str:
 # -- reading ---------------------------------------------------------------------------
 
 
-def read_array(path: str | os.PathLike, *, key: str | None = None,
+def read_array(path: str | os.PathLike, *, key: str | None = None, labels: bool = False,
                argname: str = "path") -> tuple[np.ndarray, dict[str, Any]]:
     """Read one array from a file.
 
     Args:
         path: a file whose ending is in :data:`SUFFIXES` (see the module docstring for
             each format's axis order).
-        key: for ``.npz``, the array to read (default: see module docstring).
+        key: for ``.npz``, the array to read (default: :func:`npz_key`).
+        labels: for ``.npz`` without ``key``, prefer label keys (``raters``, ``labels``,
+            ``masks``, ...) over image keys.
 
     Returns:
         ``(array, meta)``. ``meta`` is a dict with ``path``, ``format``, ``spacing`` (one
@@ -132,7 +159,7 @@ def read_array(path: str | os.PathLike, *, key: str | None = None,
         raise RaterSegError(f"{argname}: expected a {fmt} file, got the folder '{p}'")
     readers = {"nifti": _read_nifti, "tiff": _read_tiff, "png": _read_2d, "jpeg": _read_2d,
                "npy": lambda p: _read_npy(p, argname),
-               "npz": lambda p: _read_npz(p, key, argname)}
+               "npz": lambda p: _read_npz(p, key, argname, labels)}
     try:
         arr, meta = readers[fmt](p)
     except RaterSegError:
@@ -250,12 +277,12 @@ def read_npz(path: str | os.PathLike, keys: list[str] | None = None, *,
                             f"({_reason(err)})") from None
 
 
-def _read_npz(p: Path, key: str | None, argname: str = "path"):
+def _read_npz(p: Path, key: str | None, argname: str = "path", labels: bool = False):
     keys = list(read_npz(p, argname=argname))
     if not keys:
         raise RaterSegError(f"{argname}: expected at least one array in '{p}', got none")
     if key is None:
-        key = next((k for k in _NPZ_KEYS if k in keys), keys[0])
+        key = npz_key(keys, labels=labels)
     return read_npz(p, [key], argname=argname)[key], {"key": key, "keys": keys}
 
 
@@ -523,23 +550,35 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
         rater_names: names for the CSV and JSON (default ``rater1``, ``rater2``, ...).
         suffix: file ending of the arrays (any in :data:`SUFFIXES` that holds their shape).
 
+    Writing into a folder that holds an earlier result replaces it: files of the same
+    ``prefix`` and ``suffix`` that this result does not have (an earlier method's
+    ``rater_maps``, say) are removed, so the folder never mixes two results.
+
     Returns:
         ``{name: path}`` of every file written.
+
+    Raises:
+        RaterSegError: ``outdir`` is a file, ``rater_names`` does not give one name per
+            rater, the arrays are in NIfTI's (x, y, z) order rather than ``meta``'s file's
+            (z, y, x) (checked before anything is written), or a write failed.
     """
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise RaterSegError(f"outdir: expected a folder, got the file '{out}'")
+    cm = result.rater_confusion
+    n_r = next((a.shape[0] for a in (cm, result.rater_maps, result.rater_estimates)
+                if a is not None), None)
+    if rater_names is not None and n_r is not None and len(rater_names) != n_r:
+        raise RaterSegError(f"rater_names: expected {n_r} names (one per rater of the result), "
+                            f"got {len(rater_names)}: {list(rater_names)}")
+    _check_axis_order(np.shape(result.truth), meta)
     written: dict[str, Path] = {}
-    fields = ("truth", "probabilities", "uncertainty", "disagreement", "rater_maps",
-              "rater_estimates")
-    for name in fields:
+    for name in _RESULT_FIELDS:
         arr = getattr(result, name)
         if arr is not None:
             written[name] = write_array(out / f"{prefix}{name}{suffix}", arr, meta,
                                         argname="outdir")
-    cm = result.rater_confusion
-    n_r = 0 if cm is None else cm.shape[0]
-    names = list(rater_names) if rater_names is not None else default_rater_names(n_r)
+    names = list(rater_names) if rater_names is not None else default_rater_names(n_r or 0)
     if cm is not None:
         written["rater_confusion"] = out / f"{prefix}rater_confusion.csv"
         _write_text(written["rater_confusion"], rater_confusion_csv(cm, names), "outdir")
@@ -560,7 +599,40 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
     }
     written["summary"] = out / f"{prefix}summary.json"
     _write_text(written["summary"], json.dumps(_jsonable(summary), indent=2) + "\n", "outdir")
+    # an earlier result's files that this one does not replace (written last, so that a
+    # failed write leaves the earlier result whole)
+    stale = [out / f"{prefix}{name}{suffix}" for name in _RESULT_FIELDS if name not in written]
+    if "rater_confusion" not in written:
+        stale.append(out / f"{prefix}rater_confusion.csv")
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     return written
+
+
+#: The arrays of a :class:`FusionResult` that :func:`write_result` writes, in order.
+_RESULT_FIELDS = ("truth", "probabilities", "uncertainty", "disagreement", "rater_maps",
+                  "rater_estimates")
+
+
+def _check_axis_order(shape: tuple[int, ...], meta: dict | None) -> None:
+    """Refuse arrays in a NIfTI file's own (x, y, z) order written with that file's meta:
+    raterseg's arrays are (z, y, x), so the written file would be transposed against its
+    affine and no longer overlay the image (arrays from nibabel's ``get_fdata`` need ``.T``).
+
+    Raises:
+        RaterSegError: the shape is the file's (x, y, z) shape and not its reverse.
+    """
+    header = (meta or {}).get("header")
+    if header is None or not hasattr(header, "get_data_shape") or len(shape) < 2:
+        return
+    stored = tuple(int(n) for n in header.get_data_shape())[: len(shape)]
+    if shape == stored and shape != stored[::-1]:
+        raise RaterSegError(
+            f"result: expected arrays of shape {stored[::-1]} (z, y, x) for the NIfTI geometry "
+            f"of '{meta.get('path', '?')}', got {shape}, its (x, y, z) order: raterseg's arrays "
+            "are NIfTI's reversed (as read_array returns them); transpose arrays from nibabel "
+            "with .T before fusing")
 
 
 _FROM_DATASETS = ("Case", "read_case", "read_lidc_nodule")

@@ -108,6 +108,23 @@ def test_npz_key_selection(tmp_path, rng):
         rio.read_array(tmp_path / "r.npz", key="rater")
 
 
+def test_npz_labels_prefer_rater_keys_over_the_image(tmp_path, rng):
+    """An .npz holding a case (its image and its raters) is read as the image, and as the
+    raters when labels are asked for; without a rater key, labels are the first array
+    that is not an image."""
+    image, raters = rng.random((4, 5)), rng.integers(0, 2, (3, 4, 5))
+    np.savez(tmp_path / "case.npz", image=image, raters=raters)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "case.npz")[0], image)
+    arr, meta = rio.read_array(tmp_path / "case.npz", labels=True)
+    np.testing.assert_array_equal(arr, raters)
+    assert meta["key"] == "raters"
+    assert rio.npz_key(["images", "masks"], labels=True) == "masks"
+    assert rio.npz_key(["img", "seg"], labels=True) == "seg"
+    assert rio.npz_key(["image", "alice", "bob"], labels=True) == "alice"
+    assert rio.npz_key(["image", "alice"]) == "image"
+    assert rio.npz_key(["zeta", "alpha"], labels=True) == "zeta"
+
+
 def test_png_gray_rgb_and_colour(tmp_path, rng):
     gray = rng.integers(0, 256, (6, 8)).astype(np.uint8)
     skimage.io.imsave(tmp_path / "g.png", gray, check_contrast=False)
@@ -186,6 +203,61 @@ def test_write_result_files_geometry_and_summary(tmp_path, rng):
     lines = written["rater_confusion"].read_text().splitlines()
     assert lines[0] == "rater,said,true,probability" and len(lines) == 1 + 3 * 2 * 2
     assert _leftovers(tmp_path / "out") == []
+
+
+def _fused_with_rater_maps():
+    from raterseg.types import FusionResult
+
+    raters = np.zeros((3, 4, 6, 8), np.int16)
+    raters[:, 1:3, 2:5, 2:6] = 1
+    res = rs.fuse(raters, method="majority_vote")
+    maps = np.stack([(r == 1).astype(np.float32) for r in raters])
+    return res, FusionResult(truth=res.truth, probabilities=res.probabilities,
+                             uncertainty=res.uncertainty, disagreement=res.disagreement,
+                             rater_confusion=res.rater_confusion, rater_maps=maps,
+                             method="with_maps", params={})
+
+
+def test_write_result_wrong_number_of_rater_names_writes_nothing(tmp_path):
+    res, _ = _fused_with_rater_maps()
+    with pytest.raises(RaterSegError, match=r"rater_names: expected 3 names .*got 2: "
+                                            r"\['alice', 'bob'\]"):
+        rio.write_result(tmp_path / "out", res, rater_names=["alice", "bob"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_result_replaces_an_earlier_result_in_the_folder(tmp_path):
+    """A folder reused for another method holds only the new result: the earlier one's
+    rater_maps (which this method does not make) go, other files and prefixes stay."""
+    plain, with_maps = _fused_with_rater_maps()
+    out = tmp_path / "out"
+    first = rio.write_result(out, with_maps)
+    assert "rater_maps" in first
+    rio.write_result(out, with_maps, prefix="other_")
+    (out / "notes.txt").write_text("mine")
+    written = rio.write_result(out, plain)
+    assert "rater_maps" not in written and not (out / "rater_maps.nii.gz").exists()
+    assert json.loads((out / "summary.json").read_text())["method"] == "majority_vote"
+    assert (out / "other_rater_maps.nii.gz").exists() and (out / "notes.txt").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("other_")) == sorted(
+        [*(p.name for p in written.values()), "notes.txt"])
+
+
+def test_write_result_refuses_arrays_in_nibabel_order(tmp_path):
+    """A result fused from nibabel's (x, y, z) arrays, written with the file's meta, would be
+    transposed against its affine (no longer overlaying the image): refused, nothing written."""
+    data = np.zeros((8, 6, 4), np.uint8)  # (x, y, z)
+    data[2:6, 1:4, 1:3] = 1
+    _nifti(tmp_path / "r.nii.gz", data)
+    _, meta = rio.read_array(tmp_path / "r.nii.gz")
+    res = rs.fuse(np.stack([data, data]), method="majority_vote")
+    with pytest.raises(RaterSegError, match=r"expected arrays of shape \(4, 6, 8\).*\.T"):
+        rio.write_result(tmp_path / "out", res, meta)
+    assert not (tmp_path / "out").exists()
+    ok = rs.fuse(np.stack([data.T, data.T]), method="majority_vote")
+    rio.write_result(tmp_path / "out", ok, meta)
+    back = nib.load(tmp_path / "out" / "truth.nii.gz")
+    np.testing.assert_array_equal(np.asarray(back.dataobj), data)
 
 
 # -- case folders ----------------------------------------------------------------------

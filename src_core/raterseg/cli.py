@@ -187,6 +187,37 @@ def _rater_rows(raters: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]
     return rater_table(raters, truth)
 
 
+def _rater_table_title(num_classes: int) -> str:
+    """What :func:`_rater_rows`' columns measure, in the table's title."""
+    if num_classes <= 2:
+        return "Each rater against the fused truth (label 1 vs 0):"
+    return (f"Each rater against the fused truth (sensitivity and specificity: any label > 0 "
+            f"vs 0; Dice: mean over labels 1..{num_classes - 1}, those present):")
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (torch.set_num_threads: torch's intra-op threads, which "
+                        "also bound raterseg's own threaded work; default: torch's default, "
+                        "one per core)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (if given) to this process.
+
+    Raises:
+        RaterSegError: not a positive number.
+    """
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise RaterSegError(f"--threads: expected a positive number of threads, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _fmt(x: float) -> str:
     return "  n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
@@ -210,8 +241,9 @@ def _add_fuse(sub) -> None:
                               "fuse r1.nii.gz r2.nii.gz r3.nii.gz --method staple --set "
                               "prior=0.2 -o out/")
     p.add_argument("raters", nargs="+", metavar="RATER",
-                   help="one label file (or folder of 2D slices) per rater, one .npy holding "
-                        "every rater (R, *S), or one case folder")
+                   help="one label file (or folder of 2D slices) per rater, one .npy or .npz "
+                        "holding every rater (R, *S) (.npz: under 'raters', beside an optional "
+                        "'image'; or one array per rater, named by its key), or one case folder")
     p.add_argument("--image", help="the image (needed by learned methods)")
     p.add_argument("--method", "-m", default="staple", help="fusion method (default: staple; "
                    "see 'raterseg methods')")
@@ -228,8 +260,145 @@ def _add_fuse(sub) -> None:
                         "in-memory path)")
     p.add_argument("--chunk-voxels", type=int, default=None, metavar="N",
                    help="voxels per slab with --chunked (default: 8388608)")
+    _add_threads(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_fuse)
+
+
+#: Said where NIfTI files meet files without geometry whose shapes are each other's reverse.
+_AXES_HINT = ("axes reversed? raterseg reads NIfTI (x, y, z) as arrays (z, y, x); save .npy "
+              "from nibabel with .T")
+
+
+def _distinct_names(paths: Sequence[str | os.PathLike], names: list[str],
+                    sep: str = "/") -> list[str]:
+    """``names`` (one per path) made distinct: names that several paths share become their
+    parent folder's name (alice/mask.nii.gz, bob/mask.nii.gz: alice, bob), else
+    ``parent<sep>name``, else get a number (``name_2``)."""
+    def shared(ns: list[str]) -> set[str]:
+        return {n for n in ns if ns.count(n) > 1}
+
+    clash = shared(names)
+    if not clash:
+        return list(names)
+    parents = [Path(os.path.abspath(p)).parent.name for p in paths]
+    for make in (lambda n, parent: parent, lambda n, parent: f"{parent}{sep}{n}"):
+        trial = [make(n, parent) if n in clash and parent else n
+                 for n, parent in zip(names, parents)]
+        if not shared(trial):
+            return trial
+    out: list[str] = []
+    for n in names:
+        name, k = n, 2
+        while name in out or (name != n and name in names):
+            name, k = f"{n}_{k}", k + 1
+        out.append(name)
+    return out
+
+
+def _split_stack(labels: np.ndarray) -> np.ndarray:
+    """One array ``(R, *S)`` holding every rater as R raters; a rater holding only 0 and 255
+    is a 0/1 mask, rater by rater (as ``fuse --chunked`` decides)."""
+    from .datasets import is_0_255_mask
+
+    return np.stack([r // 255 if is_0_255_mask(r) else r for r in labels])
+
+
+def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None, dict]:
+    """(raters, names, image or None, meta) from one ``.npz`` given alone: the (R, *S) array
+    under a rater key (``raters``, ``labels``, ``masks``, ...) as R raters, as for ``.npy``;
+    else its one array; else one rater per array, named by its key. An ``image`` key is
+    the image.
+
+    Raises:
+        RaterSegError: only an image in it, or several arrays that are not one rater each.
+    """
+    from .datasets import _as_labels
+    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, read_array, read_npz
+
+    keys = list(read_npz(path, argname="RATER"))
+    image_key = next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
+    label_key = next((k for k in NPZ_LABEL_KEYS if k in keys), None)
+    others = [k for k in keys if k not in NPZ_IMAGE_KEYS and k not in NPZ_LABEL_KEYS]
+    if label_key is None and not others:
+        raise RaterSegError(f"RATER: expected raters in '{path}' (an (R, *S) array under "
+                            f"'raters'), got only {keys}")
+    if label_key is not None or len(others) == 1:
+        arr, meta = read_array(path, key=label_key or others[0], argname="RATER")
+        labels = _as_labels(arr, meta, "raters")
+        if labels.ndim in (3, 4):  # (R, *S), as a .npy holding every rater
+            raters = _split_stack(labels)
+            names = [f"rater{r + 1}" for r in range(raters.shape[0])]
+        else:
+            raters, names = labels[None], [label_key or others[0]]
+    else:  # one rater per array
+        arrays = read_npz(path, others, argname="RATER")
+        listing = ", ".join(f"'{k}' {a.shape} {a.dtype}" for k, a in arrays.items())
+        if len({a.shape for a in arrays.values()}) != 1:
+            raise RaterSegError(
+                f"RATER: expected the arrays of '{path}' to be one rater each (one shape) or "
+                f"an (R, *S) array under 'raters', got {listing}")
+        try:
+            labels = [_as_labels(a, {"path": f"{path}:{k}"}, "raters")
+                      for k, a in arrays.items()]
+        except RaterSegError as err:
+            raise RaterSegError(f"RATER: expected the arrays of '{path}' to be one rater each "
+                                f"(integer labels), got {listing} ({err})") from None
+        raters, names = np.stack(labels), others
+        meta = {"path": str(path), "format": "npz", "keys": keys,
+                "spacing": (1.0,) * (raters.ndim - 1)}
+    image = None
+    if image_key is not None:
+        image = read_array(path, key=image_key, argname="RATER")[0]
+        if not np.issubdtype(image.dtype, np.number) and image.dtype != bool:
+            raise RaterSegError(f"RATER: expected a numeric image under '{image_key}' in "
+                                f"'{path}', got dtype {image.dtype}")
+        image = image.astype(np.float32)
+    return raters, names, image, meta
+
+
+def _read_rater_file(path: str) -> tuple[np.ndarray, dict]:
+    """One rater's labels from a file or folder; of an ``.npz``, its rater array."""
+    from .datasets import _as_labels, read_labels
+    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, is_supported, read_array, read_npz
+
+    p = Path(path)
+    if not (p.is_file() and is_supported(p) and p.name.lower().endswith(".npz")):
+        return read_labels(p)
+    keys = list(read_npz(p, argname="RATER"))
+    candidates = [k for k in keys if k not in NPZ_IMAGE_KEYS]
+    if not any(k in keys for k in NPZ_LABEL_KEYS) and len(candidates) != 1:
+        raise RaterSegError(f"RATER: expected one rater in '{p}', got the arrays {keys}"
+                            + ("; give it alone to fuse one rater per array" if candidates
+                               else ""))
+    arr, meta = read_array(p, labels=True, argname="RATER")
+    return _as_labels(arr, meta, "raters"), meta
+
+
+def _axes_reversed(items: Sequence[tuple[tuple[int, ...], dict]]) -> bool:
+    """Whether a NIfTI file and a file without NIfTI geometry have shapes that are each
+    other's reverse (an array saved from nibabel without ``.T``)."""
+    nifti = {s for s, m in items if m.get("format") == "nifti"}
+    other = {s for s, m in items if m.get("format") != "nifti"}
+    return any(len(a) > 1 and a != b and a == b[::-1] for a in nifti for b in other)
+
+
+def _note_axis_order(items: Sequence[tuple[tuple[int, ...], dict]],
+                     shape: tuple[int, ...]) -> None:
+    """One line on stderr where NIfTI and non-NIfTI files meet and the raters' ``shape`` is
+    its own reverse (a cube, a square): then the shapes cannot tell whether an array saved
+    from nibabel was transposed."""
+    formats = {m.get("format") == "nifti" for _, m in items}
+    if formats == {True, False} and len(shape) > 1 and shape == shape[::-1]:
+        _info(f"raterseg fuse: note: NIfTI files are read as (z, y, x) arrays (their axes "
+              f"reversed); the other files of shape {shape} must be in that order too (an "
+              f"array from nibabel needs .T), which their shape cannot show")
+
+
+def _image_grid_words(err: RaterSegError) -> RaterSegError:
+    """The grid mismatch of the image and the raters: either can be resampled."""
+    return RaterSegError(str(err).replace("resample the labels onto one grid",
+                                          "resample the image or the labels onto one grid"))
 
 
 def _read_inputs(paths: list[str], image_path: str | None):
@@ -239,10 +408,8 @@ def _read_inputs(paths: list[str], image_path: str | None):
         _match_image,
         _stem,
         check_same_grid,
-        is_0_255_mask,
         read_case,
         read_image,
-        read_labels,
     )
 
     def is_case(folder: Path) -> bool:
@@ -254,8 +421,22 @@ def _read_inputs(paths: list[str], image_path: str | None):
 
     first = Path(paths[0])
     if len(paths) == 1 and is_case(first):
-        case = read_case(first)
+        try:
+            case = read_case(first)
+        except RaterSegError as err:
+            raise _image_grid_words(err) from None
         raters, names, image, meta = case.raters, case.rater_names, case.image, case.meta
+        items = [(raters.shape[1:], meta)]
+    elif len(paths) == 1 and first.is_file() and first.name.lower().endswith(".npz"):
+        raters, names, image, meta = _read_npz_raters(first)
+        items = [(raters.shape[1:], meta)]
+        if image is not None and image_path is None:
+            try:
+                raters = _match_image(image, raters, f"{first}: image")
+            except RaterSegError as err:
+                raise RaterSegError(f"{err}; an .npz of raters (R, *S) may hold the image "
+                                    "(*S) beside them (for a training dataset (N, R, *S) use "
+                                    "'raterseg train')") from None
     else:
         for p in map(Path, paths):
             inner = [e for e in p.iterdir() if is_case(e)] if p.is_dir() else []
@@ -264,27 +445,43 @@ def _read_inputs(paths: list[str], image_path: str | None):
                 raise RaterSegError(
                     f"RATER: '{p}' is {what}; give one case folder alone, or fuse every case "
                     f"of a folder with 'raterseg fuse-dir'")
-        labels, metas = zip(*(read_labels(p) for p in paths))
+        labels, metas = zip(*(_read_rater_file(p) for p in paths))
         check_same_grid(list(zip(paths, metas)), "RATER")
         shapes = [a.shape for a in labels]
+        items = list(zip(shapes, metas))
         if len(set(shapes)) != 1:
             listing = ", ".join(f"'{p}' {s}" for p, s in zip(paths, shapes))
+            hint = f" ({_AXES_HINT})" if _axes_reversed(items) else ""
             raise RaterSegError(f"raters: expected every rater's labels to have the same shape, "
-                                f"got {listing}")
+                                f"got {listing}{hint}")
+        # the outputs take the geometry of the first NIfTI rater (check_same_grid: they share it)
+        image = None
+        meta = next((m for m in metas if m.get("affine") is not None), metas[0])
         if len(paths) == 1 and metas[0]["format"] == "npy" and labels[0].ndim in (3, 4):
-            # one .npy holding (R, *S), as 'fuse --chunked' reads it; a rater holding only
-            # 0 and 255 is a 0/1 mask, rater by rater as --chunked decides
-            raters = np.stack([r // 255 if is_0_255_mask(r) else r for r in labels[0]])
-            image, meta = None, metas[0]
+            # one .npy holding (R, *S), as 'fuse --chunked' reads it
+            raters = _split_stack(labels[0])
             names = [f"rater{r + 1}" for r in range(raters.shape[0])]
         else:
-            raters, image, meta = np.stack(labels), None, metas[0]
-            names = [_stem(Path(p)) for p in paths]
+            raters = np.stack(labels)
+            names = _distinct_names(paths, [_stem(Path(p)) for p in paths])
     if image_path is not None:
         rater_meta = meta
-        image, meta = read_image(image_path)
+        image, image_meta = read_image(image_path)
+        items = [(tuple(image.shape), image_meta), *items]
+        if _axes_reversed(items) and tuple(image.shape) != tuple(raters.shape[1:]):
+            raise RaterSegError(f"image ('{image_path}'): expected shape {raters.shape[1:]} to "
+                                f"match the raters, got {image.shape} ({_AXES_HINT})")
         raters = _match_image(image, raters, image_path)
-        check_same_grid([(str(paths[0]), rater_meta), (image_path, meta)], "--image")
+        try:
+            check_same_grid([(str(paths[0]), rater_meta), (image_path, image_meta)], "--image")
+        except RaterSegError as err:
+            raise _image_grid_words(err) from None
+        meta = image_meta
+        if image_meta.get("affine") is None and rater_meta.get("affine") is not None:
+            # an image without geometry (TIFF, .npy, PNG): the outputs keep the raters'
+            spatial = raters.ndim - 1
+            meta = {**rater_meta, "spacing": tuple(rater_meta["spacing"])[-spatial:]}
+    _note_axis_order(items, tuple(raters.shape[1:]))
     return raters, names, image, meta
 
 
@@ -296,6 +493,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
     from .types import as_rater_stack, check_image
 
     params = _parse_sets(args.params)
+    _set_threads(args)
     # every mistake is reported before any work starts (and before any progress output)
     method = rs.create(args.method, num_classes=args.num_classes, seed=args.seed, **params)
     resolve_device(args.device)
@@ -329,7 +527,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
                      _fmt(row.get("dice"))])
     print(f"{args.method}: fused {len(names)} rater{'s' * (len(names) != 1)} ({res.num_classes} classes, shape "
           f"{tuple(res.truth.shape)}) in {seconds:.2f} s")
-    print("Each rater against the fused truth (foreground = any label > 0):")
+    print(_rater_table_title(res.num_classes))
     print(_table(rows, ["rater", "sensitivity", "specificity", "Dice"]))
     print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.output)}/")
     return 0
@@ -456,6 +654,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--methods", help="comma-separated methods (default: every classical one)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_threads(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_demo)
 
@@ -479,6 +678,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .metrics import dice
 
     shape = _parse_shape(args.shape)
+    _set_threads(args)
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         for m in methods:
@@ -570,6 +770,7 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--output", "-o", required=True, metavar="MODEL",
                    help="model file to write (e.g. model.safetensors)")
+    _add_threads(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_train)
 
@@ -577,6 +778,7 @@ def _add_train(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from . import _distributed
 
+    _set_threads(args)
     # under torchrun: join the process group (gloo on the CPU, nccl with cuda:LOCAL_RANK)
     device = _distributed.setup(args.device)
     try:
@@ -607,7 +809,13 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
                             f"got the folder '{args.output}'")
     # checked on every process before training (rank 0 creates the folder only at the end)
     _check_output_folder(out.absolute().parent)
-    images, raters, ids = load_training_set(args.data)
+    try:
+        images, raters, ids = load_training_set(args.data)
+    except RaterSegError as err:  # the dataset readers call it 'path'; the command, DATA
+        msg = str(err)
+        if msg.startswith("path: "):
+            raise RaterSegError("DATA: " + msg[len("path: "):]) from None
+        raise
     top = int(raters.max()) if raters.size else 0
     if args.num_classes is not None and top >= args.num_classes:  # before any progress line
         raise RaterSegError(f"DATA: expected labels in 0..{args.num_classes - 1} (--num-classes "
@@ -666,16 +874,20 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment images with a saved model",
                        description="Segment new images with a model saved by 'raterseg "
                                    "train' (raters not needed). Each image's results go to "
-                                   "OUTDIR/<image name>/ as NIfTI with the image's geometry. "
+                                   "OUTDIR/<image name>/ as NIfTI with the image's geometry "
+                                   "(images of one name: OUTDIR/<its folder>/). A case folder "
+                                   "(image.* beside rater files) gives its image, a folder of "
+                                   "case folders each case's image, named by the case. "
                                    "A model trained on 2D images segments a 3D volume slice "
                                    "by slice.",
                        epilog="Example: raterseg predict cm.safetensors ct1.nii.gz ct2.nii.gz "
                               "-o predictions/")
     p.add_argument("model", metavar="MODEL", help="model file written by 'raterseg train'")
-    p.add_argument("images", nargs="+", metavar="IMG", help="image files (or folders of 2D "
-                   "slices)")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files, folders of 2D "
+                   "slices, case folders or folders of case folders")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    _add_threads(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_predict)
 
@@ -729,6 +941,59 @@ def _predict_one(model, batch: np.ndarray, slices: bool):
         method=res.method, params=res.params, history=res.history)
 
 
+def _case_image(folder: Path) -> Path | None:
+    """The ``image.*`` file (or ``image/`` slice folder, LIDC's ``images/``) of a case
+    folder; None if it has none.
+
+    Raises:
+        RaterSegError: several of them.
+    """
+    from .datasets import _IMAGE_STEMS, _entries, _stem
+    from .io import is_supported
+
+    found = [e for e in _entries(folder) if _stem(e).lower() in _IMAGE_STEMS
+             and (e.is_dir() or is_supported(e))]
+    if len(found) > 1:
+        raise RaterSegError(f"IMG: expected one image in the case folder '{folder}', got "
+                            f"{[e.name for e in found]}")
+    return found[0] if found else None
+
+
+def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(image to read, path naming its output) for each IMG: a file, or a folder of 2D
+    slices, as given; a case folder (the layout of train and fuse-dir) its ``image.*``
+    only, named by the folder; a cohort folder the image of each of its cases (also one
+    level deeper, as LIDC patient/nodule folders), named by the case folders.
+
+    Raises:
+        RaterSegError: a folder holding rater files but no image.
+    """
+    from .datasets import _entries
+
+    inputs: list[tuple[Path, Path]] = []
+    for g in map(Path, given):
+        if not g.is_dir():
+            inputs.append((g, g))
+            continue
+        image = _case_image(g)
+        if image is not None:
+            inputs.append((image, g))
+            continue
+        subs = [e for e in _entries(g) if e.is_dir()]
+        cases = [(i, e) for e in subs if (i := _case_image(e)) is not None]
+        if not cases:
+            cases = [(i, n) for e in subs for n in _entries(e)
+                     if n.is_dir() and (i := _case_image(n)) is not None]
+        if cases:
+            inputs.extend(cases)
+        elif any(e.name.lower().startswith("rater") for e in _entries(g)):
+            raise RaterSegError(f"IMG: '{g}' holds rater files but no image (image.*): "
+                                "predict segments the image of a case folder")
+        else:
+            inputs.append((g, g))  # a folder of 2D slices
+    return inputs
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from ._device import resolve_device
     from .datasets import _stem, read_image
@@ -737,8 +1002,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     out = _check_output_folder(args.output)
     read_header(args.model, "MODEL")  # a wrong model file fails before any slow import
+    _set_threads(args)
     # every image is read and checked before anything is written
-    inputs = [(p, *read_image(p, argname="IMG")) for p in args.images]
+    found = _predict_inputs(args.images)
+    inputs = [(p, *read_image(p, argname="IMG")) for p, _ in found]
     for p, image, _ in inputs:
         if not np.isfinite(image).all():
             raise RaterSegError(f"IMG ('{p}'): contains NaN or infinite values")
@@ -747,13 +1014,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     batches = [_as_batch(model, image, str(p),
                          image.shape[0] if meta.get("channels_moved_first") else None)
                for p, image, meta in inputs]
-    names: list[str] = []
-    for p, _, _ in inputs:
-        stem = _stem(Path(p)) or "image"
-        name, k = stem, 2
-        while name in names:
-            name, k = f"{stem}_{k}", k + 1
-        names.append(name)
+    # one output folder per image, named by the file (or case folder); where names clash,
+    # by the folder above it (a/image.nii.gz, b/image.nii.gz: a, b)
+    sources = [source for _, source in found]
+    names = _distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
     _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
           f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
           f"device {device}", args.quiet)
@@ -801,6 +1065,7 @@ def _add_fuse_dir(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    _add_threads(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_fuse_dir)
 
@@ -809,13 +1074,20 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
     from .cohort import fuse_cohort
 
     params = _parse_sets(args.params)
+    if args.threads is not None and args.workers > 1:
+        # fuse_cohort gives each of its processes cpu_count // workers threads
+        raise RaterSegError(f"--threads: applies with --workers 1; with --workers "
+                            f"{args.workers} each process takes (CPU cores) / {args.workers} "
+                            f"threads ({max(1, (os.cpu_count() or 1) // args.workers)} here)")
+    _set_threads(args)
     _check_output_folder(args.output)
     progress = TextProgress(f"fuse-dir {args.method}", quiet=args.quiet)
 
     def on_case(row: dict) -> None:
         if row["status"] == "failed":  # always shown, even with -q
             progress.close()
-            print(f"raterseg fuse-dir: case '{row['case']}' failed: {row['error']}",
+            print(f"raterseg fuse-dir: case '{row['case']}' failed: "
+                  f"{_cli_words(str(row['error']))}",
                   file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
@@ -868,6 +1140,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_words(message: str) -> str:
+    """A library message in the command's words: "num_classes=256" (the Python argument)
+    is the option "--num-classes 256" here."""
+    return re.sub(r"\bnum_classes=(\d+)", r"--num-classes \1", message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``raterseg`` command; returns the exit code (2 on bad input)."""
     parser = build_parser()
@@ -878,7 +1156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RaterSegError as err:
-        print(f"raterseg: error: {err}", file=sys.stderr)
+        msg = _cli_words(str(err)) if hasattr(args, "num_classes") else str(err)
+        print(f"raterseg: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raterseg: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import raterseg as rs
+import skimage.io
 from raterseg import io as rio
 from raterseg import metrics
 from raterseg.cli import TextProgress, main
@@ -515,3 +516,188 @@ def test_predict_writes_no_disagreement_map_without_raters(tmp_path, capsys):
     assert "disagreement.nii.gz" not in files
     summary = json.loads((tmp_path / "pred" / "new" / "summary.json").read_text())
     assert "disagreement" not in summary["files"]
+
+
+def _square_raters() -> np.ndarray:
+    raters = np.zeros((3, 12, 10), np.uint8)
+    raters[0, 2:9, 2:8] = 1
+    raters[1, 1:10, 2:8] = 1
+    raters[2, 3:8, 3:7] = 1
+    return raters
+
+
+def test_npz_of_raters_fuses_like_the_npy_stack(tmp_path, capsys):
+    """An .npz given alone: its (R, *S) array under 'raters' is R raters (0/255 raters read
+    as 0/1 one by one, as for .npy); an image beside it is the case's image, not a rater;
+    arrays under other names are one rater each, named by their key."""
+    raters = _square_raters()
+    want = rs.fuse(raters.astype(np.int16), method="staple").truth
+    stack = raters.copy()
+    stack[1] *= 255  # one rater saved as a 0/255 mask
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "raters.npy", stack)
+    np.savez(tmp_path / "raters.npz", raters=stack)
+    np.savez(tmp_path / "case.npz", image=rng.random((12, 10)).astype(np.float32), raters=stack)
+    np.savez(tmp_path / "named.npz", alice=raters[0], bob=raters[1], carol=raters[2])
+    for name in ("raters.npy", "raters.npz", "case.npz", "named.npz"):
+        code, out, err = _run(["fuse", tmp_path / name, "-m", "staple", "-o",
+                               tmp_path / name.replace(".", "_"), "-q"], capsys)
+        assert code == 0, (name, err)
+        assert "fused 3 raters (2 classes, shape (12, 10))" in out, (name, out)
+        truth, _ = rio.read_array(tmp_path / name.replace(".", "_") / "truth.nii.gz")
+        np.testing.assert_array_equal(truth, want)
+    csv = (tmp_path / "named_npz" / "rater_confusion.csv").read_text()
+    assert {ln.split(",")[0] for ln in csv.splitlines()[1:]} == {"alice", "bob", "carol"}
+    summary = json.loads((tmp_path / "case_npz" / "summary.json").read_text())
+    assert summary["rater_names"] == ["rater1", "rater2", "rater3"]
+    # the image of case.npz is the image: a learned method gets it without --image
+    code, _, err = _run(["fuse", tmp_path / "raters.npz", "-m", "cm", "-o", tmp_path / "x"],
+                        capsys)
+    assert "needs the image" in _one_error_line(code, err)
+
+
+def test_npz_arrays_that_are_not_one_rater_each_are_refused(tmp_path, capsys):
+    r = _square_raters()
+    np.savez(tmp_path / "shapes.npz", alice=r[0], bob=r[1, :5])
+    np.savez(tmp_path / "image.npz", image=np.zeros((12, 10), np.float32))
+    np.savez(tmp_path / "two.npz", alice=r[0], bob=r[1])
+    np.save(tmp_path / "carol.npy", r[2])
+    for argv, match in [
+        ([tmp_path / "shapes.npz"], r"one rater each .*'alice' \(12, 10\).*'bob' \(5, 10\)"),
+        ([tmp_path / "image.npz"], r"expected raters in .*image.npz.*got only \['image'\]"),
+        ([tmp_path / "two.npz", tmp_path / "carol.npy"], r"one rater in .*two.npz.*alice"),
+    ]:
+        code, _, err = _run(["fuse", *argv, "-o", tmp_path / "o"], capsys)
+        assert re.search(match, _one_error_line(code, err)), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_without_geometry_keeps_the_raters_nifti_geometry(case_dir, capsys):
+    """NIfTI raters with a TIFF, .npy or PNG image: the outputs carry the raters' affine,
+    not the identity of a file that has none."""
+    folder, _ = case_dir
+    image, _ = rio.read_array(folder / "image.nii.gz")
+    np.save(folder / "image.npy", image)
+    _, rater_meta = rio.read_array(folder / "rater1.nii.gz")
+    code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / "rater2.nii.gz",
+                         "--image", folder / "image.npy", "-m", "mean", "-o", folder / "o",
+                         "-q"], capsys)
+    assert code == 0, err
+    _, meta = rio.read_array(folder / "o" / "truth.nii.gz")
+    np.testing.assert_allclose(meta["affine"], rater_meta["affine"])
+    assert meta["spacing"] == pytest.approx(SPACING)
+
+
+def test_nifti_mixed_with_nibabel_order_npy_is_explained(tmp_path, capsys):
+    """A .npy saved from nibabel's (x, y, z) array beside NIfTI raters: its shape is the
+    reverse of theirs, and the error says so; in a cube the shapes cannot tell, so the
+    command fuses and notes the axis order on stderr."""
+    for shape in ((6, 8, 10), (8, 8, 8)):
+        data = np.zeros(shape, np.uint8)  # (x, y, z), as nibabel gives it
+        data[1:5, 2:6, 3:7] = 1
+        for i in (1, 2):
+            rio.write_array(tmp_path / f"r{i}.nii.gz", data.T)  # written back as (x, y, z)
+        np.save(tmp_path / "r3.npy", data)
+        code, _, err = _run(["fuse", tmp_path / "r1.nii.gz", tmp_path / "r2.nii.gz",
+                             tmp_path / "r3.npy", "-m", "mean", "-o", tmp_path / f"o{shape[0]}"],
+                            capsys)
+        if shape[0] != shape[2]:
+            line = _one_error_line(code, err)
+            assert "(10, 8, 6)" in line and "(6, 8, 10)" in line and "axes reversed?" in line
+            assert "with .T" in line
+        else:
+            assert code == 0, err
+            notes = [ln for ln in err.splitlines() if "note:" in ln]
+            assert len(notes) == 1 and "(z, y, x)" in notes[0] and ".T" in notes[0], err
+    # NIfTI raters alone: no note
+    code, _, err = _run(["fuse", tmp_path / "r1.nii.gz", tmp_path / "r2.nii.gz", "-m", "mean",
+                         "-o", tmp_path / "o", "-q"], capsys)
+    assert code == 0 and "note:" not in err
+
+
+def test_raters_sharing_a_file_name_are_named_by_their_folders(case_dir, capsys):
+    folder, _ = case_dir
+    paths = []
+    for i, who in enumerate(["alice", "bob", "carol"]):
+        (folder / who).mkdir()
+        (folder / f"rater{i + 1}.nii.gz").rename(folder / who / "mask.nii.gz")
+        paths.append(folder / who / "mask.nii.gz")
+    code, out, err = _run(["fuse", *paths, "-m", "mean", "-o", folder / "o", "-q"], capsys)
+    assert code == 0, err
+    assert [ln.split()[0] for ln in out.splitlines()[4:7]] == ["alice", "bob", "carol"]
+    summary = json.loads((folder / "o" / "summary.json").read_text())
+    assert summary["rater_names"] == ["alice", "bob", "carol"]
+
+
+def test_distinct_names():
+    from raterseg.cli import _distinct_names
+
+    assert _distinct_names(["a/x.nii", "b/y.nii"], ["x", "y"]) == ["x", "y"]
+    assert _distinct_names(["a/m.nii", "b/m.nii", "c.nii"], ["m", "m", "c"]) == ["a", "b", "c"]
+    # a parent name taken by another input: parent/name
+    assert _distinct_names(["a/m.nii", "b/m.nii", "a.nii"], ["m", "m", "a"]) == \
+        ["a/m", "b/m", "a"]
+    # one folder: numbered
+    assert _distinct_names(["a/m.nii", "a/m.nii.gz"], ["m", "m"], sep="_") == ["m", "m_2"]
+
+
+def test_rater_table_title_says_what_is_measured(tmp_path, capsys):
+    raters = np.zeros((3, 6, 8), np.int16)
+    raters[:, 1:4, 1:4] = 1
+    raters[:, 4:6, 5:8] = 2
+    np.save(tmp_path / "r.npy", raters)
+    code, out, err = _run(["fuse", tmp_path / "r.npy", "-m", "mean", "-o", tmp_path / "o", "-q"],
+                          capsys)
+    assert code == 0, err
+    assert "Dice: mean over labels 1..2" in out and "any label > 0" in out
+    np.save(tmp_path / "b.npy", (raters > 0).astype(np.int16))
+    code, out, err = _run(["fuse", tmp_path / "b.npy", "-m", "mean", "-o", tmp_path / "p", "-q"],
+                          capsys)
+    assert code == 0 and "(label 1 vs 0)" in out and "mean over" not in out
+
+
+def test_messages_name_the_command_line_options(case_dir, tmp_path, capsys):
+    folder, _ = case_dir
+    grey = np.zeros((8, 8), np.uint8)
+    grey[2:6, 2:6] = 255
+    grey[2, 2:6] = 128  # an anti-aliased edge
+    for i in (1, 2):
+        skimage.io.imsave(tmp_path / f"aa{i}.png", grey, check_contrast=False)
+    code, _, err = _run(["fuse", tmp_path / "aa1.png", tmp_path / "aa2.png", "-o",
+                         tmp_path / "o"], capsys)
+    line = _one_error_line(code, err)
+    assert "--num-classes 256" in line and "num_classes=" not in line, line
+    # the image on another grid: either may be resampled
+    import nibabel as nib
+
+    img = nib.load(folder / "image.nii.gz")
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 3.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), folder / "moved.nii.gz")
+    code, _, err = _run(["fuse", folder / "rater1.nii.gz", folder / "rater2.nii.gz", "--image",
+                         folder / "moved.nii.gz", "-o", tmp_path / "o"], capsys)
+    assert "resample the image or the labels" in _one_error_line(code, err)
+
+
+def test_threads_option(case_dir, capsys):
+    import torch
+
+    folder, _ = case_dir
+    before = torch.get_num_threads()
+    try:
+        code, _, err = _run(["fuse", folder, "-m", "mean", "--threads", "1", "-o", folder / "o",
+                             "-q"], capsys)
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for argv, match in [
+        (["fuse", folder, "--threads", "0", "-o", folder / "o"], "--threads: expected a positive"),
+        (["fuse-dir", folder, "--workers", "2", "--threads", "1", "-o", folder / "o"],
+         "--threads: applies with --workers 1"),
+    ]:
+        code, _, err = _run(argv, capsys)
+        assert re.search(match, _one_error_line(code, err)), err
+    for command in ("fuse", "fuse-dir", "train", "predict", "demo"):
+        assert main([command, "--help"]) == 0
+        assert "--threads N" in capsys.readouterr().out, command

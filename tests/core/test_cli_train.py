@@ -174,6 +174,52 @@ def test_train_and_predict_bad_input_exit_2(npz, unet_model, tmp_path, capsys):
         assert not m.exists() and not (tmp_path / "o").exists() and not (tmp_path / "new").exists()
 
 
+def test_predict_case_and_cohort_folders_and_images_of_one_name(unet_model, npz, tmp_path,
+                                                                capsys):
+    """A case folder (image.png beside rater*.png, as train and fuse-dir read it) is its
+    image alone, named by the folder; a folder of case folders gives one result per case;
+    images sharing a file name get their folder's name instead of image, image_2."""
+    _, images, raters = npz
+    m = rs.load(unet_model)
+    for i in range(3):
+        case = tmp_path / "cohort" / f"case{i}"
+        case.mkdir(parents=True)
+        skimage.io.imsave(case / "image.png", images[i], check_contrast=False)
+        for r in range(3):
+            skimage.io.imsave(case / f"rater{r + 1}.png", (raters[i, r] * 255).astype(np.uint8),
+                              check_contrast=False)
+    code, out, err = _run(["predict", unet_model, tmp_path / "cohort" / "case0", "-o",
+                           tmp_path / "one", "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "case0  32x32" in out  # the image, not image + 3 masks as a 4-slice volume
+    truth, _ = rio.read_array(tmp_path / "one" / "case0" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, m.predict(images[:1].astype(np.float32)).truth[0])
+    code, _, err = _run(["predict", unet_model, tmp_path / "cohort", "-o", tmp_path / "all",
+                         "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["case0", "case1", "case2"]
+    truth, _ = rio.read_array(tmp_path / "all" / "case2" / "truth.nii.gz")
+    np.testing.assert_array_equal(truth, m.predict(images[2:3].astype(np.float32)).truth[0])
+    code, _, err = _run(["predict", unet_model, *(tmp_path / "cohort" / f"case{i}" / "image.png"
+                                                  for i in (0, 1)),
+                         "-o", tmp_path / "files", "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["case0", "case1"]
+    (tmp_path / "cohort" / "case0" / "image.png").unlink()
+    code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case0", "-o",
+                         tmp_path / "none", "--device", "cpu"], capsys)
+    assert "holds rater files but no image" in _error(code, err)
+
+
+def test_train_npz_mistakes_name_data(tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 16, 16), "f4"),
+             raters=np.zeros((3, 4, 16, 16), "i1"))
+    code, _, err = _run(["train", tmp_path / "bad.npz", "-m", "cm", "-o",
+                         tmp_path / "m.safetensors"], capsys)
+    line = _error(code, err)
+    assert line.startswith("raterseg: error: DATA: ") and "bad.npz" in line, line
+
+
 def test_train_reports_the_epochs_whose_weights_were_kept():
     # AVAP trains in two runs (steps) with different losses: each keeps its own best epoch,
     # so the report must not pick one minimum over both (it named a step-1 epoch)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import check_same_grid, only_0_255
+from .datasets import check_same_grid, only_0_255, rounded_labels
 from .io import _jsonable, _write_text, check_output_folder, rater_confusion_csv
 from .types import (
     GREY_LEVEL_MAX,
@@ -72,7 +72,8 @@ class _Source:
     shape: tuple[int, ...]
     dtype: np.dtype
     name: str
-    #: Files may hold labels as floats (checked to be whole numbers slab by slab), as
+    #: Files may hold labels as floats (checked to be whole numbers up to round-off, and
+    #: rounded, slab by slab), as
     #: :func:`raterseg.io.read_labels` reads them; array-likes must be integers, as in
     #: :func:`raterseg.fuse`.
     float_ok = False
@@ -385,14 +386,10 @@ def _read_slab(srcs: list[_Source], start: int, stop: int, dtype,
 
 def _read_checked(s: _Source, start: int, stop: int) -> np.ndarray:
     """A slab of one rater, whose float values (a file's labels stored as floats, or
-    scaled) are checked to be whole numbers."""
-    a = s.read(start, stop)
-    if a.dtype.kind == "f":
-        bad = ~np.isfinite(a) | (a != np.round(a))
-        if bad.any():
-            raise RaterSegError(f"raters ('{s.name}'): expected integer class labels, got "
-                                f"the value {a[bad].flat[0]}")
-    return a
+    scaled) are checked to be whole numbers up to float round-off and rounded, as
+    :func:`raterseg.datasets.read_labels` reads them (a 0/255 mask with scl_slope 1/255
+    reads as 1.0000000591, which a cast would make 1 or 0 by chance)."""
+    return rounded_labels(s.read(start, stop), f"raters ('{s.name}')")
 
 
 def _scan_labels(srcs: list[_Source], slabs: list, report) -> int:

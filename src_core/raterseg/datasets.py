@@ -21,8 +21,10 @@ An **.npz dataset** holds ``images`` ``(N, C?, *S)`` and ``raters`` ``(N, R, *S)
 LIDC's ``images`` uint8 ``(N, 128, 128)``, ``masks`` bool ``(N, 4, 128, 128)`` and ``ids``.
 
 Label files: bool masks and uint8 masks holding only 0 and 255 (in any format) become
-0/1; float files whose values are whole numbers become integers; JPEG labels and colour
-images are refused (lossy compression changes labels; a colour has no class number).
+0/1; float files whose values are whole numbers (up to a float round-off of 1e-3, as a
+scaled NIfTI gives them) become integers; a NIfTI label map (x, y, z, 1) is the volume
+(x, y, z); JPEG labels and colour images are refused (lossy compression changes labels; a
+colour has no class number).
 The same holds for the raters of an .npz dataset.
 """
 
@@ -43,6 +45,7 @@ from .types import RaterSegError
 __all__ = [
     "Case",
     "Dataset",
+    "case_files",
     "find_cases",
     "iter_cohort",
     "load_cohort",
@@ -51,6 +54,8 @@ __all__ = [
     "read_case",
     "read_labels",
     "read_lidc_nodule",
+    "rounded_labels",
+    "scan_cohort",
     "split_by_patient",
 ]
 
@@ -67,6 +72,8 @@ class Case:
         rater_names: R names (file or folder names without their ending).
         meta: the image's (else the first rater's) ``meta`` from :func:`raterseg.io.read_array`,
             plus ``rater_paths``; pass it to :func:`raterseg.io.write_result` to keep the geometry.
+            An image without geometry (TIFF, .npy, PNG) beside NIfTI raters gives way to the
+            first rater's ``meta`` (its affine), with the image's path as ``image_path``.
         name: the case's name (folder name; ``patient/nodule-N`` for LIDC).
     """
 
@@ -159,8 +166,36 @@ def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
 
 
 def whole_numbers(arr: np.ndarray) -> bool:
-    """Whether every value of a float array is a finite whole number (labels saved as float)."""
+    """Whether every value of a float array is exactly a finite whole number (labels saved
+    as float). Label files are read with :func:`rounded_labels`, which also takes values
+    a float round-off away from a whole number."""
     return bool(np.isfinite(arr).all() and (arr == np.round(arr)).all())
+
+
+#: Label files: a float value this close to a whole number is that number. Scaled or float
+#: files hold labels up to float round-off: a uint8 0/255 mask with ``scl_slope`` 1/255
+#: reads as 1.0000000591 (the slope is stored as float32), a float32 label 0.99999994.
+LABEL_ROUNDOFF = 1e-3
+
+
+def rounded_labels(arr: np.ndarray, where: str) -> np.ndarray:
+    """A float label array with its values rounded to whole numbers (integer arrays are
+    returned as they are).
+
+    Raises:
+        RaterSegError: a value that is not finite or farther than :data:`LABEL_ROUNDOFF`
+            from a whole number (``where``: "expected integer class labels, got the value
+            0.5").
+    """
+    if arr.dtype.kind != "f":
+        return arr
+    whole = np.round(arr)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(arr - whole) <= LABEL_ROUNDOFF)  # NaN and inf fail the comparison
+    if bad.any():
+        raise RaterSegError(f"{where}: expected integer class labels, got the value "
+                            f"{arr[bad].flat[0]}")
+    return whole
 
 
 def is_0_255_mask(arr: np.ndarray) -> bool:
@@ -180,15 +215,14 @@ def only_0_255(arr: np.ndarray) -> bool:
 
 
 def _integer_labels(arr: np.ndarray, where: str) -> np.ndarray:
-    """bool → 0/1, a 0/255 mask → 0/1, whole-number floats → integers; int16 (int32
+    """bool → 0/1, a 0/255 mask → 0/1, whole-number floats (to :data:`LABEL_ROUNDOFF`)
+    → integers; int16 (int32
     for >= 32000 classes). Refuses fractional or non-finite values, non-numeric dtypes and
     values below -1."""
     if arr.dtype == bool:
         return arr.astype(np.int16)
     if arr.dtype.kind == "f":
-        if not whole_numbers(arr):
-            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))].flat[0]
-            raise RaterSegError(f"{where}: expected integer class labels, got the value {bad}")
+        arr = rounded_labels(arr, where)
     elif arr.dtype.kind not in "iu":
         raise RaterSegError(f"{where}: expected integer class labels, got dtype {arr.dtype}")
     if is_0_255_mask(arr):  # PNG, TIFF and NIfTI masks alike, whatever the dtype
@@ -234,6 +268,9 @@ def _read_any(path: Path, argname: str) -> tuple[np.ndarray, dict]:
 def read_labels(path: str | os.PathLike, argname: str = "raters") -> tuple[np.ndarray, dict]:
     """One rater's label map from a file or a folder (one file, or 2D slices stacked along D).
 
+    A NIfTI file of shape (x, y, z, 1) (a 4th axis of one volume) reads as (x, y, z), i.e.
+    the array ``(z, y, x)``.
+
     Returns:
         ``(labels, meta)``: int16 ``(*S)`` and the file's ``meta``.
 
@@ -244,6 +281,11 @@ def read_labels(path: str | os.PathLike, argname: str = "raters") -> tuple[np.nd
     if not p.exists():
         raise RaterSegError(f"{argname}: no such file or folder '{p}'")
     arr, meta = _read_any(p, argname)
+    if meta.get("format") == "nifti" and arr.ndim > 3 and arr.shape[0] == 1:
+        # a NIfTI (x, y, z, 1) (reads as (1, z, y, x)): one volume, as tools save label maps
+        while arr.ndim > 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        meta = dict(meta, spacing=tuple(meta["spacing"])[-arr.ndim:])
     return _as_labels(arr, meta, argname), meta
 
 
@@ -303,10 +345,7 @@ def read_case(folder: str | os.PathLike) -> Case:
     if _is_lidc_nodule(p) or any(p.glob("nodule-*")):
         return read_lidc_nodule(p)
     entries = _entries(p)
-    image_paths = [e for e in entries if _stem(e).lower() in _IMAGE_STEMS
-                   and (e.is_dir() or is_supported(e))]
-    rater_paths = [e for e in entries if e.name.lower().startswith("rater")
-                   and (e.is_dir() or is_supported(e))]
+    image_paths, rater_paths = _case_paths(entries)
     if not rater_paths:
         raise RaterSegError(
             f"folder: expected rater files (rater*.nii.gz, rater_*.png, ...) or rater*/ folders "
@@ -323,11 +362,56 @@ def read_case(folder: str | os.PathLike) -> Case:
     check_same_grid([(str(e), m) for e, m in zip(rater_paths, metas)], "raters")
     image, meta = None, dict(metas[0])
     if image_paths:
-        image, meta = read_image(image_paths[0])
+        image, image_meta = read_image(image_paths[0])
         raters = _match_image(image, raters, str(image_paths[0]))
-        check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), meta)], "image")
+        check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), image_meta)],
+                        "image")
+        if image_meta.get("affine") is None and metas[0].get("affine") is not None:
+            # an image without geometry (TIFF, .npy, PNG) and NIfTI raters: the outputs
+            # keep the raters' affine and header (the image's would be 1 mm at the origin)
+            meta["image_path"] = image_meta["path"]
+        else:
+            meta = image_meta
     meta["rater_paths"] = [str(e) for e in rater_paths]
     return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
+
+
+def _case_paths(entries: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``(image paths, rater paths)`` among a case folder's entries: files with a supported
+    ending, or folders, named ``image.*`` (``images``, ``img``) and ``rater*``."""
+    image_paths = [e for e in entries if _stem(e).lower() in _IMAGE_STEMS
+                   and (e.is_dir() or is_supported(e))]
+    rater_paths = [e for e in entries if e.name.lower().startswith("rater")
+                   and (e.is_dir() or is_supported(e))]
+    return image_paths, rater_paths
+
+
+def case_files(folder: str | os.PathLike) -> list[Path]:
+    """The files :func:`read_case` reads for the case folder ``folder`` (and the files a
+    rater added to it would be read from), in a fixed order: the image and rater files,
+    the files with a supported ending inside ``image/`` and ``rater*/`` folders; for an
+    LIDC nodule (or a patient folder of nodules), those of ``images/`` and ``mask-*/``.
+    Never raises for a missing or unreadable folder (returns what it could list)."""
+    p = Path(folder)
+
+    def inside(d: Path) -> list[Path]:
+        try:
+            return [e for e in _entries(d) if e.is_file() and is_supported(e)]
+        except OSError:
+            return []
+
+    try:
+        if _is_lidc_nodule(p) or any(p.glob("nodule-*")):
+            nodules = [p] if _is_lidc_nodule(p) else \
+                [e for e in _entries(p) if e.is_dir() and _is_lidc_nodule(e)]
+            return [f for n in nodules
+                    for d in [n / "images", *sorted((e for e in n.glob("mask-*") if e.is_dir()),
+                                                    key=lambda e: natural_key(e.name))]
+                    for f in inside(d)]
+        image_paths, rater_paths = _case_paths(_entries(p))
+    except OSError:
+        return []
+    return [f for e in image_paths + rater_paths for f in (inside(e) if e.is_dir() else [e])]
 
 
 def _slice_number(path: Path) -> int:
@@ -389,33 +473,75 @@ def read_lidc_nodule(folder: str | os.PathLike) -> Case:
 
 
 def _looks_like_case(p: Path) -> bool:
-    return any(e.name.lower().startswith("rater") for e in p.iterdir())
+    """Whether ``p`` holds rater label files (``rater*`` with an ending in
+    :data:`~raterseg.io.SUFFIXES`) or ``rater*/`` folders holding such files: a
+    ``raters.csv``, ``rater_notes.txt`` or ``raters_docs/`` beside the cases does not make
+    a cohort folder one case."""
+    return any(not e.is_dir() or any(f.is_file() and is_supported(f) for f in _entries(e))
+               for e in _case_paths(_entries(p))[1])
 
 
-def find_cases(folder: str | os.PathLike, argname: str = "folder") -> list[Path]:
-    """Case folders of a cohort, in natural order: case folders, LIDC nodule folders
-    (also inside patient folders), or ``folder`` itself when it is one case.
+def _why_not_a_case(p: Path) -> str:
+    """Why the sub-folder ``p`` of a cohort is no case (for :func:`scan_cohort`)."""
+    try:
+        names = [e.name + ("/" if e.is_dir() else "") for e in _entries(p)]
+    except OSError as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    if not names:
+        return "empty folder"
+    listing = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"no rater* label files or rater*/ folders (found {listing})"
+
+
+def scan_cohort(folder: str | os.PathLike,
+                argname: str = "folder") -> tuple[list[Path], list[tuple[Path, str]]]:
+    """:func:`find_cases`, and the sub-folders of ``folder`` that are no case.
+
+    Returns:
+        ``(cases, ignored)``: the case folders, in natural order, and ``(folder, reason)``
+        for each sub-folder of ``folder`` that holds no case (no rater* label files: an
+        image alone, masks named ``seg1.nii.gz``, an empty folder, ...). Hidden folders
+        (``.name``) are neither.
 
     Raises:
-        RaterSegError: ``folder`` (named ``argname``) is missing or holds no case.
+        RaterSegError: ``folder`` (named ``argname``) is missing or holds no case (the
+            message names the ignored folders and why).
     """
     p = _check_folder(folder, argname)
     if _is_lidc_nodule(p) or _looks_like_case(p):
-        return [p]
+        return [p], []
     found: list[Path] = []
+    ignored: list[tuple[Path, str]] = []
     for e in _entries(p):
         if not e.is_dir():
             continue
         if _is_lidc_nodule(e) or _looks_like_case(e):
             found.append(e)
+            continue
+        nodules = [n for n in _entries(e) if n.is_dir() and _is_lidc_nodule(n)]
+        if nodules:
+            found.extend(nodules)
         else:
-            found.extend(n for n in _entries(e) if n.is_dir() and _is_lidc_nodule(n))
+            ignored.append((e, _why_not_a_case(e)))
     if not found:
+        why = "".join(f"; '{d.name}': {r}" for d, r in ignored[:5])
         raise RaterSegError(
             f"{argname}: expected a cohort (folders each holding image.* and rater* files, or "
-            f"LIDC patient/nodule-N folders) in '{p}', found no case"
+            f"LIDC patient/nodule-N folders) in '{p}', found no case{why}"
         )
-    return found
+    return found, ignored
+
+
+def find_cases(folder: str | os.PathLike, argname: str = "folder") -> list[Path]:
+    """Case folders of a cohort, in natural order: case folders, LIDC nodule folders
+    (also inside patient folders), or ``folder`` itself when it is one case. A case
+    folder holds ``rater*`` label files or ``rater*/`` folders; :func:`scan_cohort` also
+    lists the sub-folders that are no case, and why.
+
+    Raises:
+        RaterSegError: ``folder`` (named ``argname``) is missing or holds no case.
+    """
+    return scan_cohort(folder, argname)[0]
 
 
 def iter_cohort(folder: str | os.PathLike) -> Iterator[Case]:

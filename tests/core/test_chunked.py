@@ -363,6 +363,36 @@ def test_float_and_scaled_nifti_labels_read_as_raterseg_fuse_reads_them(tmp_path
     assert not (tmp_path / "out3").exists() and not (tmp_path / "out4").exists()
 
 
+def test_labels_a_round_off_away_from_whole_numbers_are_rounded_fractions_refused(tmp_path):
+    """A 0/255 mask with scl_slope 1/255 (1.0000000591 as read) and float32 labels
+    0.99999994 are the labels 1, as read_labels reads them (a cast made 0.99999994 into 0)."""
+    nib = pytest.importorskip("nibabel")
+
+    raters = _raters_3d(num_classes=3)
+    slope = nib.Nifti1Image((raters[0].T.clip(0) * 127).astype(np.uint8), np.eye(4))
+    slope.header.set_slope_inter(1 / 127, 0)  # labels 0, 1, 2 stored as 0, 127, 254
+    nib.save(slope, tmp_path / "slope.nii")
+    assert float(np.asanyarray(nib.load(tmp_path / "slope.nii").dataobj).max()) != 2.0
+    paths = [tmp_path / "slope.nii"]
+    for r in range(1, len(raters)):
+        off = raters[r].T.astype(np.float32) * np.float32(0.99999994)
+        paths.append(_save_nifti(nib, tmp_path / f"off{r}.nii.gz", off))
+    want = raters.copy()
+    want[0] = want[0].clip(0)  # -1 is not stored by the uint8 file
+    ref = rs.fuse(want, method="staple", num_classes=3)
+    res = rs.fuse_chunked(paths, tmp_path / "out", method="staple", chunk_voxels=3000)
+    _same(ref, res)
+    # the files read in memory give the same
+    from raterseg.datasets import read_labels
+
+    assert np.array_equal(np.stack([read_labels(p)[0] for p in paths]), want)
+    half = raters[1].T.astype(np.float32)
+    half[3, 4, 5] = 0.5
+    _save_nifti(nib, tmp_path / "half.nii.gz", half)
+    with pytest.raises(rs.RaterSegError, match=r"half\.nii\.gz.*got the value 0\.5"):
+        rs.fuse_chunked([paths[0], tmp_path / "half.nii.gz"], tmp_path / "out2")
+
+
 def test_bad_output_dir_and_chunk_voxels_refused_up_front(tmp_path, capsys):
     from raterseg.cli import main
 

@@ -83,3 +83,98 @@ def test_case_folder_with_a_rater_on_another_grid_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(lab, flipped), tmp_path / "rater3.nii.gz")
     with pytest.raises(RaterSegError, match=r"raters: '.*rater3.nii.gz' lies on another voxel grid"):
         read_case(tmp_path)
+
+
+def test_scaled_and_float32_labels_are_rounded_fractions_refused(tmp_path):
+    lab = np.zeros((8, 9, 4), np.uint8)
+    lab[2:5, 3:7, 1:3] = 1
+    # a 0/255 mask with scl_slope 1/255 (float32 in the header): 1.0000000591 when read
+    img = nib.Nifti1Image((lab * 255).astype(np.uint8), np.eye(4))
+    img.header.set_slope_inter(1 / 255, 0)
+    nib.save(img, tmp_path / "slope.nii.gz")
+    assert np.asanyarray(nib.load(tmp_path / "slope.nii.gz").dataobj).max() != 1.0
+    # float32 round-off below and above whole numbers
+    off = lab.astype(np.float32) * np.float32(0.99999994)
+    off[0, 0, 0] = np.float32(2.0000002)
+    nib.save(nib.Nifti1Image(off, np.eye(4)), tmp_path / "off.nii.gz")
+    want = lab.T.astype(np.int16)
+    got, _ = read_labels(tmp_path / "slope.nii.gz")
+    assert got.dtype.kind == "i" and np.array_equal(got, want)
+    got, _ = read_labels(tmp_path / "off.nii.gz")
+    want[0, 0, 0] = 2
+    assert np.array_equal(got, want)  # 0.99999994 is 1, not 0 as a cast would make it
+    for bad, shown in ((0.5, "0.5"), (0.3, "0.3"), (1.01, r"1\.0099"), (np.nan, "nan")):
+        frac = lab.astype(np.float32)
+        frac[1, 1, 1] = bad
+        np.save(tmp_path / "frac.npy", frac)
+        with pytest.raises(RaterSegError, match=rf"integer class labels, got the value {shown}"):
+            read_labels(tmp_path / "frac.npy")
+
+
+def test_a_4d_nifti_rater_with_one_volume_reads_as_3d(tmp_path):
+    from raterseg.datasets import read_case
+
+    lab = np.zeros((8, 9, 4), np.uint8)
+    lab[2:5, 3:7, 1:3] = 1
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(lab, affine), tmp_path / "rater1.nii.gz")
+    nib.save(nib.Nifti1Image(lab[..., None], affine), tmp_path / "rater2.nii.gz")  # (x, y, z, 1)
+    got, meta = read_labels(tmp_path / "rater2.nii.gz")
+    assert got.shape == (4, 9, 8) and np.array_equal(got, lab.T)
+    assert meta["spacing"] == pytest.approx((2.5, 0.8, 0.8))
+    case = read_case(tmp_path)
+    assert case.raters.shape == (2, 4, 9, 8)
+    # two volumes are not one label map: still refused as a shape mismatch
+    nib.save(nib.Nifti1Image(np.stack([lab, lab], -1), affine), tmp_path / "rater3.nii.gz")
+    with pytest.raises(RaterSegError, match=r"rater3 \(2, 4, 9, 8\)"):
+        read_case(tmp_path)
+
+
+def test_image_without_geometry_keeps_the_nifti_raters_affine(tmp_path):
+    import tifffile
+    from raterseg.datasets import read_case
+    from raterseg.io import write_array
+
+    lab = np.zeros((8, 9, 4), np.uint8)
+    lab[2:5, 3:7, 1:3] = 1
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-3.0, 4.0, 5.0)
+    for r in (1, 2):
+        nib.save(nib.Nifti1Image(lab, affine), tmp_path / f"rater{r}.nii.gz")
+    for name in ("image.tif", "image.npy"):
+        image = np.ones(lab.T.shape, np.float32)
+        (tifffile.imwrite if name.endswith(".tif") else np.save)(tmp_path / name, image)
+        case = read_case(tmp_path)
+        np.testing.assert_allclose(case.meta["affine"], affine)
+        assert case.meta["image_path"].endswith(name)
+        write_array(tmp_path / "out" / "truth.nii.gz", case.raters[0], case.meta)
+        written = nib.load(tmp_path / "out" / "truth.nii.gz")
+        np.testing.assert_allclose(written.affine, affine)
+        assert np.array_equal(np.asarray(written.dataobj), lab)
+        (tmp_path / name).unlink()
+    # an image with its own geometry gives it (checked to be the raters' grid)
+    nib.save(nib.Nifti1Image(lab.astype(np.float32), affine), tmp_path / "image.nii.gz")
+    assert read_case(tmp_path).meta["path"].endswith("image.nii.gz")
+
+
+def test_only_rater_label_files_make_a_folder_a_case(tmp_path):
+    from raterseg.datasets import find_cases, scan_cohort
+
+    lab = np.zeros((8, 9, 4), np.uint8)
+    for c in ("c1", "c2"):
+        (tmp_path / c).mkdir()
+        for r in (1, 2):
+            nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / c / f"rater{r}.nii.gz")
+    (tmp_path / "raters.csv").write_text("rater,name\nrater1,alice\n")
+    (tmp_path / "rater_notes.txt").write_text("late\n")
+    (tmp_path / "raters_docs").mkdir()  # a rater*/ folder of label files would make a case
+    (tmp_path / "raters_docs" / "protocol.pdf").write_bytes(b"%PDF")
+    assert find_cases(tmp_path) == [tmp_path / "c1", tmp_path / "c2"]
+    (tmp_path / "c3").mkdir()
+    (tmp_path / "c3" / "rater1.mha").write_bytes(b"")  # no supported ending
+    cases, ignored = scan_cohort(tmp_path)
+    assert cases == [tmp_path / "c1", tmp_path / "c2"]
+    why = "no rater* label files or rater*/ folders (found {})"
+    assert ignored == [(tmp_path / "c3", why.format("rater1.mha")),
+                       (tmp_path / "raters_docs", why.format("protocol.pdf"))]
+    assert find_cases(tmp_path / "c1") == [tmp_path / "c1"]

@@ -4,10 +4,13 @@
 :func:`raterseg.datasets.find_cases`) and writes ``OUT/<case>/`` with
 :func:`raterseg.io.write_result`, then ``OUT/<case>/case.json`` — the marker, written
 last and atomically — and finally ``OUT/summary.csv``. A rerun skips cases whose
-marker says they were fused with the same method and parameters and whose files are
-all there, so an interrupted run picks up where it stopped. A case that fails (an
-unreadable file, shapes that disagree, ...) gets a row with its error and the others
-go on.
+marker says they were fused with the same method and parameters from the same input
+files (each file's path, size and modification time are recorded; a replaced or added
+rater file makes the case be fused again) and whose output files are all there, so an
+interrupted run picks up where it stopped; ``force=True`` fuses every case again. A case
+that fails (an unreadable file, shapes that disagree, ...) gets a row with its error and
+the others go on. Sub-folders of the cohort that are no case (an image without rater*
+files, masks named ``seg1.nii.gz``) get a row with status "ignored" and the reason.
 
 :func:`load_training_set` turns a cohort folder or an ``.npz`` dataset into the
 arrays ``fit`` wants.
@@ -51,17 +54,57 @@ def _case_names(root: Path, case_dirs: list[Path]) -> list[str]:
     return names
 
 
-def _earlier_result(case_out: Path, method: str, params: dict,
-                    settings: dict) -> tuple[dict | None, str | None]:
+def _inputs(case_dir: str | os.PathLike) -> list[dict]:
+    """The input files of a case (:func:`raterseg.datasets.case_files`) as the marker
+    records them: ``path`` (relative to the case folder), ``size``, ``mtime_ns``. A file
+    that vanishes while this runs is left out (the case then reads as changed)."""
+    from .datasets import case_files
+
+    folder = Path(case_dir)
+    record = []
+    for f in case_files(folder):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        record.append({"path": f.relative_to(folder).as_posix(), "size": int(st.st_size),
+                       "mtime_ns": int(st.st_mtime_ns)})
+    return record
+
+
+def _input_changes(old: list, new: list[dict]) -> str:
+    """The files that differ between two input records ("rater2.nii.gz modified,
+    rater3.nii.gz new"), at most five named."""
+    try:
+        before = {str(e["path"]): (e.get("size"), e.get("mtime_ns")) for e in old}
+    except (TypeError, KeyError, AttributeError):  # a marker edited by hand
+        return "inputs not recorded"
+    now = {e["path"]: (e["size"], e["mtime_ns"]) for e in new}
+    items = [f"{p} {'new' if p not in before else 'modified'}" for p in now
+             if before.get(p) != now[p]]
+    items += [f"{p} removed" for p in before if p not in now]
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return f"inputs changed ({', '.join(items[:5])}{more})"
+
+
+def _earlier_result(case_out: Path, method: str, params: dict, settings: dict,
+                    inputs: list[dict], force: bool = False) -> tuple[dict | None, str | None]:
     """What ``case_out`` already holds, from its marker (read once).
+
+    Args:
+        inputs: the case's input files now (:func:`_inputs`).
+        force: never report a finished result as done.
 
     Returns:
         ``(done, replaced)``: ``done`` is the marker's row when the folder holds a complete
-        result of ``method`` with ``params`` and ``settings`` (num_classes, seed): nothing
-        to do. ``replaced`` describes a finished result of another method, parameters or
-        settings that this run will overwrite ("staple", 'majority_vote {"tie":
-        "undecided"}', "staple, seed 0"). Both None otherwise (no result yet, or this
-        run's own result with a lost file, which is redone).
+        result of ``method`` with ``params`` and ``settings`` (num_classes, seed) made from
+        the same ``inputs``: nothing to do. ``replaced`` describes a finished result that
+        this run will overwrite: of another method, parameters or settings ("staple",
+        'majority_vote {"tie": "undecided"}', "staple, seed 0"), of other inputs ("staple,
+        inputs changed (rater2.nii.gz modified, rater3.nii.gz new)"), of unknown inputs (a
+        marker written before raterseg recorded them: "staple, inputs not recorded"), or
+        one redone because of ``force`` ("staple, redo forced"). Both None otherwise (no
+        result yet, or this run's own result with a lost file, which is redone).
     """
     from .io import _jsonable
 
@@ -71,17 +114,25 @@ def _earlier_result(case_out: Path, method: str, params: dict,
         return None, None
     if not isinstance(row, dict) or row.get("status") != "fused":
         return None, None
-    if row.get("method") == method and row.get("params") == _jsonable(params) \
-            and row.get("settings") == settings:
-        files = row.get("files") or []
-        complete = bool(files) and all((case_out / f).is_file() for f in files)
-        return (row if complete else None), None
     old_params, old_settings = row.get("params") or {}, row.get("settings") or {}
     text = str(row.get("method"))
     if old_params:
         text += f" {json.dumps(old_params, sort_keys=True)}"
     changed = [f"{k} {old_settings.get(k)}" for k in sorted(settings)
                if old_settings.get(k) != settings.get(k)]
+    same_run = row.get("method") == method and row.get("params") == _jsonable(params) \
+        and row.get("settings") == settings
+    old_inputs = row.get("inputs")
+    if not isinstance(old_inputs, list):
+        changed.append("inputs not recorded")
+    elif old_inputs != inputs:
+        changed.append(_input_changes(old_inputs, inputs))
+    if same_run and len(changed) == 0:
+        if force:
+            return None, f"{text}, redo forced"
+        files = row.get("files") or []
+        complete = bool(files) and all((case_out / f).is_file() for f in files)
+        return (row if complete else None), None
     return None, ", ".join([text, *changed])
 
 
@@ -101,6 +152,8 @@ def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
     t0 = time.perf_counter()
     try:
         (case_out / MARKER).unlink(missing_ok=True)  # outputs below are about to change
+        # recorded before reading: a file changed while it is read shows as changed next time
+        row["inputs"] = _inputs(case_dir)
         case = read_case(case_dir)
         res = rs.fuse(case.raters, image=case.image, method=method, num_classes=num_classes,
                       device=device, seed=seed, **params)
@@ -155,7 +208,8 @@ def _init_worker(threads: int) -> None:
 def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, method: str = "staple",
                 workers: int = 1, progress: Callable[[TrainingEvent], None] | None = None, *,
                 num_classes: int | None = None, device: Any = None, seed: int = 0,
-                on_case: Callable[[dict], None] | None = None, **params: Any) -> list[dict]:
+                on_case: Callable[[dict], None] | None = None, force: bool = False,
+                **params: Any) -> list[dict]:
     """Fuse every case of a cohort into ``out_dir/<case>/``; resumable and parallel.
 
     Args:
@@ -167,15 +221,25 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             processes are started); 1 runs everything in this process.
         progress: called with a :class:`TrainingEvent` (cases done / total) after each case.
         num_classes, device, seed, **params: as for :func:`raterseg.fuse`.
-        on_case: called with each case's row as it finishes (e.g. to report failures).
+        on_case: called with each case's row as it finishes (e.g. to report failures), and
+            first with the row of each ignored folder.
+        force: fuse every case again, even those an earlier run finished with the same
+            method, parameters and input files.
 
     Returns:
         One dict per case, in cohort order: ``case``, ``status`` ("fused", "skipped": done
-        by an earlier run with the same method and parameters, "failed"), ``method``,
-        ``params``, ``seconds``, ``voxels``, ``raters``, ``classes``, ``error`` ("" unless
-        failed), ``process`` (the id of the process that fused it), ``files`` and
-        ``rater_stats`` (per rater: ``rater`` name, ``annotated``,
-        ``sensitivity``, ``specificity``, ``dice`` against the fused truth).
+        by an earlier run with the same method and parameters from the same input files,
+        "failed"), ``method``, ``params``, ``seconds``, ``voxels``, ``raters``,
+        ``classes``, ``error`` ("" unless failed), ``process`` (the id of the process that
+        fused it), ``files``, ``inputs`` (each input file's ``path`` in the case folder,
+        ``size`` and ``mtime_ns`` when it was read), ``rater_stats`` (per rater: ``rater``
+        name, ``annotated``, ``sensitivity``, ``specificity``, ``dice`` against the fused
+        truth) and, for a fused case that overwrote an earlier result, ``replaced`` (what
+        and why: "staple", "staple, inputs changed (rater2.nii.gz modified)", ...).
+        Then one dict per sub-folder of ``cohort_dir`` that is no case (see
+        :func:`raterseg.datasets.scan_cohort`): ``case`` (its name), ``status``
+        "ignored", ``error`` (why: "no rater* label files or rater*/ folders (found
+        image.nii.gz, seg1.nii.gz)"). ``summary.csv`` holds these rows too.
 
     Raises:
         RaterSegError: missing cohort folder or no case in it, unknown method or
@@ -185,7 +249,7 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     import raterseg as rs
 
     from ._device import resolve_device
-    from .datasets import find_cases
+    from .datasets import scan_cohort
     from .io import _write_text
 
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
@@ -202,19 +266,26 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     root = Path(cohort_dir)
     inside = out.resolve()
     # results written inside the cohort folder hold rater_* files: never take them for cases
-    case_dirs = [d for d in find_cases(root, "cohort_dir")
-                 if d.resolve() != inside and inside not in d.resolve().parents]
+    def outside(d: Path) -> bool:
+        return d.resolve() != inside and inside not in d.resolve().parents
+
+    found, not_cases = scan_cohort(root, "cohort_dir")
+    case_dirs = [d for d in found if outside(d)]
     if not case_dirs:
         raise RaterSegError(f"cohort_dir: expected case folders in '{root}' besides the "
                             f"output folder '{out}', found none")
     names = _case_names(root, case_dirs)
+    ignored = [{"case": d.relative_to(root).as_posix(), "status": "ignored", "method": method,
+                "error": why} for d, why in not_cases
+               if outside(d) and not (d.resolve() in inside.parents)]
     settings = {"num_classes": num_classes, "seed": seed}
     params = {k: v for k, v in m.params_dict.items() if k in params}  # coerced values
     rows: dict[str, dict] = {}
     todo: list[tuple[Path, str]] = []
-    replaced: dict[str, str] = {}  # case: the method of a result this run overwrites
+    replaced: dict[str, str] = {}  # case: the result this run overwrites, and why
     for d, name in zip(case_dirs, names):
-        done, previous = _earlier_result(out / name, method, params, settings)
+        done, previous = _earlier_result(out / name, method, params, settings, _inputs(d),
+                                         bool(force))
         if done is not None:
             rows[name] = {**done, "status": "skipped"}
         else:
@@ -235,6 +306,9 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             progress(TrainingEvent(count, total, f"{row['case']} {row['status']}",
                                    {"seconds": float(row.get("seconds") or 0.0)}))
 
+    if on_case is not None:
+        for row in ignored:
+            on_case(row)
     for name in names:
         if name in rows:
             finished(rows[name])
@@ -244,7 +318,7 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             finished(_fuse_one(*a))
     else:
         _fuse_parallel(args, workers, context, finished)
-    result = [rows[n] for n in names]
+    result = [rows[n] for n in names] + ignored
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "summary.csv", summary_csv(result))
     return result

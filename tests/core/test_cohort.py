@@ -214,3 +214,110 @@ def test_load_training_set_matches_raters_by_name(tmp_path):
     assert (raters[1, 1] == -1).all() and (raters[1, 2] >= 0).all()  # rater2 absent in case2
     case2 = rio.read_case(tmp_path / "a" / "case2")
     np.testing.assert_array_equal(raters[1, 2], case2.raters[1])
+
+
+def _bump_mtime(path):
+    """A file rewritten within the file system's time resolution keeps its mtime: move it on."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def test_rerun_redoes_a_case_whose_input_files_changed(tmp_path):
+    data = _write_cohort(tmp_path / "c", CASES[:2])
+    root, out = tmp_path / "c", tmp_path / "out"
+    rows = fuse_cohort(root, out, "majority_vote")
+    assert [r["status"] for r in rows] == ["fused", "fused"]
+    assert [e["path"] for e in rows[0]["inputs"]] == ["image.nii.gz", "rater1.nii.gz",
+                                                      "rater2.nii.gz", "rater3.nii.gz"]
+    assert [r["status"] for r in fuse_cohort(root, out, "majority_vote")] == ["skipped"] * 2
+    # case1: rater2 corrected (now empty) and a fourth rater delivered
+    raters = data["case1"].copy()
+    raters[1] = 0
+    rio.write_array(root / "case1" / "rater2.nii.gz", raters[1], {"spacing": (1.5, 1.5)})
+    _bump_mtime(root / "case1" / "rater2.nii.gz")
+    fourth = raters[0].copy()
+    rio.write_array(root / "case1" / "rater4.nii.gz", fourth, {"spacing": (1.5, 1.5)})
+    rows = fuse_cohort(root, out, "majority_vote")
+    assert [r["status"] for r in rows] == ["fused", "skipped"]
+    assert rows[0]["replaced"] == ("majority_vote, inputs changed (rater2.nii.gz modified, "
+                                   "rater4.nii.gz new)")
+    want = rs.fuse(np.concatenate([raters, fourth[None]]), method="majority_vote").truth
+    np.testing.assert_array_equal(rio.read_array(out / "case1" / "truth.nii.gz")[0], want)
+    with open(out / "summary.csv", newline="") as fh:
+        table = [t for t in csv.DictReader(fh) if t["case"] == "case1"]
+    assert [t["rater"] for t in table] == ["rater1", "rater2", "rater3", "rater4"]
+    assert float(table[1]["dice"]) == 0  # the corrected (empty) rater2
+    # a rater removed counts too; unchanged inputs are skipped again
+    (root / "case2" / "rater3.nii.gz").unlink()
+    rows = fuse_cohort(root, out, "majority_vote")
+    assert [r["status"] for r in rows] == ["skipped", "fused"]
+    assert rows[1]["replaced"] == "majority_vote, inputs changed (rater3.nii.gz removed)"
+    assert [r["status"] for r in fuse_cohort(root, out, "majority_vote")] == ["skipped"] * 2
+    # a marker of an older raterseg (no input record): the inputs are unknown, so redone
+    marker = json.loads((out / "case2" / MARKER).read_text())
+    del marker["inputs"]
+    (out / "case2" / MARKER).write_text(json.dumps(marker))
+    rows = fuse_cohort(root, out, "majority_vote")
+    assert [(r["status"], r.get("replaced")) for r in rows] == [
+        ("skipped", None), ("fused", "majority_vote, inputs not recorded")]
+    # force: every case again
+    rows = fuse_cohort(root, out, "majority_vote", force=True)
+    assert [(r["status"], r.get("replaced")) for r in rows] == \
+        [("fused", "majority_vote, redo forced")] * 2
+
+
+def test_folders_that_are_no_case_are_reported_not_dropped(tmp_path):
+    root = tmp_path / "c"
+    data = _write_cohort(root, CASES[:2])
+    shutil.copytree(root / "case1", root / "case3")
+    for r in (1, 2, 3):  # misnamed masks
+        (root / "case3" / f"rater{r}.nii.gz").rename(root / "case3" / f"seg{r}.nii.gz")
+    (root / "case4").mkdir()  # raters not delivered yet
+    shutil.copy(root / "case1" / "image.nii.gz", root / "case4")
+    (root / "notes").mkdir()
+    seen = []
+    rows = fuse_cohort(root, root / "fused", "majority_vote", on_case=seen.append)
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("case1", "fused"), ("case2", "fused"), ("case3", "ignored"), ("case4", "ignored"),
+        ("notes", "ignored")]  # the output folder inside the cohort is not listed
+    why = {r["case"]: r["error"] for r in rows[2:]}
+    assert why == {"case3": "no rater* label files or rater*/ folders (found image.nii.gz, "
+                            "seg1.nii.gz, seg2.nii.gz, seg3.nii.gz)",
+                   "case4": "no rater* label files or rater*/ folders (found image.nii.gz)",
+                   "notes": "empty folder"}
+    assert [r["case"] for r in seen[:3]] == ["case3", "case4", "notes"]
+    with open(root / "fused" / "summary.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(t["case"], t["status"], t["error"]) for t in table if t["status"] != "fused"] == \
+        [(k, "ignored", v) for k, v in why.items()]
+    assert len([t for t in table if t["status"] == "fused"]) == sum(map(len, data.values()))
+
+
+def test_cohort_root_with_a_raters_csv_is_still_a_cohort(tmp_path):
+    root = tmp_path / "c"
+    _write_cohort(root, [(2, (16, 16), 3), (2, (16, 16), 2)])
+    (root / "raters.csv").write_text("rater,name\nrater1,alice\n")
+    (root / "rater_notes.txt").write_text("rater2 was late\n")
+    rows = fuse_cohort(root, tmp_path / "out", "majority_vote")
+    assert [(r["case"], r["status"]) for r in rows] == [("case1", "fused"), ("case2", "fused")]
+    assert load_training_set(root)[2] == ["case1", "case2"]
+
+
+def test_a_tiff_image_beside_nifti_raters_keeps_their_geometry(tmp_path):
+    import nibabel as nib
+    import tifffile
+
+    _, raters, _ = synth.sample_case(dims=3, num_raters=3, seed=0, shape=(8, 12, 10))
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-40.0, 12.0, 7.5)
+    case = tmp_path / "c" / "case1"
+    case.mkdir(parents=True)
+    for r, lab in enumerate(raters):  # NIfTI (x, y, z): the array (z, y, x) is lab
+        nib.save(nib.Nifti1Image(lab.T.astype(np.int16), affine), case / f"rater{r + 1}.nii.gz")
+    tifffile.imwrite(case / "image.tif", np.ones(raters.shape[1:], np.float32))
+    rows = fuse_cohort(tmp_path / "c", tmp_path / "out", "majority_vote")
+    assert rows[0]["status"] == "fused", rows[0]["error"]
+    truth = nib.load(tmp_path / "out" / "case1" / "truth.nii.gz")
+    np.testing.assert_allclose(truth.affine, affine)
+    np.testing.assert_array_equal(np.asarray(truth.dataobj).T,
+                                  rs.fuse(raters, method="majority_vote").truth)

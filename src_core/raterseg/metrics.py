@@ -170,19 +170,30 @@ def cm_rmse(estimated, true, per_rater: bool = False) -> float | np.ndarray:
             ``[r, i, j] = p(rater r says i | truth j)``.
         per_rater: return one RMSE per rater (leading axis) instead of one number.
 
+    Entries that are NaN in either (raterseg's "not defined": a rater who annotated
+    nothing, a class that is never the truth) are left out of the mean; a rater with no
+    defined entry gets NaN with ``per_rater``.
+
     Raises:
-        RaterSegError: shapes differ, fewer than 2 dimensions, non-finite values.
+        RaterSegError: shapes differ, fewer than 2 dimensions, infinite values, or no
+            entry defined in both.
     """
     e, t = np.asarray(estimated, np.float64), np.asarray(true, np.float64)
     _same_shape(e, t, "estimated", "true")
     if e.ndim < 2:
         raise RaterSegError(f"estimated: expected confusion matrices (..., L, L), got shape {e.shape}")
-    if not (np.isfinite(e).all() and np.isfinite(t).all()):
-        raise RaterSegError("estimated/true: contain NaN or infinite values")
+    if np.isinf(e).any() or np.isinf(t).any():
+        raise RaterSegError("estimated/true: contain infinite values")
     sq = (e - t) ** 2
+    defined = ~np.isnan(sq)
+    if not defined.any():
+        raise RaterSegError("estimated/true: no entry is defined (not NaN) in both")
     if per_rater:
-        return np.sqrt(sq.reshape(sq.shape[0], -1).mean(axis=1))
-    return float(np.sqrt(sq.mean()))
+        d = defined.reshape(sq.shape[0], -1)
+        total = np.where(d, sq.reshape(sq.shape[0], -1), 0.0).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(np.where(d.any(axis=1), total / d.sum(axis=1), np.nan))
+    return float(np.sqrt(sq[defined].mean()))
 
 
 def _calibration_inputs(prob, target, mode: str):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import raterseg as rs
 import torch
+from raterseg import synth
 from raterseg.methods._base import empirical_confusion
 from raterseg.nn.losses import (
     cm_log_annotator_probs,
@@ -290,3 +291,20 @@ def test_phantom_cm_segments_held_out_cases(held_out_dice):
     m = rs.create("cm", device="cpu", seed=0, epochs=8, batch_size=8, lr=3e-3,
                   features=(4, 8, 8, 16, 16), val_fraction=0.0)
     assert held_out_dice(m) > 0.75
+
+
+def test_iter_fuse_case_gives_no_matrix_for_a_rater_who_annotated_nothing():
+    # the generator API (napari-style) follows rs.fuse: a silent rater has a NaN matrix,
+    # not whatever its untrained head outputs
+    image, truth = synth.phantom_2d((24, 24), seed=0)
+    raters = synth.simulate_raters(truth, ["good", "over", "under"], seed=0)
+    raters[2] = -1
+    m = rs.create("cm", epochs=1, features=(4, 4, 4, 4, 4), device="cpu")
+    gen = m.iter_fuse_case(raters, image)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        res = stop.value
+    assert np.isnan(res.rater_confusion[2]).all()
+    assert np.isfinite(res.rater_confusion[:2]).all()

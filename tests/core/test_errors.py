@@ -227,7 +227,7 @@ def test_learned_method_refuses_a_blank_image(method):
                   image, match="constant")
     images = np.zeros((2, 8, 8), np.float32)
     _expect_error(lambda: rs.create(method, epochs=1).fit(images, np.stack([raters, raters])),
-                  "images", images, match="every image is constant")
+                  "images", images, match="each image is constant")
     # one blank image among others is fine (e.g. padding slices)
     images[1, 2:5, 2:5] = 1.0
     rs.create(method, epochs=1, features=(4, 4, 4, 4, 4), val_fraction=0.0).fit(

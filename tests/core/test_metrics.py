@@ -69,6 +69,18 @@ def test_cm_rmse_by_hand():
     assert M.cm_rmse(both, np.stack([true, true])) == pytest.approx(math.sqrt(0.0125))
     with pytest.raises(RaterSegError, match="true"):
         M.cm_rmse(est, np.eye(3))
+    # NaN = not defined (a column of a class that never occurred): left out of the mean
+    gap = est.copy()
+    gap[:, 1] = np.nan
+    assert M.cm_rmse(gap, true) == pytest.approx(math.sqrt(0.01))  # errors .01 .01
+    silent = np.stack([est, np.full((2, 2), np.nan)])  # rater 2 annotated nothing
+    np.testing.assert_allclose(M.cm_rmse(silent, np.stack([true, true]), per_rater=True),
+                               [math.sqrt(0.025), np.nan])
+    assert M.cm_rmse(silent, np.stack([true, true])) == pytest.approx(math.sqrt(0.025))
+    with pytest.raises(RaterSegError, match="no entry"):
+        M.cm_rmse(np.full((2, 2), np.nan), true)
+    with pytest.raises(RaterSegError, match="infinite"):
+        M.cm_rmse(np.full((2, 2), np.inf), true)
 
 
 def test_reliability_bins_and_ece_by_hand():

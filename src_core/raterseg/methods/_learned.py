@@ -55,6 +55,7 @@ from ._base import (
     finish_result,
     normalized_entropy,
     param,
+    unannotated_as_nan,
 )
 
 __all__ = ["LearnedMethod"]
@@ -66,10 +67,12 @@ def _check_not_blank(imgs: np.ndarray, argname: str) -> None:
     drew (usually the wrong layer or file was passed as the image)."""
     flat = imgs.reshape(imgs.shape[0], imgs.shape[1], -1)
     if flat.shape[-1] and (flat.max(axis=-1) == flat.min(axis=-1)).all():
-        what = "the image is" if argname == "image" else "every image is"
+        lo, hi = float(flat.min()), float(flat.max())
+        value = f"{lo:g} everywhere" if lo == hi else f"values {lo:g} to {hi:g}"
+        what = "the image is" if argname == "image" else "each image is"
         raise RaterSegError(
             f"{argname}: expected an image with some contrast, but {what} constant "
-            f"({float(flat.flat[0]):g} everywhere); learned methods segment from the image: "
+            f"({value}); learned methods segment from the image: "
             "pass the scan the raters outlined, or use a classical method (staple, "
             "majority_vote), which needs no image")
 
@@ -358,10 +361,11 @@ class LearnedMethod(FusionMethod):
         confusion = out.get("rater_confusion")
         if confusion is None:
             confusion = empirical_confusion(stack.labels, prob)
-        return finish_result(prob, stack, self.name, self.params_dict, rater_confusion=confusion,
-                             rater_maps=out.get("rater_maps"),
-                             rater_estimates=out.get("rater_estimates"),
-                             history=list(self.history_))
+        result = finish_result(prob, stack, self.name, self.params_dict, rater_confusion=confusion,
+                               rater_maps=out.get("rater_maps"),
+                               rater_estimates=out.get("rater_estimates"),
+                               history=list(self.history_))
+        return unannotated_as_nan(result, stack)  # also for iter_fuse_case's callers
 
     def _fuse(self, stack: RaterStack, image: Any, progress: Progress) -> FusionResult:
         gen = self._iter_fuse(stack, image)

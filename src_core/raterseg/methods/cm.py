@@ -186,7 +186,8 @@ class ConfusionMatrices(LearnedMethod):
         rank = self.config.rank
         if rank >= num_classes:
             raise RaterSegError(
-                f"rank: expected 0 (full) or 2..{num_classes - 1} for {num_classes} classes, "
+                f"rank: expected 0 (full) or 2..{num_classes - 1}, as the network tells "
+                f"{num_classes} classes apart (the labels that occur in the training data), "
                 f"got {rank}"
             )
         return CMNetwork(spatial_dims, in_channels, self.config.features, num_classes,

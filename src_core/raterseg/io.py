@@ -12,7 +12,12 @@ Formats, chosen by the file name's ending:
                           stay in the file's orientation; ``meta["affine"]`` and
                           ``meta["header"]`` keep the geometry and ``write_array`` writes it
                           back, so read → write → read is exact.
-``.tif``, ``.tiff``       TIFF (tifffile), axes as stored: (H, W), (D, H, W), ...
+``.tif``, ``.tiff``       TIFF (tifffile), axes as stored: (H, W), (D, H, W), ...;
+                          RGB TIFFs (interleaved samples) as PNG colour: grey in RGB
+                          reads as one channel, other colour images channels first
+                          (C, H, W); RGB in separate planes stays (C, H, W). Spacing: the
+                          XResolution/YResolution tags for (y, x) (inch and cm units in
+                          mm; ImageJ files in their own unit, with ImageJ's z spacing).
 ``.npy``                  numpy, read with ``allow_pickle=False``.
 ``.npz``                  numpy archive; the array under ``key``, else the first of
                           :data:`NPZ_IMAGE_KEYS` then :data:`NPZ_LABEL_KEYS` (with
@@ -200,23 +205,80 @@ def _read_nifti(p: Path):
                  "header": img.header.copy(), "spacing": tuple(reversed(zooms))}
 
 
+#: TIFF ResolutionUnit → millimetres per unit (1 = none: the resolution is pixels per
+#: whatever unit, taken as it is; 4 and 5 are tifffile's millimetre and micrometre).
+_TIFF_UNIT_MM = {1: 1.0, 2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}
+#: TIFF Photometric value of RGB colour images.
+_TIFF_RGB = 2
+
+
+def _tiff_pixel_size(page, imagej: bool) -> tuple[float, float] | None:
+    """``(y, x)`` pixel size from the XResolution / YResolution tags (pixels per unit);
+    None without usable tags. In millimetres for inch and centimetre units (as ITK reads
+    them); in the file's own unit for ImageJ files (whose z spacing is in that unit) and
+    for unit "none"."""
+    tags = page.tags
+    try:
+        sizes = []
+        for name in ("YResolution", "XResolution"):
+            num, den = tags[name].value
+            sizes.append(float(den) / float(num))
+        unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    factor = 1.0 if imagej else _TIFF_UNIT_MM.get(unit)
+    if factor is None or not all(np.isfinite(v) and v > 0 for v in sizes):
+        return None
+    return sizes[0] * factor, sizes[1] * factor
+
+
 def _read_tiff(p: Path):
     import tifffile
 
     with tifffile.TiffFile(str(p)) as tif:
-        arr = tif.asarray()
+        arr = np.asarray(tif.asarray())
         meta: dict[str, Any] = {}
+        page = tif.pages[0]
+        axes = tif.series[0].axes if tif.series else ""
+        if (int(getattr(page, "photometric", 0) or 0) == _TIFF_RGB and axes.endswith("S")
+                and len(axes) == arr.ndim):
+            # interleaved colour samples (as scanners, Fiji and image editors write RGB)
+            # as PNG colour is read: grey in RGB is one channel, else channels first
+            # (C, *S). RGB in separate planes is left (C, H, W) as stored: tifffile writes
+            # any (3|4, H, W) array so unless told otherwise, a 3- or 4-slice volume too.
+            arr, meta = _colour_planes(arr)
         ij = tif.imagej_metadata or {}
         shaped = (tif.shaped_metadata or ({},))[0] or {}
         spacing = shaped.get("spacing")  # written by write_array, one entry per axis
         if isinstance(spacing, list) and len(spacing) == arr.ndim and all(
                 isinstance(v, (int, float)) and v > 0 for v in spacing):
             meta["spacing"] = tuple(float(v) for v in spacing)
-        elif "spacing" in ij and arr.ndim >= 3:
+        else:
+            spatial = arr.ndim - (1 if meta.get("channels_moved_first") else 0)
             spacing = [1.0] * arr.ndim
-            spacing[-3] = float(ij["spacing"])
-            meta["spacing"] = tuple(spacing)
-    return np.asarray(arr), meta
+            found = False
+            if "spacing" in ij and spatial >= 3:
+                spacing[-3] = float(ij["spacing"])
+                found = True
+            pixel = _tiff_pixel_size(page, bool(ij)) if spatial >= 2 else None
+            if pixel is not None:
+                spacing[-2:] = pixel
+                found = True
+            if found:
+                meta["spacing"] = tuple(spacing)
+    return arr, meta
+
+
+def _colour_planes(arr: np.ndarray) -> tuple[np.ndarray, dict]:
+    """A colour image ``(..., C)`` (samples last) as raterseg reads it: an opaque RGB(A)
+    image whose three channels are equal is grey ``(...)``; any other colour image is
+    channels first ``(C, ...)``."""
+    if arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        opaque = arr.shape[-1] == 3 or bool((arr[..., 3] == arr[..., 3].max()).all())
+        if opaque and (rgb == rgb[..., :1]).all():
+            return np.ascontiguousarray(rgb[..., 0]), {"gray_from_rgb": True}
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0)), {"channels_moved_first": True}
 
 
 def _read_npy(p: Path, argname: str = "path"):
@@ -298,11 +360,7 @@ def _read_2d(p: Path):
             raise ValueError(f"it holds a {img.format} image, not {wanted[0]}")
         arr = np.array(img)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3]
-        opaque = arr.shape[-1] == 3 or bool((arr[..., 3] == arr[..., 3].max()).all())
-        if opaque and (rgb == rgb[..., :1]).all():
-            return np.ascontiguousarray(rgb[..., 0]), {"gray_from_rgb": True}
-        return np.ascontiguousarray(np.moveaxis(arr, -1, 0)), {"channels_moved_first": True}
+        return _colour_planes(arr)
     if arr.ndim == 3 and arr.shape[-1] == 2:  # gray + alpha
         arr = np.ascontiguousarray(arr[..., 0])
     if arr.ndim != 2:
@@ -387,12 +445,13 @@ def _storable(arr: np.ndarray) -> np.ndarray:
 def _tiff_spacing(arr: np.ndarray, meta: dict) -> dict:
     """tifffile keywords keeping ``meta["spacing"]``: all of it in the JSON description
     (read back by :func:`_read_tiff`) and the pixel size of the last two axes as the
-    resolution tags other software reads (pixels per unit)."""
+    resolution tags other software reads (pixels per unit, ResolutionUnit none: raterseg
+    does not know the spacing's unit)."""
     spacing = [float(v) for v in (meta.get("spacing") or ())]
     if len(spacing) != arr.ndim or not all(v > 0 for v in spacing) or arr.ndim < 2:
         return {}
     return {"metadata": {"spacing": spacing},
-            "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2])}
+            "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2]), "resolutionunit": 1}
 
 
 def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *,
@@ -428,7 +487,9 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
             elif fmt == "tiff":
                 import tifffile
 
-                tifffile.imwrite(str(tmp), arr, **_tiff_spacing(arr, meta))
+                # never photometric RGB: an array (D, H, 3) is three columns, not colour
+                tifffile.imwrite(str(tmp), arr, photometric="minisblack",
+                                 **_tiff_spacing(arr, meta))
             elif fmt == "npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)

@@ -514,3 +514,69 @@ def test_tiff_keeps_the_voxel_spacing(tmp_path):
     assert x[0] / x[1] == pytest.approx(4.0) and y[0] / y[1] == pytest.approx(2.0)
     rio.write_array(tmp_path / "plain.tif", arr)  # no spacing given: unit spacing
     assert rio.read_array(tmp_path / "plain.tif")[1]["spacing"] == (1.0, 1.0, 1.0)
+    with tifffile.TiffFile(tmp_path / "v.tif") as tif:  # pixels per unit "none": no inch
+        assert int(tif.pages[0].tags["ResolutionUnit"].value) == 1
+
+
+def test_rgb_tiff_reads_as_png_colour_does(tmp_path, rng):
+    import tifffile
+
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:7, 3:9] = 255
+    tifffile.imwrite(tmp_path / "grey.tif", np.stack([mask] * 3, -1), photometric="rgb")
+    back, meta = rio.read_array(tmp_path / "grey.tif")
+    np.testing.assert_array_equal(back, mask)  # grey in RGB: one channel
+    assert meta["spacing"] == (1.0, 1.0)
+    lab, _ = ds.read_labels(tmp_path / "grey.tif")
+    assert lab.shape == (10, 12) and set(np.unique(lab)) == {0, 1}
+    colour = rng.integers(0, 256, (10, 12, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "he.tif", colour, photometric="rgb")
+    back, meta = rio.read_array(tmp_path / "he.tif")
+    np.testing.assert_array_equal(back, np.moveaxis(colour, -1, 0))  # channels first
+    assert meta["channels_moved_first"] and meta["spacing"] == (1.0, 1.0, 1.0)
+    with pytest.raises(RaterSegError, match=r"he.tif.*colour image \(3 channels\)"):
+        ds.read_labels(tmp_path / "he.tif")
+    # RGBA with an opaque alpha and grey colour is grey; a colour stack is (C, D, H, W)
+    rgba = np.stack([mask] * 3 + [np.full_like(mask, 255)], -1)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "rgba.tif")[0], mask)
+    stack = rng.integers(0, 256, (4, 10, 12, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="rgb")
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "stack.tif")[0],
+                                  np.moveaxis(stack, -1, 0))
+    # arrays with 3 columns written by raterseg are no colour image, whatever tifffile guesses
+    thin = rng.integers(0, 5, (6, 10, 3)).astype(np.uint8)
+    rio.write_array(tmp_path / "thin.tif", thin)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "thin.tif")[0], thin)
+    np.testing.assert_array_equal(ds.read_labels(tmp_path / "thin.tif")[0], thin)
+
+
+def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
+    import tifffile
+
+    vol = np.zeros((6, 8, 10), np.uint8)
+    # ImageJ: 0.5 um pixels, 2 um slices; spacing (z, y, x) in ImageJ's unit
+    tifffile.imwrite(tmp_path / "ij.tif", vol, imagej=True, resolution=(2.0, 4.0),
+                     metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
+    assert rio.read_array(tmp_path / "ij.tif")[1]["spacing"] == pytest.approx((2.0, 0.25, 0.5))
+    # plain TIFF: inch and centimetre resolutions in mm (as ITK reads them), "none" as given
+    for unit, res, want in [("CENTIMETER", (40.0, 20.0), (0.5, 0.25)),
+                            ("INCH", (25.4, 12.7), (2.0, 1.0)), ("NONE", (4.0, 2.0), (0.5, 0.25))]:
+        tifffile.imwrite(tmp_path / "p.tif", vol[0], resolution=res, resolutionunit=unit)
+        assert rio.read_array(tmp_path / "p.tif")[1]["spacing"] == pytest.approx(want), unit
+    # a colour image: the channel axis has no spacing
+    tifffile.imwrite(tmp_path / "c.tif", np.random.default_rng(0).integers(
+        0, 255, (8, 10, 3), dtype=np.uint8), photometric="rgb", resolution=(40.0, 20.0),
+        resolutionunit="CENTIMETER")
+    assert rio.read_array(tmp_path / "c.tif")[1]["spacing"] == pytest.approx((1.0, 0.5, 0.25))
+    # through a case folder into the NIfTI outputs
+    (tmp_path / "case").mkdir()
+    for r in (1, 2):
+        tifffile.imwrite(tmp_path / "case" / f"rater{r}.tif", vol, imagej=True,
+                         resolution=(2.0, 2.0), metadata={"spacing": 2.0, "unit": "um",
+                                                          "axes": "ZYX"})
+    case = ds.read_case(tmp_path / "case")
+    res = rs.fuse(case.raters, method="majority_vote")
+    rio.write_result(tmp_path / "out", res, case.meta)
+    assert nib.load(tmp_path / "out" / "truth.nii.gz").header.get_zooms() == \
+        pytest.approx((0.5, 0.5, 2.0))

@@ -105,7 +105,8 @@ class _ArraySource(_Source):
 class _NiftiSource(_Source):
     """A NIfTI file through nibabel's proxy, seen as ``(z, y, x)`` (:mod:`raterseg.io`'s
     convention): a slab of z is a contiguous run of the file. Values are read as nibabel
-    (and :mod:`raterseg.io`) reads them, scl_slope/scl_inter applied."""
+    (and :mod:`raterseg.io`) reads them, scl_slope/scl_inter applied. A file of shape
+    (x, y, z, 1) is the volume (x, y, z)."""
 
     float_ok = True
 
@@ -113,7 +114,14 @@ class _NiftiSource(_Source):
         self.proxy, self.name, self.path = img.dataobj, name, Path(name)
         self.header = img.header
         self.affine = np.asarray(img.affine, np.float64)
-        self.shape = tuple(int(s) for s in reversed(self.proxy.shape))
+        file_shape = tuple(int(s) for s in self.proxy.shape)
+        # a label map saved as (x, y, z, 1) (one volume of a 4th axis) is the volume
+        # (x, y, z), as read_labels reads it
+        spatial = len(file_shape)
+        while spatial > 3 and file_shape[spatial - 1] == 1:
+            spatial -= 1
+        self.extra = len(file_shape) - spatial  # trailing singleton axes, indexed with 0
+        self.shape = tuple(reversed(file_shape[:spatial]))
         # nibabel moves the scaling from the header into the proxy when it loads a file
         scaled = (getattr(self.proxy, "slope", 1.0), getattr(self.proxy, "inter", 0.0)) != (1.0, 0.0)
         self.dtype = np.dtype(np.float64) if scaled else np.dtype(img.get_data_dtype())
@@ -130,7 +138,9 @@ class _NiftiSource(_Source):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         try:
-            return np.asarray(self.proxy[..., start:stop]).T
+            key = (slice(None),) * (len(self.shape) - 1) + (slice(start, stop),) \
+                + (0,) * self.extra
+            return np.asarray(self.proxy[key]).T
         except (OSError, EOFError, ValueError, zlib.error) as exc:  # damaged data
             self._damaged(f"{type(exc).__name__}: {exc}")
 

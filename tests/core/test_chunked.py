@@ -326,6 +326,29 @@ def test_nifti2_and_2d_nifti_raters(tmp_path):
     assert (tmp_path / "out2" / "truth.npy").exists()
 
 
+def test_4d_nifti_rater_with_one_volume_is_the_3d_volume(tmp_path):
+    """A rater saved as (x, y, z, 1), as some tools save label maps: read_labels takes it
+    as (x, y, z), and so does fuse_chunked (first rater or not, .nii or .nii.gz)."""
+    nib = pytest.importorskip("nibabel")
+    from raterseg.datasets import read_labels
+
+    raters = _raters_3d(missing=False)[:3]
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    paths = [tmp_path / "r0.nii", tmp_path / "r1.nii.gz", tmp_path / "r2.nii.gz"]
+    for p, lab, four_d in zip(paths, raters, (True, False, True)):
+        nib.save(nib.Nifti1Image(lab[..., None] if four_d else lab, affine), p)
+    as_read = np.stack([read_labels(p)[0] for p in paths])
+    assert as_read.shape == (3, *raters.shape[:0:-1])  # (3, z, y, x)
+    ref = rs.fuse(as_read, method="staple")
+    res = rs.fuse_chunked(paths, tmp_path / "out", method="staple", chunk_voxels=3000)
+    _same(ref, res)
+    truth = nib.load(tmp_path / "out" / "truth.nii")  # NIfTI out: the 3D volume
+    assert truth.shape == raters.shape[1:]
+    np.testing.assert_allclose(truth.header.get_zooms(), (0.7, 0.8, 2.5))
+    assert json.loads((tmp_path / "out" / "fusion.json").read_text())["spacing"] == \
+        pytest.approx([2.5, 0.8, 0.7])
+
+
 def _set_nifti_scaling(path: Path, slope: float, inter: float = 0.0) -> None:
     """Write scl_slope/scl_inter (bytes 112-119 of an uncompressed NIfTI-1 header)."""
     with open(path, "r+b") as f:

@@ -70,8 +70,9 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     the file name says so (``mask``, ``label``, ``seg``, ``rater``, …) or when they hold
     at most 32 distinct values (a CT or an 8-bit photo holds many more). Float arrays
     (ITK tools often save masks as float32) are labels when every value is a whole number
-    in ``-1..255`` and the file name says so, or when they hold only 0 and 1 or only 0
-    and 255 (a binary mask, whatever the file is called).
+    (up to float round-off, as the core reads label files: 0.99999994 is 1) in ``-1..255``
+    and the file name says so, or when they hold only 0 and 1 or only 0 and 255 (a binary
+    mask, whatever the file is called).
     """
     if arr.dtype == bool:
         return True
@@ -79,9 +80,12 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     if arr.size == 0:
         return False
     if arr.dtype.kind == "f":
-        from raterseg.datasets import is_0_255_mask, whole_numbers
+        from raterseg import RaterSegError
+        from raterseg.datasets import is_0_255_mask, rounded_labels
 
-        if not whole_numbers(arr):
+        try:
+            arr = rounded_labels(arr, "labels")
+        except RaterSegError:  # fractional or non-finite values: an image
             return False
         binary = (arr.max() == 1 and bool(((arr == 0) | (arr == 1)).all())) or is_0_255_mask(arr)
         if not (hinted or binary):
@@ -101,13 +105,18 @@ def as_labels(arr: np.ndarray) -> np.ndarray:
     """A label map read from a file as the core reads rater files
     (:func:`raterseg.datasets.read_labels`): bool → 0/1, a mask holding only 0 and 255
     (any dtype) → 0/1 (taken as classes 0..255 it would fuse into 256-class maps),
-    whole-number floats → int16. Other integer arrays are returned as they are."""
-    from raterseg.datasets import is_0_255_mask
+    whole-number floats (up to float round-off: a float32 0.99999994 is 1) → int16.
+    Other integer arrays are returned as they are.
+
+    Raises:
+        RaterSegError: float values that are not whole numbers (0.5, NaN).
+    """
+    from raterseg.datasets import is_0_255_mask, rounded_labels
 
     if arr.dtype == bool:
         return arr.view(np.uint8)  # freshly read: a view is safe and saves a copy
     if arr.dtype.kind == "f":
-        arr = arr.astype(np.int16)
+        arr = rounded_labels(arr, "labels").astype(np.int16)
     if is_0_255_mask(arr):
         return arr // 255
     return arr
@@ -120,7 +129,12 @@ def _scale(meta: dict, ndim: int) -> tuple[float, ...]:
 
 
 def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
-    """One image or labels layer for an array read from a file."""
+    """One image or labels layer for an array read from a file; a colour image (an RGB
+    TIFF, read channels first) is an RGB image layer, channels last as napari shows them."""
+    if meta.get("channels_moved_first") and arr.ndim >= 3 and arr.shape[0] in (3, 4):
+        return np.moveaxis(arr, 0, -1), {"name": name, "rgb": True,
+                                         "scale": _scale(meta, arr.ndim - 1),
+                                         "metadata": {IO_META_KEY: meta}}, "image"
     kwargs = {"name": name, "scale": _scale(meta, arr.ndim), "metadata": {IO_META_KEY: meta}}
     if looks_like_labels(arr, name):
         return as_labels(arr), kwargs, "labels"
@@ -173,13 +187,10 @@ def read_npz(path: str) -> list[LayerData]:
     used: set[str] = set()
     if rater_key is not None:
         raters, meta = arrays[rater_key]
-        from raterseg.datasets import whole_numbers
+        if raters.dtype.kind == "f":
+            from raterseg.datasets import rounded_labels
 
-        if raters.dtype.kind == "f" and not whole_numbers(raters):
-            from raterseg import RaterSegError
-
-            raise RaterSegError(f"{rater_key} ('{path}'): expected integer class labels, got "
-                                "fractional or non-finite values")
+            raters = rounded_labels(raters, f"{rater_key} ('{path}')")
         raters = as_labels(raters)
         img = arrays[image_key][0] if image_key else None
         if img is not None and raters.ndim == img.ndim + 1 and raters.shape[2:] == img.shape[1:] \

@@ -247,3 +247,39 @@ def test_npz_raters_saved_as_0_255_or_float_are_binary_labels(tmp_path):
         for data, _, _ in layers[1:]:
             assert data.dtype.kind in "iu"
             np.testing.assert_array_equal(data, lab)
+
+
+def test_float_round_off_masks_open_as_the_labels_the_cli_reads(tmp_path):
+    # float32 0.99999994 (a mask resampled or saved through float arithmetic) is label 1 for
+    # the CLI (read_labels rounds values within 1e-3 of a whole number); a plain astype made
+    # it 0, an empty mask, and the strict check opened it as an image
+    from raterseg import RaterSegError
+    from raterseg.datasets import read_labels
+
+    img, lab = _blob((6, 10, 12))
+    off = (lab * np.float32(0.99999994)).astype(np.float32)
+    assert (off[lab == 1] < 1).all()
+    nib.save(nib.Nifti1Image(off, np.eye(4)), tmp_path / "rater_a.nii.gz")
+    ((data, _, kind),) = rd.read_files(str(tmp_path / "rater_a.nii.gz"))
+    assert kind == "labels" and data.dtype.kind in "iu"
+    np.testing.assert_array_equal(data, read_labels(tmp_path / "rater_a.nii.gz")[0])
+    assert data.sum() == lab.sum()
+    np.testing.assert_array_equal(rd.as_labels(off[3] + np.float32(1.0000001)), lab[3] + 1)
+    # .npz raters too; fractions are still refused there, naming the array
+    np.savez(tmp_path / "c.npz", image=img[3], raters=np.stack([off[3], off[3]]))
+    layers = rd.read_files(str(tmp_path / "c.npz"))
+    assert [k for *_, k in layers] == ["image", "labels", "labels"]
+    np.testing.assert_array_equal(layers[1][0], lab[3])
+    np.savez(tmp_path / "d.npz", image=img[3], raters=np.stack([lab[3] * 0.5] * 2))
+    with pytest.raises(RaterSegError, match=r"raters \('.*d.npz'\): expected integer class labels"):
+        rd.read_files(str(tmp_path / "d.npz"))
+
+
+def test_rgb_tiff_opens_as_an_rgb_image_layer(tmp_path):
+    colour = np.random.default_rng(0).integers(0, 256, (10, 12, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "he.tif", colour, photometric="rgb", resolution=(40.0, 20.0),
+                     resolutionunit="CENTIMETER")
+    ((data, kw, kind),) = rd.read_files(str(tmp_path / "he.tif"))
+    assert kind == "image" and kw["rgb"] is True
+    np.testing.assert_array_equal(data, colour)  # channels last, as napari shows colour
+    assert kw["scale"] == pytest.approx((0.5, 0.25))

@@ -265,11 +265,6 @@ def _add_fuse(sub) -> None:
     p.set_defaults(func=_run_fuse)
 
 
-#: Said where NIfTI files meet files without geometry whose shapes are each other's reverse.
-_AXES_HINT = ("axes reversed? raterseg reads NIfTI (x, y, z) as arrays (z, y, x); save .npy "
-              "from nibabel with .T")
-
-
 def _distinct_names(paths: Sequence[str | os.PathLike], names: list[str],
                     sep: str = "/") -> list[str]:
     """``names`` (one per path) made distinct: names that several paths share become their
@@ -375,14 +370,6 @@ def _read_rater_file(path: str) -> tuple[np.ndarray, dict]:
     return _as_labels(arr, meta, "raters"), meta
 
 
-def _axes_reversed(items: Sequence[tuple[tuple[int, ...], dict]]) -> bool:
-    """Whether a NIfTI file and a file without NIfTI geometry have shapes that are each
-    other's reverse (an array saved from nibabel without ``.T``)."""
-    nifti = {s for s, m in items if m.get("format") == "nifti"}
-    other = {s for s, m in items if m.get("format") != "nifti"}
-    return any(len(a) > 1 and a != b and a == b[::-1] for a in nifti for b in other)
-
-
 def _note_axis_order(items: Sequence[tuple[tuple[int, ...], dict]],
                      shape: tuple[int, ...]) -> None:
     """One line on stderr where NIfTI and non-NIfTI files meet and the raters' ``shape`` is
@@ -395,18 +382,14 @@ def _note_axis_order(items: Sequence[tuple[tuple[int, ...], dict]],
               f"array from nibabel needs .T), which their shape cannot show")
 
 
-def _image_grid_words(err: RaterSegError) -> RaterSegError:
-    """The grid mismatch of the image and the raters: either can be resampled."""
-    return RaterSegError(str(err).replace("resample the labels onto one grid",
-                                          "resample the image or the labels onto one grid"))
-
-
 def _read_inputs(paths: list[str], image_path: str | None):
     """(raters, rater_names, image or None, meta) from the fuse command's arguments."""
     from .datasets import (
         _IMAGE_STEMS,
+        AXES_HINT,
         _match_image,
         _stem,
+        axes_reversed,
         check_same_grid,
         read_case,
         read_image,
@@ -421,10 +404,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
 
     first = Path(paths[0])
     if len(paths) == 1 and is_case(first):
-        try:
-            case = read_case(first)
-        except RaterSegError as err:
-            raise _image_grid_words(err) from None
+        case = read_case(first)
         raters, names, image, meta = case.raters, case.rater_names, case.image, case.meta
         items = [(raters.shape[1:], meta)]
     elif len(paths) == 1 and first.is_file() and first.name.lower().endswith(".npz"):
@@ -451,7 +431,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         items = list(zip(shapes, metas))
         if len(set(shapes)) != 1:
             listing = ", ".join(f"'{p}' {s}" for p, s in zip(paths, shapes))
-            hint = f" ({_AXES_HINT})" if _axes_reversed(items) else ""
+            hint = f" ({AXES_HINT})" if axes_reversed(items) else ""
             raise RaterSegError(f"raters: expected every rater's labels to have the same shape, "
                                 f"got {listing}{hint}")
         # the outputs take the geometry of the first NIfTI rater (check_same_grid: they share it)
@@ -468,14 +448,11 @@ def _read_inputs(paths: list[str], image_path: str | None):
         rater_meta = meta
         image, image_meta = read_image(image_path)
         items = [(tuple(image.shape), image_meta), *items]
-        if _axes_reversed(items) and tuple(image.shape) != tuple(raters.shape[1:]):
+        if axes_reversed(items) and tuple(image.shape) != tuple(raters.shape[1:]):
             raise RaterSegError(f"image ('{image_path}'): expected shape {raters.shape[1:]} to "
-                                f"match the raters, got {image.shape} ({_AXES_HINT})")
+                                f"match the raters, got {image.shape} ({AXES_HINT})")
         raters = _match_image(image, raters, image_path)
-        try:
-            check_same_grid([(str(paths[0]), rater_meta), (image_path, image_meta)], "--image")
-        except RaterSegError as err:
-            raise _image_grid_words(err) from None
+        check_same_grid([(str(paths[0]), rater_meta), (image_path, image_meta)], "--image")
         meta = image_meta
         if image_meta.get("affine") is None and rater_meta.get("affine") is not None:
             # an image without geometry (TIFF, .npy, PNG): the outputs keep the raters'
@@ -735,7 +712,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             row = [name]
             for m in est:
                 cm = results[m].rater_confusion[r]
-                row.append(f"{cm[1, 1]:.3f} / {cm[0, 0]:.3f}")
+                row.append(f"{_fmt(float(cm[1, 1])).strip()} / "
+                           f"{_fmt(float(cm[0, 0])).strip()}")
             erows.append(row)
         print(_table(erows, ["rater", *est]))
     print(f"\nWrote image.nii.gz, known_truth.nii.gz, rater*.nii.gz and one folder per method "
@@ -809,13 +787,7 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
                             f"got the folder '{args.output}'")
     # checked on every process before training (rank 0 creates the folder only at the end)
     _check_output_folder(out.absolute().parent)
-    try:
-        images, raters, ids = load_training_set(args.data)
-    except RaterSegError as err:  # the dataset readers call it 'path'; the command, DATA
-        msg = str(err)
-        if msg.startswith("path: "):
-            raise RaterSegError("DATA: " + msg[len("path: "):]) from None
-        raise
+    images, raters, ids = load_training_set(args.data)
     top = int(raters.max()) if raters.size else 0
     if args.num_classes is not None and top >= args.num_classes:  # before any progress line
         raise RaterSegError(f"DATA: expected labels in 0..{args.num_classes - 1} (--num-classes "
@@ -1049,9 +1021,11 @@ def _add_fuse_dir(sub) -> None:
                                    "files, or LIDC patient/nodule folders) into OUT/<case>/, "
                                    "and write OUT/summary.csv (per case and rater: "
                                    "sensitivity, specificity, Dice against the fused truth). "
-                                   "Cases finished by an earlier run with the same method and "
-                                   "parameters are skipped; a failing case is reported and "
-                                   "the others go on (exit code 1 if any failed).",
+                                   "Cases finished by an earlier run with the same method, "
+                                   "parameters and input files are skipped (--force fuses "
+                                   "them again); a failing case is reported and "
+                                   "the others go on (exit code 1 if any failed). "
+                                   "Sub-folders that are no case are named on stderr.",
                        epilog="Example: raterseg fuse-dir cohort/ --method staple --workers 2 "
                               "-o fused/")
     p.add_argument("cohort", metavar="COHORT", help="folder of case folders")
@@ -1065,7 +1039,13 @@ def _add_fuse_dir(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--output", "-o", required=True, help="output folder")
-    _add_threads(p)
+    p.add_argument("--force", action="store_true",
+                   help="fuse every case again, even those an earlier run finished with the "
+                        "same method, parameters and input files")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads of each process (torch.set_num_threads; default: torch's "
+                        "default, one per core, with --workers 1, else the cores shared out "
+                        "among the workers)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_fuse_dir)
 
@@ -1074,27 +1054,28 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
     from .cohort import fuse_cohort
 
     params = _parse_sets(args.params)
-    if args.threads is not None and args.workers > 1:
-        # fuse_cohort gives each of its processes cpu_count // workers threads
-        raise RaterSegError(f"--threads: applies with --workers 1; with --workers "
-                            f"{args.workers} each process takes (CPU cores) / {args.workers} "
-                            f"threads ({max(1, (os.cpu_count() or 1) // args.workers)} here)")
     _set_threads(args)
     _check_output_folder(args.output)
     progress = TextProgress(f"fuse-dir {args.method}", quiet=args.quiet)
 
     def on_case(row: dict) -> None:
-        if row["status"] == "failed":  # always shown, even with -q
+        # failures and ignored folders are always shown, even with -q
+        if row["status"] == "failed":
             progress.close()
             print(f"raterseg fuse-dir: case '{row['case']}' failed: "
                   f"{_cli_words(str(row['error']))}",
+                  file=sys.stderr, flush=True)
+        elif row["status"] == "ignored":
+            progress.close()
+            print(f"raterseg fuse-dir: folder '{row['case']}' ignored: {row['error']}",
                   file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     try:
         rows = fuse_cohort(args.cohort, args.output, args.method, workers=args.workers,
                            progress=progress, num_classes=args.num_classes, device=args.device,
-                           seed=args.seed, on_case=on_case, **params)
+                           seed=args.seed, on_case=on_case, force=args.force,
+                           threads=args.threads, **params)
     except RaterSegError as e:  # name the arguments as the user typed them
         msg = str(e)
         for api, cli in (("cohort_dir: ", "COHORT: "), ("out_dir: ", "--output: ")):
@@ -1113,10 +1094,14 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
                       _fmt(float(np.nanmean(dice))) if dice and np.isfinite(dice).any() else "",
                       ])
     print(_table(table, ["case", "status", "raters", "time (s)", "mean rater Dice"]))
-    count = {k: sum(r["status"] == k for r in rows) for k in ("fused", "skipped", "failed")}
+    count = {k: sum(r["status"] == k for r in rows)
+             for k in ("fused", "skipped", "failed", "ignored")}
+    cases = len(rows) - count["ignored"]
+    ignored = (f", {count['ignored']} folder{'s' * (count['ignored'] != 1)} ignored"
+               if count["ignored"] else "")
     print(f"{args.method}: {count['fused']} fused, {count['skipped']} already done, "
-          f"{count['failed']} failed, of {len(rows)} cases in {seconds:.1f} s; per-rater "
-          f"statistics in {Path(args.output) / 'summary.csv'}")
+          f"{count['failed']} failed, of {cases} case{'s' * (cases != 1)}{ignored} in "
+          f"{seconds:.1f} s; per-rater statistics in {Path(args.output) / 'summary.csv'}")
     return 1 if count["failed"] else 0
 
 

@@ -19,13 +19,14 @@ arrays ``fit`` wants.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import io as _pyio
 import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,10 @@ def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,
         res = rs.fuse(case.raters, image=case.image, method=method, num_classes=num_classes,
                       device=device, seed=seed, **params)
         written = write_result(case_out, res, case.meta, rater_names=case.rater_names)
+        import torch
+
         row.update(status="fused", seconds=time.perf_counter() - t0,
+                   threads=torch.get_num_threads(),
                    voxels=int(res.truth.size), raters=len(case.rater_names),
                    classes=int(res.num_classes), error="",
                    files=[p.name for p in written.values()],
@@ -209,7 +213,7 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
                 workers: int = 1, progress: Callable[[TrainingEvent], None] | None = None, *,
                 num_classes: int | None = None, device: Any = None, seed: int = 0,
                 on_case: Callable[[dict], None] | None = None, force: bool = False,
-                **params: Any) -> list[dict]:
+                threads: int | None = None, **params: Any) -> list[dict]:
     """Fuse every case of a cohort into ``out_dir/<case>/``; resumable and parallel.
 
     Args:
@@ -225,13 +229,16 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             first with the row of each ignored folder.
         force: fuse every case again, even those an earlier run finished with the same
             method, parameters and input files.
+        threads: torch threads of each process fusing cases (default: with ``workers > 1``
+            the CPU cores shared out, ``cpu_count // workers`` and at least 1; with one
+            process, this process's own setting). This process's setting is restored after.
 
     Returns:
         One dict per case, in cohort order: ``case``, ``status`` ("fused", "skipped": done
         by an earlier run with the same method and parameters from the same input files,
         "failed"), ``method``, ``params``, ``seconds``, ``voxels``, ``raters``,
         ``classes``, ``error`` ("" unless failed), ``process`` (the id of the process that
-        fused it), ``files``, ``inputs`` (each input file's ``path`` in the case folder,
+        fused it), ``threads`` (its torch threads), ``files``, ``inputs`` (each input file's ``path`` in the case folder,
         ``size`` and ``mtime_ns`` when it was read), ``rater_stats`` (per rater: ``rater``
         name, ``annotated``, ``sensitivity``, ``specificity``, ``dice`` against the fused
         truth) and, for a fused case that overwrote an earlier result, ``replaced`` (what
@@ -243,8 +250,8 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
 
     Raises:
         RaterSegError: missing cohort folder or no case in it, unknown method or
-            parameter, bad ``workers`` or ``device``. Problems of single cases do not
-            raise: they are rows with status "failed".
+            parameter, bad ``workers``, ``threads`` or ``device``. Problems of single
+            cases do not raise: they are rows with status "failed".
     """
     import raterseg as rs
 
@@ -255,6 +262,9 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
         raise RaterSegError(f"workers: expected an integer >= 1, got {workers!r}")
     workers = int(workers)
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads
+                                or threads < 1):
+        raise RaterSegError(f"threads: expected an integer >= 1 or None, got {threads!r}")
     # start the worker server first: it imports torch while this process checks the arguments
     context = _context() if workers > 1 else None
     out = Path(out_dir)
@@ -314,27 +324,46 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
             finished(rows[name])
     args = [(str(d), name, str(out), method, params, num_classes, device, seed) for d, name in todo]
     if workers == 1 or len(todo) <= 1:
-        for a in args:
-            finished(_fuse_one(*a))
+        with _torch_threads(threads):
+            for a in args:
+                finished(_fuse_one(*a))
     else:
-        _fuse_parallel(args, workers, context, finished)
+        _fuse_parallel(args, workers, context, finished, threads)
     result = [rows[n] for n in names] + ignored
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "summary.csv", summary_csv(result))
     return result
 
 
-def _fuse_parallel(args: list[tuple], workers: int, context, finished: Callable[[dict], None]) -> None:
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch threads (None: as set), restoring them after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fuse_parallel(args: list[tuple], workers: int, context, finished: Callable[[dict], None],
+                   threads: int | None = None) -> None:
     """Fuse the cases of ``args`` in this process and ``workers - 1`` worker processes.
 
     This process takes cases too, so work starts at once while the workers start up (the
     fork server imports torch: seconds). Each worker keeps one case queued so it never
     waits for this process to hand out the next one. (The pool's shutdown still waits for
     its workers to have started, so a cohort of a few small cases takes the start-up time.)
+    Each process runs ``threads`` torch threads (default: the cores shared out).
     """
     import torch
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = int(threads or max(1, (os.cpu_count() or 1) // workers))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # this process is one of the workers while the pool runs
     inflight: dict[cf.Future, str] = {}
@@ -415,7 +444,7 @@ def load_training_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
     if not p.exists():
         raise RaterSegError(f"DATA: no such file or folder '{p}'")
     if p.is_file():
-        ds = load_npz_dataset(p)
+        ds = load_npz_dataset(p, argname="DATA")
         ids = [str(i) for i in ds.ids] if ds.ids is not None else \
             [f"case{i}" for i in range(ds.raters.shape[0])]
         return ds.images, ds.raters, ids

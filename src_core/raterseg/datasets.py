@@ -133,7 +133,8 @@ def check_same_grid(named_metas: Sequence[tuple[str, dict]], argname: str) -> No
     such inputs too.
 
     Raises:
-        RaterSegError: ``argname``, naming the two files.
+        RaterSegError: ``argname``, naming the two files (for ``image`` / ``--image``, the
+            image against a rater: either can be resampled).
     """
     ref: tuple[str, np.ndarray] | None = None
     for name, meta in named_metas:
@@ -146,9 +147,10 @@ def check_same_grid(named_metas: Sequence[tuple[str, dict]], argname: str) -> No
         voxel = float(np.linalg.norm(ref[1][:3, :3], axis=0).min()) or 1.0
         diff = float(np.abs(affine - ref[1]).max())
         if diff > 1e-3 * voxel:
+            what = "the image or the labels" if argname.lstrip("-") == "image" else "the labels"
             raise RaterSegError(
                 f"{argname}: '{name}' lies on another voxel grid than '{ref[0]}' (their NIfTI "
-                f"affines differ by up to {diff:.3g}); resample the labels onto one grid first")
+                f"affines differ by up to {diff:.3g}); resample {what} onto one grid first")
 
 
 def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
@@ -252,16 +254,17 @@ def _read_slices(files: list[Path], argname: str) -> tuple[np.ndarray, dict]:
     return np.stack(arrays), meta
 
 
-def _read_any(path: Path, argname: str) -> tuple[np.ndarray, dict]:
-    """A file, a folder holding one file, or a folder of 2D slices."""
+def _read_any(path: Path, argname: str, labels: bool = False) -> tuple[np.ndarray, dict]:
+    """A file, a folder holding one file, or a folder of 2D slices. ``labels``: an
+    ``.npz`` holding an image and raters gives its raters (:func:`raterseg.io.npz_key`)."""
     if not path.is_dir():
-        return read_array(path, argname=argname)
+        return read_array(path, argname=argname, labels=labels)
     files = [e for e in _entries(path) if e.is_file() and is_supported(e)]
     if not files:
         raise RaterSegError(f"{argname}: expected label or image files in the folder '{path}', "
                             f"found none with an ending in {', '.join(SUFFIXES)}")
     if len(files) == 1:
-        return read_array(files[0], argname=argname)
+        return read_array(files[0], argname=argname, labels=labels)
     return _read_slices(files, argname)
 
 
@@ -280,7 +283,7 @@ def read_labels(path: str | os.PathLike, argname: str = "raters") -> tuple[np.nd
     p = Path(path)
     if not p.exists():
         raise RaterSegError(f"{argname}: no such file or folder '{p}'")
-    arr, meta = _read_any(p, argname)
+    arr, meta = _read_any(p, argname, labels=True)
     if meta.get("format") == "nifti" and arr.ndim > 3 and arr.shape[0] == 1:
         # a NIfTI (x, y, z, 1) (reads as (1, z, y, x)): one volume, as tools save label maps
         while arr.ndim > 3 and arr.shape[0] == 1:
@@ -300,12 +303,28 @@ def read_image(path: str | os.PathLike, argname: str = "image") -> tuple[np.ndar
     return arr.astype(np.float32), meta
 
 
-def _stack_raters(labels: list[np.ndarray], names: list[str], folder: Path) -> np.ndarray:
+#: Said where NIfTI files meet files without geometry whose shapes are each other's reverse.
+AXES_HINT = ("axes reversed? raterseg reads NIfTI (x, y, z) as arrays (z, y, x); save .npy "
+             "from nibabel with .T")
+
+
+def axes_reversed(items: Sequence[tuple[tuple[int, ...], dict]]) -> bool:
+    """Whether, among ``(shape, meta)`` items, a NIfTI file and a file without NIfTI
+    geometry have shapes that are each other's reverse (an array saved from nibabel
+    without ``.T``)."""
+    nifti = {tuple(s) for s, m in items if m.get("format") == "nifti"}
+    other = {tuple(s) for s, m in items if m.get("format") != "nifti"}
+    return any(len(a) > 1 and a != b and a == b[::-1] for a in nifti for b in other)
+
+
+def _stack_raters(labels: list[np.ndarray], names: list[str], folder: Path,
+                  metas: Sequence[dict] = ()) -> np.ndarray:
     shapes = [a.shape for a in labels]
     if len(set(shapes)) != 1:
         listing = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        hint = f" ({AXES_HINT})" if axes_reversed(list(zip(shapes, metas))) else ""
         raise RaterSegError(f"raters: expected every rater in '{folder}' to have the same "
-                            f"shape, got {listing}")
+                            f"shape, got {listing}{hint}")
     dtype = np.int32 if any(a.dtype == np.int32 for a in labels) else np.int16
     return np.stack(labels).astype(dtype, copy=False)
 
@@ -358,7 +377,7 @@ def read_case(folder: str | os.PathLike) -> Case:
     if len(set(names)) != len(names):
         raise RaterSegError(f"folder: two raters share a name in '{p}': {names}")
     labels, metas = zip(*(read_labels(e) for e in rater_paths))
-    raters = _stack_raters(list(labels), names, p)
+    raters = _stack_raters(list(labels), names, p, metas)
     check_same_grid([(str(e), m) for e, m in zip(rater_paths, metas)], "raters")
     image, meta = None, dict(metas[0])
     if image_paths:
@@ -562,46 +581,51 @@ def load_cohort(folder: str | os.PathLike) -> list[Case]:
 # -- .npz datasets ---------------------------------------------------------------------
 
 
-def load_npz_dataset(path: str | os.PathLike) -> Dataset:
+def load_npz_dataset(path: str | os.PathLike, argname: str = "path") -> Dataset:
     """Read an ``.npz`` dataset (never unpickles).
 
     Keys: ``images`` ``(N, C?, *S)`` and ``raters`` int ``(N, R, *S)`` (or LIDC's ``masks``
     bool ``(N, R, *S)``, returned as int8 0/1 raters); ``ids`` optional. Images keep their
     stored dtype (LIDC's uint8 uses a quarter of the memory of float32).
 
+    Args:
+        argname: how messages name ``path`` (``raterseg train`` calls it ``DATA``).
+
     Raises:
         RaterSegError: missing keys, N or spatial shapes that disagree, non-integer raters.
     """
     p = Path(path)
-    if file_format(p) != "npz":
-        raise RaterSegError(f"path: expected an .npz file, got '{p}'")
-    keys = list(read_npz(p))
+    if file_format(p, argname) != "npz":
+        raise RaterSegError(f"{argname}: expected an .npz file, got '{p}'")
+    keys = list(read_npz(p, argname=argname))
     img_key = next((k for k in ("images", "image") if k in keys), None)
     rat_key = next((k for k in ("raters", "masks", "labels") if k in keys), None)
     if img_key is None or rat_key is None:
-        raise RaterSegError(f"path: expected arrays 'images' and 'raters' (or 'masks') in "
+        raise RaterSegError(f"{argname}: expected arrays 'images' and 'raters' (or 'masks') in "
                             f"'{p}', got keys {keys}")
-    arrays = read_npz(p, [img_key, rat_key] + (["ids"] if "ids" in keys else []))
+    arrays = read_npz(p, [img_key, rat_key] + (["ids"] if "ids" in keys else []),
+                      argname=argname)
     images, raters, ids = arrays[img_key], arrays[rat_key], arrays.get("ids")
     if raters.dtype == bool:
         raters = raters.astype(np.int8)
     elif raters.dtype.kind == "f" or raters.dtype == np.uint8:  # as for label files
-        raters = _integer_labels(raters, f"path: {rat_key!r} in '{p}'")
+        raters = _integer_labels(raters, f"{argname}: {rat_key!r} in '{p}'")
         if raters.size and -1 <= raters.min() and raters.max() < 128:
             raters = raters.astype(np.int8)  # the memory of the stored uint8
     elif raters.dtype.kind not in "iu":
-        raise RaterSegError(f"path: expected integer labels under {rat_key!r} in '{p}', "
+        raise RaterSegError(f"{argname}: expected integer labels under {rat_key!r} in '{p}', "
                             f"got dtype {raters.dtype}")
     n = raters.shape[0]
     S = raters.shape[2:]
     if raters.ndim not in (4, 5):
-        raise RaterSegError(f"path: expected {rat_key!r} of shape (N, R, *S) with S 2D or 3D "
-                            f"in '{p}', got {raters.shape}")
+        raise RaterSegError(f"{argname}: expected {rat_key!r} of shape (N, R, *S) with S 2D or "
+                            f"3D in '{p}', got {raters.shape}")
     if images.shape[0] != n or (images.shape[1:] != S and images.shape[2:] != S):
-        raise RaterSegError(f"path: expected 'images' of shape ({n}, C?, *{S}) to match "
+        raise RaterSegError(f"{argname}: expected 'images' of shape ({n}, C?, *{S}) to match "
                             f"{rat_key!r} {raters.shape} in '{p}', got {images.shape}")
     if ids is not None and ids.shape != (n,):
-        raise RaterSegError(f"path: expected 'ids' of shape ({n},) in '{p}', got {ids.shape}")
+        raise RaterSegError(f"{argname}: expected 'ids' of shape ({n},) in '{p}', got "
+                            f"{ids.shape}")
     return Dataset(images=images, raters=raters, ids=ids)
 
 

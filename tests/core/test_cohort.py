@@ -166,12 +166,18 @@ def test_a_corrupt_case_is_reported_and_skipped(cohort, tmp_path, capsys):
 
 
 def test_two_workers_give_the_same_outputs(cohort, fused, tmp_path):
+    import torch
+
     root, data = cohort
-    rows = fuse_cohort(root, tmp_path / "out", "staple", workers=2)
+    before = torch.get_num_threads()
+    # threads=3: neither the default here (cores // 2) nor on a 16-core machine (8)
+    rows = fuse_cohort(root, tmp_path / "out", "staple", workers=2, threads=3)
     assert [r["case"] for r in rows] == list(data)
     assert all(r["status"] == "fused" for r in rows)
-    # this process and one worker process shared the cases
+    # this process and one worker process shared the cases, each with the threads asked for
     assert len({r["process"] for r in rows}) == 2 and os.getpid() in {r["process"] for r in rows}
+    assert {r["threads"] for r in rows} == {3}
+    assert torch.get_num_threads() == before  # this process's setting is given back
     for name in data:
         for f in ("truth", "probabilities", "uncertainty"):
             a = rio.read_array(tmp_path / "out" / name / f"{f}.nii.gz")[0]
@@ -291,6 +297,32 @@ def test_folders_that_are_no_case_are_reported_not_dropped(tmp_path):
     assert [(t["case"], t["status"], t["error"]) for t in table if t["status"] != "fused"] == \
         [(k, "ignored", v) for k, v in why.items()]
     assert len([t for t in table if t["status"] == "fused"]) == sum(map(len, data.values()))
+
+
+def test_fuse_dir_names_ignored_folders_even_quiet_and_force_redoes(tmp_path, capsys):
+    root = tmp_path / "c"
+    _write_cohort(root, CASES[:2])
+    (root / "case3").mkdir()  # raters not delivered yet
+    shutil.copy(root / "case1" / "image.nii.gz", root / "case3")
+    (root / "notes").mkdir()
+    argv = ["fuse-dir", str(root), "-m", "majority_vote", "-o", str(tmp_path / "out"), "-q"]
+    assert main(argv) == 0  # ignored folders are no failure
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        ("raterseg fuse-dir: folder 'case3' ignored: no rater* label files or rater*/ folders "
+         "(found image.nii.gz)"),
+        "raterseg fuse-dir: folder 'notes' ignored: empty folder"]
+    assert "2 fused, 0 already done, 0 failed, of 2 cases, 2 folders ignored in " in out
+    assert main(argv) == 0
+    out, _ = capsys.readouterr()
+    assert "0 fused, 2 already done, 0 failed, of 2 cases, 2 folders ignored" in out
+    mtime = (tmp_path / "out" / "case1" / "truth.nii.gz").stat().st_mtime_ns
+    shutil.rmtree(root / "notes")
+    assert main([*argv, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 fused, 0 already done, 0 failed, of 2 cases, 1 folder ignored" in out
+    assert "(replaced majority_vote, redo forced)" in out and err.count("\n") == 1
+    assert (tmp_path / "out" / "case1" / "truth.nii.gz").stat().st_mtime_ns != mtime
 
 
 def test_cohort_root_with_a_raters_csv_is_still_a_cohort(tmp_path):

@@ -81,8 +81,67 @@ def test_case_folder_with_a_rater_on_another_grid_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "rater2.nii.gz")
     assert read_case(tmp_path).raters.shape[0] == 2  # same grid: fine
     nib.save(nib.Nifti1Image(lab, flipped), tmp_path / "rater3.nii.gz")
-    with pytest.raises(RaterSegError, match=r"raters: '.*rater3.nii.gz' lies on another voxel grid"):
+    with pytest.raises(RaterSegError, match=r"raters: '.*rater3.nii.gz' lies on another voxel "
+                                            r"grid.*; resample the labels onto one grid"):
         read_case(tmp_path)
+    # an image on another grid: either the image or the labels can be resampled
+    (tmp_path / "rater3.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(lab.astype(np.float32), flipped), tmp_path / "image.nii.gz")
+    with pytest.raises(RaterSegError, match=r"image: '.*image.nii.gz' lies on another voxel "
+                                            r"grid.*; resample the image or the labels onto"):
+        read_case(tmp_path)
+
+
+def test_npz_dataset_messages_name_the_argument_given(tmp_path):
+    from raterseg.cohort import load_training_set
+
+    np.savez(tmp_path / "nokey.npz", pictures=np.zeros((2, 4, 4)))
+    with pytest.raises(RaterSegError, match=r"^DATA: expected arrays 'images' and 'raters'"):
+        load_npz_dataset(tmp_path / "nokey.npz", argname="DATA")
+    # raterseg train's DATA: the training set loader names it so
+    with pytest.raises(RaterSegError, match=r"^DATA: expected arrays 'images' and 'raters'"):
+        load_training_set(tmp_path / "nokey.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(RaterSegError, match=r"^DATA: .*broken.npz' is not a readable npz"):
+        load_training_set(tmp_path / "broken.npz")
+    with pytest.raises(RaterSegError, match=r"^path: expected arrays"):  # the default
+        load_npz_dataset(tmp_path / "nokey.npz")
+
+
+def test_rater_npz_holding_the_image_too_reads_its_raters(tmp_path):
+    from raterseg.datasets import read_case
+
+    lab = np.zeros((6, 7), np.int16)
+    lab[1:4, 2:6] = 1
+    image = np.random.default_rng(0).random((6, 7)).astype(np.float32)
+    for r in (1, 2):  # each rater's file carries the image it was drawn on
+        np.savez(tmp_path / f"rater{r}.npz", image=image, raters=lab * r)
+    got, meta = read_labels(tmp_path / "rater2.npz")
+    assert meta["key"] == "raters" and np.array_equal(got, 2 * lab)
+    case = read_case(tmp_path)
+    assert case.rater_names == ["rater1", "rater2"]
+    np.testing.assert_array_equal(case.raters, np.stack([lab, 2 * lab]))
+    # a rater folder holding such a file alone reads the same
+    (tmp_path / "rater3").mkdir()
+    (tmp_path / "rater2.npz").rename(tmp_path / "rater3" / "labels.npz")
+    assert np.array_equal(read_labels(tmp_path / "rater3")[0], 2 * lab)
+
+
+def test_rater_saved_from_nibabel_without_transpose_gets_the_axes_hint(tmp_path):
+    from raterseg.datasets import read_case
+
+    lab = np.zeros((8, 9, 4), np.uint8)  # NIfTI (x, y, z): the array (4, 9, 8)
+    lab[2:5, 3:7, 1:3] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "rater1.nii.gz")
+    np.save(tmp_path / "rater2.npy", lab)  # get_fdata() saved as it is: (8, 9, 4)
+    with pytest.raises(RaterSegError, match=r"rater1 \(4, 9, 8\), rater2 \(8, 9, 4\) \(axes "
+                                            r"reversed\? .*save \.npy from nibabel with \.T\)"):
+        read_case(tmp_path)
+    np.save(tmp_path / "rater2.npy", lab[:5])  # another shape, not reversed: no hint
+    with pytest.raises(RaterSegError, match=r"rater2 \(5, 9, 4\)$"):
+        read_case(tmp_path)
+    np.save(tmp_path / "rater2.npy", lab.T)  # as raterseg reads NIfTI: fine
+    assert read_case(tmp_path).raters.shape == (2, 4, 9, 8)
 
 
 def test_scaled_and_float32_labels_are_rounded_fractions_refused(tmp_path):

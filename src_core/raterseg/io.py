@@ -16,8 +16,8 @@ Formats, chosen by the file name's ending:
                           RGB TIFFs (interleaved samples) as PNG colour: grey in RGB
                           reads as one channel, other colour images channels first
                           (C, H, W); RGB in separate planes stays (C, H, W). Spacing: the
-                          XResolution/YResolution tags for (y, x) (inch and cm units in
-                          mm; ImageJ files in their own unit, with ImageJ's z spacing).
+                          XResolution/YResolution tags for (y, x) (cm units in mm; dpi
+                          ignored; ImageJ files in their own unit, with ImageJ's z spacing).
 ``.npy``                  numpy, read with ``allow_pickle=False``.
 ``.npz``                  numpy archive; the array under ``key``, else the first of
                           :data:`NPZ_IMAGE_KEYS` then :data:`NPZ_LABEL_KEYS` (with
@@ -207,15 +207,18 @@ def _read_nifti(p: Path):
 
 #: TIFF ResolutionUnit → millimetres per unit (1 = none: the resolution is pixels per
 #: whatever unit, taken as it is; 4 and 5 are tifffile's millimetre and micrometre).
-_TIFF_UNIT_MM = {1: 1.0, 2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}
+#: Inch (2, also the default when the tag is absent) is left out: image editors write
+#: 72/96/300 dpi, a print setting rather than a pixel size, and masks and images saved by
+#: different programs would then disagree in scale (as PNG's pHYs, it is ignored).
+_TIFF_UNIT_MM = {1: 1.0, 3: 10.0, 4: 1.0, 5: 1e-3}
 #: TIFF Photometric value of RGB colour images.
 _TIFF_RGB = 2
 
 
 def _tiff_pixel_size(page, imagej: bool) -> tuple[float, float] | None:
     """``(y, x)`` pixel size from the XResolution / YResolution tags (pixels per unit);
-    None without usable tags. In millimetres for inch and centimetre units (as ITK reads
-    them); in the file's own unit for ImageJ files (whose z spacing is in that unit) and
+    None without usable tags or in inches (dots per inch). In millimetres for centimetre
+    units; in the file's own unit for ImageJ files (whose z spacing is in that unit) and
     for unit "none"."""
     tags = page.tags
     try:

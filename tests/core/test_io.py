@@ -559,11 +559,14 @@ def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
     tifffile.imwrite(tmp_path / "ij.tif", vol, imagej=True, resolution=(2.0, 4.0),
                      metadata={"spacing": 2.0, "unit": "um", "axes": "ZYX"})
     assert rio.read_array(tmp_path / "ij.tif")[1]["spacing"] == pytest.approx((2.0, 0.25, 0.5))
-    # plain TIFF: inch and centimetre resolutions in mm (as ITK reads them), "none" as given
+    # plain TIFF: centimetre resolutions in mm, "none" as given; dots per inch are a print
+    # setting (72 dpi from an image editor), not a pixel size: no spacing
     for unit, res, want in [("CENTIMETER", (40.0, 20.0), (0.5, 0.25)),
-                            ("INCH", (25.4, 12.7), (2.0, 1.0)), ("NONE", (4.0, 2.0), (0.5, 0.25))]:
+                            ("NONE", (4.0, 2.0), (0.5, 0.25))]:
         tifffile.imwrite(tmp_path / "p.tif", vol[0], resolution=res, resolutionunit=unit)
         assert rio.read_array(tmp_path / "p.tif")[1]["spacing"] == pytest.approx(want), unit
+    tifffile.imwrite(tmp_path / "p.tif", vol[0], resolution=(72.0, 72.0), resolutionunit="INCH")
+    assert rio.read_array(tmp_path / "p.tif")[1]["spacing"] == (1.0, 1.0)
     # a colour image: the channel axis has no spacing
     tifffile.imwrite(tmp_path / "c.tif", np.random.default_rng(0).integers(
         0, 255, (8, 10, 3), dtype=np.uint8), photometric="rgb", resolution=(40.0, 20.0),

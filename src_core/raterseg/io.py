@@ -85,14 +85,15 @@ SUFFIXES: dict[str, str] = {
 }
 #: ``.npz`` keys of an image, and of label maps (raters), in the order they are chosen.
 NPZ_IMAGE_KEYS = ("images", "image", "img")
-NPZ_LABEL_KEYS = ("raters", "labels", "masks", "seg", "segmentation")
+NPZ_LABEL_KEYS = ("raters", "labels", "label", "masks", "mask", "seg", "segmentation")
 
 
 def npz_key(keys: Sequence[str], *, labels: bool = False) -> str:
     """The array :func:`read_array` reads from an ``.npz`` holding ``keys`` when no ``key``
-    is given: an image key, then a label key; with ``labels`` a label key, then the first
-    array that is not an image (an archive holding ``image`` and ``raters`` is read as its
-    raters, not its image). Else the first array.
+    is given: an image key, then the first array that is not a label (an archive holding
+    ``vol`` and ``masks`` is read as its image ``vol``); with ``labels`` a label key, then
+    the first array that is not an image (an archive holding ``image`` and ``raters`` is
+    read as its raters). Else the first array.
 
     Raises:
         RaterSegError: ``keys`` is empty.
@@ -102,7 +103,7 @@ def npz_key(keys: Sequence[str], *, labels: bool = False) -> str:
     if labels:
         order = [*NPZ_LABEL_KEYS, *(k for k in keys if k not in NPZ_IMAGE_KEYS)]
     else:
-        order = [*NPZ_IMAGE_KEYS, *NPZ_LABEL_KEYS]
+        order = [*NPZ_IMAGE_KEYS, *(k for k in keys if k not in NPZ_LABEL_KEYS)]
     return next((k for k in order if k in keys), keys[0])
 
 

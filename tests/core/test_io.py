@@ -123,6 +123,11 @@ def test_npz_labels_prefer_rater_keys_over_the_image(tmp_path, rng):
     assert rio.npz_key(["image", "alice", "bob"], labels=True) == "alice"
     assert rio.npz_key(["image", "alice"]) == "image"
     assert rio.npz_key(["zeta", "alpha"], labels=True) == "zeta"
+    # an image under a name of its own is not mistaken for the masks beside it (read as
+    # the image, masks of shape (3, H, W) would pass for a 3-channel scan)
+    assert rio.npz_key(["masks", "vol"]) == "vol"
+    assert rio.npz_key(["seg", "data"]) == "data"
+    assert rio.npz_key(["mask", "data"], labels=True) == "mask"
 
 
 def test_png_gray_rgb_and_colour(tmp_path, rng):

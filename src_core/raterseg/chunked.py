@@ -658,13 +658,16 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     else:
         csv_path.unlink(missing_ok=True)
     # voxels of each fused class, from the pattern counts (no pass over the volume)
-    class_voxels = np.zeros(L, np.int64)
-    np.add.at(class_voxels, tables["truth"].astype(np.int64), counts.astype(np.int64))
+    # (a voxel left undecided, -1, by majority_vote's tie="undecided" counts as -1)
+    truth_table = tables["truth"].astype(np.int64)
+    class_voxels = np.zeros(L + 1, np.int64)  # index L: the undecided (-1) voxels
+    np.add.at(class_voxels, truth_table, counts.astype(np.int64))
     meta = {"method": m.name, "params": m.params_dict, "shape": list(shape), "num_classes": L,
             "num_raters": R, "raters": [s.name for s in srcs], "rater_names": names,
             "format": output_format, "source": nifti.name if output_format == "nii" else None,
             "spacing": _spacing(nifti, len(shape)) if nifti is not None else None,
-            "class_voxels": {str(k): int(v) for k, v in enumerate(class_voxels) if v},
+            "class_voxels": {str(k if k < L else -1): int(v)
+                             for k, v in enumerate(class_voxels) if v},
             "files": {k: f"{k}{ext}" for k in OUTPUT_NAMES},
             "rater_confusion": None if cm is None else _jsonable(cm),  # NaN as null
             "history": fit.fields.get("history", [])}
@@ -679,15 +682,17 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
 
 def _rater_names(srcs: list[_Source]) -> list[str]:
-    """A file's name without its ending for one file per rater, else ``rater1``, ``rater2``, ...
-    (as ``raterseg fuse`` names them)."""
-    from .datasets import _stem
+    """A file's name without its ending for one file per rater (made distinct by the
+    parent folder, as ``raterseg fuse`` does), else ``rater1``, ``rater2``, ..."""
+    from .datasets import _stem, distinct_names
     from .io import default_rater_names
 
     names = default_rater_names(len(srcs))
-    for r, s in enumerate(srcs):
-        if getattr(s, "index", None) is None and getattr(s, "path", None) is not None:
-            names[r] = _stem(Path(s.path))
+    files = [r for r, s in enumerate(srcs)
+             if getattr(s, "index", None) is None and getattr(s, "path", None) is not None]
+    paths = [srcs[r].path for r in files]
+    for r, name in zip(files, distinct_names(paths, [_stem(Path(p)) for p in paths])):
+        names[r] = name
     return names
 
 

@@ -265,32 +265,6 @@ def _add_fuse(sub) -> None:
     p.set_defaults(func=_run_fuse)
 
 
-def _distinct_names(paths: Sequence[str | os.PathLike], names: list[str],
-                    sep: str = "/") -> list[str]:
-    """``names`` (one per path) made distinct: names that several paths share become their
-    parent folder's name (alice/mask.nii.gz, bob/mask.nii.gz: alice, bob), else
-    ``parent<sep>name``, else get a number (``name_2``)."""
-    def shared(ns: list[str]) -> set[str]:
-        return {n for n in ns if ns.count(n) > 1}
-
-    clash = shared(names)
-    if not clash:
-        return list(names)
-    parents = [Path(os.path.abspath(p)).parent.name for p in paths]
-    for make in (lambda n, parent: parent, lambda n, parent: f"{parent}{sep}{n}"):
-        trial = [make(n, parent) if n in clash and parent else n
-                 for n, parent in zip(names, parents)]
-        if not shared(trial):
-            return trial
-    out: list[str] = []
-    for n in names:
-        name, k = n, 2
-        while name in out or (name != n and name in names):
-            name, k = f"{n}_{k}", k + 1
-        out.append(name)
-    return out
-
-
 def _split_stack(labels: np.ndarray) -> np.ndarray:
     """One array ``(R, *S)`` holding every rater as R raters; a rater holding only 0 and 255
     is a 0/1 mask, rater by rater (as ``fuse --chunked`` decides)."""
@@ -391,6 +365,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         _stem,
         axes_reversed,
         check_same_grid,
+        distinct_names,
         read_case,
         read_image,
     )
@@ -443,7 +418,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
             names = [f"rater{r + 1}" for r in range(raters.shape[0])]
         else:
             raters = np.stack(labels)
-            names = _distinct_names(paths, [_stem(Path(p)) for p in paths])
+            names = distinct_names(paths, [_stem(Path(p)) for p in paths])
     if image_path is not None:
         rater_meta = meta
         image, image_meta = read_image(image_path)
@@ -968,7 +943,7 @@ def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from ._device import resolve_device
-    from .datasets import _stem, read_image
+    from .datasets import _stem, distinct_names, read_image
     from .io import write_result
     from .serialization import load_method, read_header
 
@@ -989,7 +964,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     # one output folder per image, named by the file (or case folder); where names clash,
     # by the folder above it (a/image.nii.gz, b/image.nii.gz: a, b)
     sources = [source for _, source in found]
-    names = _distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
+    names = distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
     _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
           f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
           f"device {device}", args.quiet)

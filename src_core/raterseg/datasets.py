@@ -109,6 +109,32 @@ def _stem(path: Path) -> str:
     return name
 
 
+def distinct_names(paths: Sequence[str | os.PathLike], names: list[str],
+                    sep: str = "/") -> list[str]:
+    """``names`` (one per path) made distinct: names that several paths share become their
+    parent folder's name (alice/mask.nii.gz, bob/mask.nii.gz: alice, bob), else
+    ``parent<sep>name``, else get a number (``name_2``)."""
+    def shared(ns: list[str]) -> set[str]:
+        return {n for n in ns if ns.count(n) > 1}
+
+    clash = shared(names)
+    if not clash:
+        return list(names)
+    parents = [Path(os.path.abspath(p)).parent.name for p in paths]
+    for make in (lambda n, parent: parent, lambda n, parent: f"{parent}{sep}{n}"):
+        trial = [make(n, parent) if n in clash and parent else n
+                 for n, parent in zip(names, parents)]
+        if not shared(trial):
+            return trial
+    out: list[str] = []
+    for n in names:
+        name, k = n, 2
+        while name in out or (name != n and name in names):
+            name, k = f"{n}_{k}", k + 1
+        out.append(name)
+    return out
+
+
 def _entries(folder: Path) -> list[Path]:
     return sorted((e for e in folder.iterdir() if not e.name.startswith(".")),
                   key=lambda e: natural_key(e.name))

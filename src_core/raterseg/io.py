@@ -617,7 +617,8 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
 
     Writing into a folder that holds an earlier result replaces it: files of the same
     ``prefix`` and ``suffix`` that this result does not have (an earlier method's
-    ``rater_maps``, say) are removed, so the folder never mixes two results.
+    ``rater_maps``, say) are removed, so two results of the same prefix and suffix never
+    mix (a result written with another suffix, e.g. ``.tif``, is left as it is).
 
     Returns:
         ``{name: path}`` of every file written.

@@ -560,3 +560,22 @@ def test_raters_changing_between_passes_refused(tmp_path, num_raters):
         rs.fuse_chunked(raters, tmp_path / "out", method="mean", num_classes=2,
                         chunk_voxels=100, progress=change)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_fusion_json_counts_undecided_voxels_and_names_raters_like_fuse(tmp_path):
+    # majority_vote's tie="undecided" leaves -1 voxels: counted as -1, not as a class;
+    # rater files sharing a name are named by their folder, as raterseg fuse names them
+    raters = _raters_3d(missing=False)[:2]
+    paths = []
+    for who, lab in zip(("alice", "bob"), raters):
+        (tmp_path / who).mkdir()
+        paths.append(tmp_path / who / "mask.npy")
+        np.save(paths[-1], lab)
+    ref = rs.fuse(raters, method="majority_vote", tie="undecided")
+    rs.fuse_chunked(paths, tmp_path / "out", method="majority_vote", tie="undecided",
+                    chunk_voxels=5000)
+    meta = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    labels, counts = np.unique(ref.truth, return_counts=True)
+    assert -1 in labels
+    assert meta["class_voxels"] == {str(k): int(v) for k, v in zip(labels, counts)}
+    assert meta["rater_names"] == ["alice", "bob"]

@@ -650,7 +650,7 @@ def test_raters_sharing_a_file_name_are_named_by_their_folders(case_dir, capsys)
 
 
 def test_distinct_names():
-    from raterseg.cli import _distinct_names
+    from raterseg.datasets import distinct_names as _distinct_names
 
     assert _distinct_names(["a/x.nii", "b/y.nii"], ["x", "y"]) == ["x", "y"]
     assert _distinct_names(["a/m.nii", "b/m.nii", "c.nii"], ["m", "m", "c"]) == ["a", "b", "c"]

@@ -965,6 +965,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     # by the folder above it (a/image.nii.gz, b/image.nii.gz: a, b)
     sources = [source for _, source in found]
     names = distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
+    for (p, _, _), name in zip(inputs, names):  # never write into an input's own folder
+        target = (out / name).resolve()
+        if target in (Path(p).resolve(), Path(p).resolve().parent):
+            raise RaterSegError(
+                f"--output: the result for '{p}' would go to '{out / name}', the folder "
+                "the image is in (its rater_maps/rater_estimates would then read as raters "
+                "of that case); choose a folder apart from the inputs")
     _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
           f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
           f"device {device}", args.quiet)

@@ -205,6 +205,12 @@ def test_predict_case_and_cohort_folders_and_images_of_one_name(unet_model, npz,
                          "-o", tmp_path / "files", "-q", "--device", "cpu"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["case0", "case1"]
+    # writing the results into the cohort would put rater_maps.* inside each case folder
+    code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1", "-o",
+                         tmp_path / "cohort", "--device", "cpu"], capsys)
+    assert "the folder the image is in" in _error(code, err)
+    assert sorted(p.name for p in (tmp_path / "cohort" / "case1").iterdir()) == [
+        "image.png", "rater1.png", "rater2.png", "rater3.png"]
     (tmp_path / "cohort" / "case0" / "image.png").unlink()
     code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case0", "-o",
                          tmp_path / "none", "--device", "cpu"], capsys)

@@ -53,7 +53,7 @@ import numpy as np
 from .types import FusionResult, RaterSegError
 
 if TYPE_CHECKING:  # resolved lazily by __getattr__ at the end of this module
-    from .datasets import Case, read_case, read_lidc_nodule
+    from .datasets import Case, read_case, read_image, read_labels, read_lidc_nodule
 
 __all__ = [
     "NPZ_IMAGE_KEYS",
@@ -65,6 +65,8 @@ __all__ = [
     "npz_key",
     "read_array",
     "read_case",
+    "read_image",
+    "read_labels",
     "read_lidc_nodule",
     "read_npz",
     "write_array",
@@ -701,7 +703,7 @@ def _check_axis_order(shape: tuple[int, ...], meta: dict | None) -> None:
             "with .T before fusing")
 
 
-_FROM_DATASETS = ("Case", "read_case", "read_lidc_nodule")
+_FROM_DATASETS = ("Case", "read_case", "read_image", "read_labels", "read_lidc_nodule")
 
 
 def __getattr__(name: str) -> Any:

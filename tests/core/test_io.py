@@ -588,3 +588,19 @@ def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
     rio.write_result(tmp_path / "out", res, case.meta)
     assert nib.load(tmp_path / "out" / "truth.nii.gz").header.get_zooms() == \
         pytest.approx((0.5, 0.5, 2.0))
+
+
+def test_label_and_image_readers_are_in_raterseg_io(tmp_path):
+    # what the CLI reads files with, for scripts: labels as int16 (0/255 masks as 0/1,
+    # whole-number floats rounded), images as float32
+    nib = pytest.importorskip("nibabel")
+    lab = np.zeros((4, 5, 6), np.float32)
+    lab[1:3, 1:4, 2:5] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "r.nii.gz")
+    arr, _ = rio.read_labels(tmp_path / "r.nii.gz")
+    assert arr.dtype == np.int16 and arr.shape == (6, 5, 4) and set(np.unique(arr)) == {0, 1}
+    img, _ = rio.read_image(tmp_path / "r.nii.gz")
+    assert img.dtype == np.float32
+    with pytest.raises(RaterSegError):
+        nib.save(nib.Nifti1Image(lab * 0.5, np.eye(4)), tmp_path / "half.nii.gz")
+        rio.read_labels(tmp_path / "half.nii.gz")

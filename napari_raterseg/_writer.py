@@ -28,10 +28,11 @@ def _io_meta(layer_meta: dict, ndim: int) -> dict:
     source = dict((layer_meta.get("metadata") or {}).get(IO_META_KEY) or {})
     spacing = tuple(float(s) for s in (source.get("spacing") or ()))
     n = min(3, ndim, len(spacing))
+    rgb = {"rgb": True} if layer_meta.get("rgb") else {}  # a TIFF is then written in colour
     if n and source.get("affine") is not None and np.allclose(spacing[-n:], scale[-n:]):
         return {"affine": source["affine"], "header": source.get("header"),
-                "spacing": scale}
-    return {"spacing": scale}
+                "spacing": scale, **rgb}
+    return {"spacing": scale, **rgb}
 
 
 def _write(path: str, data: Any, meta: dict, labels: bool) -> list[str]:

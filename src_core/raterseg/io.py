@@ -214,8 +214,9 @@ def _read_nifti(p: Path):
 #: 72/96/300 dpi, a print setting rather than a pixel size, and masks and images saved by
 #: different programs would then disagree in scale (as PNG's pHYs, it is ignored).
 _TIFF_UNIT_MM = {1: 1.0, 3: 10.0, 4: 1.0, 5: 1e-3}
-#: TIFF Photometric value of RGB colour images.
-_TIFF_RGB = 2
+#: TIFF Photometric values of colour images: RGB, and YCbCr (JPEG-compressed RGB, which
+#: tifffile decodes to RGB).
+_TIFF_COLOUR = (2, 6)
 
 
 def _tiff_pixel_size(page, imagej: bool) -> tuple[float, float] | None:
@@ -246,19 +247,28 @@ def _read_tiff(p: Path):
         meta: dict[str, Any] = {}
         page = tif.pages[0]
         axes = tif.series[0].axes if tif.series else ""
-        if (int(getattr(page, "photometric", 0) or 0) == _TIFF_RGB and axes.endswith("S")
-                and len(axes) == arr.ndim):
-            # interleaved colour samples (as scanners, Fiji and image editors write RGB)
-            # as PNG colour is read: grey in RGB is one channel, else channels first
-            # (C, *S). RGB in separate planes is left (C, H, W) as stored: tifffile writes
-            # any (3|4, H, W) array so unless told otherwise, a 3- or 4-slice volume too.
-            arr, meta = _colour_planes(arr)
         ij = tif.imagej_metadata or {}
         shaped = (tif.shaped_metadata or ({},))[0] or {}
-        spacing = shaped.get("spacing")  # written by write_array, one entry per axis
-        if isinstance(spacing, list) and len(spacing) == arr.ndim and all(
-                isinstance(v, (int, float)) and v > 0 for v in spacing):
-            meta["spacing"] = tuple(float(v) for v in spacing)
+        json_spacing = shaped.get("spacing")  # written by write_array, one entry per axis
+        if not (isinstance(json_spacing, list) and len(json_spacing) == arr.ndim and all(
+                isinstance(v, (int, float)) and v > 0 for v in json_spacing)):
+            json_spacing = None
+        # Interleaved colour samples (as scanners, Fiji and image editors write RGB) are
+        # read as PNG colour is: grey in RGB is one channel, else channels first (C, *S).
+        # Not so a file of tifffile's own "shaped" kind, unless write_array marked it as
+        # colour: tifffile stores any array (..., 3|4) as RGB by default, and such a file
+        # is a mask or volume whose last axis happens to be 3 or 4. RGB in separate planes
+        # is left (C, H, W) as stored (tifffile writes any (3|4, H, W) array so, too).
+        samples_last = (int(getattr(page, "photometric", 0) or 0) in _TIFF_COLOUR
+                        and axes.endswith("S") and len(axes) == arr.ndim)
+        colour = samples_last and (tif.shaped_metadata is None or bool(shaped.get("rgb")))
+        if colour:
+            arr, meta = _colour_planes(arr)
+            if json_spacing is not None:  # written for (..., C): the samples axis has none
+                json_spacing = ([1.0] if meta.get("channels_moved_first") else []) + \
+                    json_spacing[:-1]
+        if json_spacing is not None:
+            meta["spacing"] = tuple(float(v) for v in json_spacing)
         else:
             spatial = arr.ndim - (1 if meta.get("channels_moved_first") else 0)
             spacing = [1.0] * arr.ndim
@@ -268,7 +278,10 @@ def _read_tiff(p: Path):
                 found = True
             pixel = _tiff_pixel_size(page, bool(ij)) if spatial >= 2 else None
             if pixel is not None:
-                spacing[-2:] = pixel
+                if samples_last and not colour:  # (..., y, x, samples) kept as stored
+                    spacing[-3:-1] = pixel
+                else:
+                    spacing[-2:] = pixel
                 found = True
             if found:
                 meta["spacing"] = tuple(spacing)
@@ -448,16 +461,24 @@ def _storable(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _tiff_spacing(arr: np.ndarray, meta: dict) -> dict:
-    """tifffile keywords keeping ``meta["spacing"]``: all of it in the JSON description
-    (read back by :func:`_read_tiff`) and the pixel size of the last two axes as the
-    resolution tags other software reads (pixels per unit, ResolutionUnit none: raterseg
-    does not know the spacing's unit)."""
+def _tiff_keywords(arr: np.ndarray, meta: dict) -> dict:
+    """tifffile keywords: greyscale, or colour (samples last) for ``meta["rgb"]`` (a napari
+    RGB layer) with 3 or 4 samples; ``meta["spacing"]`` kept in full in the JSON
+    description (read back by :func:`_read_tiff`) and as the resolution tags of the (y, x)
+    axes other software reads (pixels per unit, ResolutionUnit none: raterseg does not know
+    the spacing's unit)."""
+    rgb = bool(meta.get("rgb")) and arr.ndim >= 3 and arr.shape[-1] in (3, 4)
+    out: dict[str, Any] = {"photometric": "rgb" if rgb else "minisblack",
+                           "metadata": {"rgb": True} if rgb else {}}
     spacing = [float(v) for v in (meta.get("spacing") or ())]
+    if rgb and len(spacing) == arr.ndim - 1:
+        spacing.append(1.0)  # the samples axis
     if len(spacing) != arr.ndim or not all(v > 0 for v in spacing) or arr.ndim < 2:
-        return {}
-    return {"metadata": {"spacing": spacing},
-            "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2]), "resolutionunit": 1}
+        return out
+    y, x = (spacing[-3], spacing[-2]) if rgb else (spacing[-2], spacing[-1])
+    out["metadata"]["spacing"] = spacing
+    out.update(resolution=(1.0 / x, 1.0 / y), resolutionunit=1)
+    return out
 
 
 def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *,
@@ -471,7 +492,8 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
             affine and header (with the data type set to ``array``'s, so labels stay
             integers). Without it NIfTI gets a diagonal affine from ``meta["spacing"]``
             if given, else the identity. TIFF keeps ``meta["spacing"]`` (one entry per
-            axis) in its description and the last two as resolution tags.
+            axis) in its description and the (y, x) ones as resolution tags; it is
+            greyscale, or colour (samples last) when ``meta["rgb"]`` is set.
 
     Returns:
         The written path.
@@ -493,9 +515,8 @@ def write_array(path: str | os.PathLike, array: Any, meta: dict | None = None, *
             elif fmt == "tiff":
                 import tifffile
 
-                # never photometric RGB: an array (D, H, 3) is three columns, not colour
-                tifffile.imwrite(str(tmp), arr, photometric="minisblack",
-                                 **_tiff_spacing(arr, meta))
+                # photometric RGB only when asked: an array (D, H, 3) is three columns
+                tifffile.imwrite(str(tmp), arr, **_tiff_keywords(arr, meta))
             elif fmt == "npy":
                 with open(tmp, "wb") as fh:
                     np.save(fh, arr, allow_pickle=False)

@@ -528,14 +528,16 @@ def test_rgb_tiff_reads_as_png_colour_does(tmp_path, rng):
 
     mask = np.zeros((10, 12), np.uint8)
     mask[2:7, 3:9] = 255
-    tifffile.imwrite(tmp_path / "grey.tif", np.stack([mask] * 3, -1), photometric="rgb")
+    # colour TIFFs as scanners, Fiji and image editors write them (no tifffile description)
+    tifffile.imwrite(tmp_path / "grey.tif", np.stack([mask] * 3, -1), photometric="rgb",
+                     metadata=None)
     back, meta = rio.read_array(tmp_path / "grey.tif")
     np.testing.assert_array_equal(back, mask)  # grey in RGB: one channel
     assert meta["spacing"] == (1.0, 1.0)
     lab, _ = ds.read_labels(tmp_path / "grey.tif")
     assert lab.shape == (10, 12) and set(np.unique(lab)) == {0, 1}
     colour = rng.integers(0, 256, (10, 12, 3)).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "he.tif", colour, photometric="rgb")
+    tifffile.imwrite(tmp_path / "he.tif", colour, photometric="rgb", metadata=None)
     back, meta = rio.read_array(tmp_path / "he.tif")
     np.testing.assert_array_equal(back, np.moveaxis(colour, -1, 0))  # channels first
     assert meta["channels_moved_first"] and meta["spacing"] == (1.0, 1.0, 1.0)
@@ -543,10 +545,11 @@ def test_rgb_tiff_reads_as_png_colour_does(tmp_path, rng):
         ds.read_labels(tmp_path / "he.tif")
     # RGBA with an opaque alpha and grey colour is grey; a colour stack is (C, D, H, W)
     rgba = np.stack([mask] * 3 + [np.full_like(mask, 255)], -1)
-    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb",
+                     extrasamples=["unassalpha"], metadata=None)
     np.testing.assert_array_equal(rio.read_array(tmp_path / "rgba.tif")[0], mask)
     stack = rng.integers(0, 256, (4, 10, 12, 3)).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="rgb")
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="rgb", metadata=None)
     np.testing.assert_array_equal(rio.read_array(tmp_path / "stack.tif")[0],
                                   np.moveaxis(stack, -1, 0))
     # arrays with 3 columns written by raterseg are no colour image, whatever tifffile guesses
@@ -554,6 +557,20 @@ def test_rgb_tiff_reads_as_png_colour_does(tmp_path, rng):
     rio.write_array(tmp_path / "thin.tif", thin)
     np.testing.assert_array_equal(rio.read_array(tmp_path / "thin.tif")[0], thin)
     np.testing.assert_array_equal(ds.read_labels(tmp_path / "thin.tif")[0], thin)
+    # tifffile stores any (..., 3) array as RGB by default: such a file from a script (or
+    # raterseg before) is a mask or volume with 3 columns, read as stored, not as colour
+    tifffile.imwrite(tmp_path / "default.tif", thin)
+    np.testing.assert_array_equal(ds.read_labels(tmp_path / "default.tif")[0], thin)
+    blank = np.zeros((5, 6, 3), np.int16)
+    tifffile.imwrite(tmp_path / "blank.tif", blank)
+    assert ds.read_labels(tmp_path / "blank.tif")[0].shape == (5, 6, 3)
+    # an RGB image written by raterseg (napari's RGB layer) is colour, its spacing on (y, x)
+    rio.write_array(tmp_path / "photo.tif", colour, {"rgb": True, "spacing": (0.5, 0.25)})
+    with tifffile.TiffFile(tmp_path / "photo.tif") as tif:
+        assert tif.pages[0].photometric == 2
+    back, meta = rio.read_array(tmp_path / "photo.tif")
+    np.testing.assert_array_equal(back, np.moveaxis(colour, -1, 0))
+    assert meta["spacing"] == (1.0, 0.5, 0.25)
 
 
 def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
@@ -575,8 +592,13 @@ def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
     # a colour image: the channel axis has no spacing
     tifffile.imwrite(tmp_path / "c.tif", np.random.default_rng(0).integers(
         0, 255, (8, 10, 3), dtype=np.uint8), photometric="rgb", resolution=(40.0, 20.0),
-        resolutionunit="CENTIMETER")
+        resolutionunit="CENTIMETER", metadata=None)
     assert rio.read_array(tmp_path / "c.tif")[1]["spacing"] == pytest.approx((1.0, 0.5, 0.25))
+    # the same written by tifffile's default (read as stored, (8, 10, 3)): the tags still
+    # describe y and x, the first two axes
+    tifffile.imwrite(tmp_path / "c3.tif", np.zeros((8, 10, 3), np.uint8), resolution=(40.0, 20.0),
+                     resolutionunit="CENTIMETER")
+    assert rio.read_array(tmp_path / "c3.tif")[1]["spacing"] == pytest.approx((0.5, 0.25, 1.0))
     # through a case folder into the NIfTI outputs
     (tmp_path / "case").mkdir()
     for r in (1, 2):

@@ -278,7 +278,7 @@ def test_float_round_off_masks_open_as_the_labels_the_cli_reads(tmp_path):
 def test_rgb_tiff_opens_as_an_rgb_image_layer(tmp_path):
     colour = np.random.default_rng(0).integers(0, 256, (10, 12, 3)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "he.tif", colour, photometric="rgb", resolution=(40.0, 20.0),
-                     resolutionunit="CENTIMETER")
+                     resolutionunit="CENTIMETER", metadata=None)  # as a scanner writes it
     ((data, kw, kind),) = rd.read_files(str(tmp_path / "he.tif"))
     assert kind == "image" and kw["rgb"] is True
     np.testing.assert_array_equal(data, colour)  # channels last, as napari shows colour

@@ -65,3 +65,18 @@ def test_rgb_image_keeps_its_pixel_size_on_the_right_axes(tmp_path):
     ((data, kw, _),) = read_files(str(tmp_path / "photo.nii.gz"))
     np.testing.assert_array_equal(data, rgb)
     assert kw["scale"] == pytest.approx((0.5, 0.25, 1.0))
+
+
+def test_rgb_image_layer_saved_as_tiff_stays_a_colour_image(tmp_path):
+    # written as a colour TIFF (other software sees one RGB page, not 16 slices of 20x3)
+    # and opened again as an RGB layer with its pixel size
+    import tifffile
+
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 20, 3)).astype(np.uint8)
+    write_image(str(tmp_path / "photo.tif"), rgb, {"scale": (0.5, 0.25), "rgb": True})
+    with tifffile.TiffFile(tmp_path / "photo.tif") as tif:
+        assert len(tif.pages) == 1 and tif.pages[0].photometric == 2
+    ((data, kw, kind),) = read_files(str(tmp_path / "photo.tif"))
+    assert kind == "image" and kw["rgb"] is True
+    np.testing.assert_array_equal(data, rgb)
+    assert kw["scale"] == pytest.approx((0.5, 0.25))

@@ -283,12 +283,22 @@ def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | No
         RaterSegError: only an image in it, or several arrays that are not one rater each.
     """
     from .datasets import _as_labels
-    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, read_array, read_npz
+    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, npz_headers, read_array, read_npz
 
     keys = list(read_npz(path, argname="RATER"))
+    heads = npz_headers(path)
     image_key = next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
-    label_key = next((k for k in NPZ_LABEL_KEYS if k in keys), None)
-    others = [k for k in keys if k not in NPZ_IMAGE_KEYS and k not in NPZ_LABEL_KEYS]
+    label_keys = [k for k in NPZ_LABEL_KEYS if k in keys]
+    label_key = label_keys[0] if label_keys else None
+    # side arrays (rater names, spacings, ids) are no rater
+    others = [k for k in keys if k not in NPZ_IMAGE_KEYS and k not in NPZ_LABEL_KEYS
+              and (k not in heads or (len(heads[k][0]) >= 2 and (
+                  np.issubdtype(heads[k][1], np.number) or heads[k][1] == bool)))]
+    if label_key is not None and (others or len(label_keys) > 1):
+        raise RaterSegError(
+            f"RATER: '{path}' holds {label_keys} and other arrays {others}: expected one "
+            f"(R, *S) array under {label_key!r}, or one array per rater with names of their "
+            f"own (not {list(NPZ_LABEL_KEYS)}); give the raters as separate files otherwise")
     if label_key is None and not others:
         raise RaterSegError(f"RATER: expected raters in '{path}' (an (R, *S) array under "
                             f"'raters'), got only {keys}")

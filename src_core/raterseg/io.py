@@ -90,23 +90,55 @@ NPZ_IMAGE_KEYS = ("images", "image", "img")
 NPZ_LABEL_KEYS = ("raters", "labels", "label", "masks", "mask", "seg", "segmentation")
 
 
-def npz_key(keys: Sequence[str], *, labels: bool = False) -> str:
+def npz_key(keys: Sequence[str], *, labels: bool = False,
+            arrays: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> str:
     """The array :func:`read_array` reads from an ``.npz`` holding ``keys`` when no ``key``
     is given: an image key, then the first array that is not a label (an archive holding
     ``vol`` and ``masks`` is read as its image ``vol``); with ``labels`` a label key, then
     the first array that is not an image (an archive holding ``image`` and ``raters`` is
-    read as its raters). Else the first array.
+    read as its raters). Else the first array. With ``arrays`` (each key's shape and
+    dtype), side arrays (names, spacings, ids: not numeric, or fewer than 2 dimensions)
+    are passed over while an image-like array exists.
 
     Raises:
         RaterSegError: ``keys`` is empty.
     """
     if not keys:
         raise RaterSegError("key: expected at least one array in the archive, got none")
+    if arrays is not None:
+        usable = [k for k in keys if k in arrays and len(arrays[k][0]) >= 2
+                  and (np.issubdtype(arrays[k][1], np.number) or arrays[k][1] == bool)]
+        keys = usable or list(keys)
     if labels:
         order = [*NPZ_LABEL_KEYS, *(k for k in keys if k not in NPZ_IMAGE_KEYS)]
     else:
         order = [*NPZ_IMAGE_KEYS, *(k for k in keys if k not in NPZ_LABEL_KEYS)]
     return next((k for k in order if k in keys), keys[0])
+
+
+def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's shape and dtype in an ``.npz`` archive, from the headers alone (no data
+    read, nothing unpickled); arrays whose header cannot be read are left out."""
+    import zipfile
+
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(str(path)) as zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as fh:
+                    try:
+                        version = np.lib.format.read_magic(fh)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        shape, _, dtype = read(fh)
+                    except ValueError:
+                        continue
+                out[name[:-4]] = (tuple(shape), np.dtype(dtype))
+    except (OSError, zipfile.BadZipFile):
+        return {}
+    return out
 
 
 def _suffix(path: str | os.PathLike) -> str | None:
@@ -363,7 +395,7 @@ def _read_npz(p: Path, key: str | None, argname: str = "path", labels: bool = Fa
     if not keys:
         raise RaterSegError(f"{argname}: expected at least one array in '{p}', got none")
     if key is None:
-        key = npz_key(keys, labels=labels)
+        key = npz_key(keys, labels=labels, arrays=npz_headers(p))
     return read_npz(p, [key], argname=argname)[key], {"key": key, "keys": keys}
 
 

@@ -582,10 +582,14 @@ def test_npz_arrays_that_are_not_one_rater_each_are_refused(tmp_path, capsys):
     np.savez(tmp_path / "image.npz", image=np.zeros((12, 10), np.float32))
     np.savez(tmp_path / "two.npz", alice=r[0], bob=r[1])
     np.save(tmp_path / "carol.npy", r[2])
+    # a rater key beside other rater-like arrays: which are the raters? (was: 'mask' alone,
+    # 'mask_bob' silently dropped)
+    np.savez(tmp_path / "mixed.npz", mask=r[0], mask_bob=r[1])
     for argv, match in [
         ([tmp_path / "shapes.npz"], r"one rater each .*'alice' \(12, 10\).*'bob' \(5, 10\)"),
         ([tmp_path / "image.npz"], r"expected raters in .*image.npz.*got only \['image'\]"),
         ([tmp_path / "two.npz", tmp_path / "carol.npy"], r"one rater in .*two.npz.*alice"),
+        ([tmp_path / "mixed.npz"], r"holds \['mask'\] and other arrays \['mask_bob'\]"),
     ]:
         code, _, err = _run(["fuse", *argv, "-o", tmp_path / "o"], capsys)
         assert re.search(match, _one_error_line(code, err)), err

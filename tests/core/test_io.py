@@ -103,7 +103,10 @@ def test_npz_key_selection(tmp_path, rng):
     assert meta["key"] == "images" and set(meta["keys"]) == {"zeta", "raters", "images"}
     np.testing.assert_array_equal(rio.read_array(tmp_path / "r.npz", key="raters")[0], b)
     np.savez(tmp_path / "s.npz", zeta=c, alpha=a)
-    np.testing.assert_array_equal(rio.read_array(tmp_path / "s.npz")[0], c)  # first array
+    # the first array that can be an image (2D or more): zeta (4,) is a side array
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "s.npz")[0], a)
+    np.savez(tmp_path / "t.npz", zeta=c, beta=c)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "t.npz")[0], c)  # else the first
     with pytest.raises(RaterSegError, match=r"key: .*did you mean 'raters'"):
         rio.read_array(tmp_path / "r.npz", key="rater")
 
@@ -128,6 +131,11 @@ def test_npz_labels_prefer_rater_keys_over_the_image(tmp_path, rng):
     assert rio.npz_key(["masks", "vol"]) == "vol"
     assert rio.npz_key(["seg", "data"]) == "data"
     assert rio.npz_key(["mask", "data"], labels=True) == "mask"
+    # side arrays (rater names, a spacing) are passed over
+    np.savez(tmp_path / "side.npz", raters=raters, rater_names=np.array(["a", "b", "c"]))
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "side.npz")[0], raters)
+    np.savez(tmp_path / "side2.npz", masks=raters, spacing=np.array([1.0, 0.5]))
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "side2.npz")[0], raters)
 
 
 def test_png_gray_rgb_and_colour(tmp_path, rng):

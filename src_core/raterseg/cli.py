@@ -953,7 +953,7 @@ def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from ._device import resolve_device
-    from .datasets import _stem, distinct_names, read_image
+    from .datasets import _looks_like_case, _stem, distinct_names, read_image
     from .io import write_result
     from .serialization import load_method, read_header
 
@@ -976,12 +976,17 @@ def _run_predict(args: argparse.Namespace) -> int:
     sources = [source for _, source in found]
     names = distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
     for (p, _, _), name in zip(inputs, names):  # never write into an input's own folder
-        target = (out / name).resolve()
-        if target in (Path(p).resolve(), Path(p).resolve().parent):
+        where = Path(p).resolve()
+        folder = where if where.is_dir() else where.parent
+        target, root = (out / name).resolve(), out.resolve()
+        # into the image's folder, or, for a case folder, into it or beside it in the
+        # cohort, where rater_maps.* would read as raters or the new folder as a case
+        if target == folder or (_looks_like_case(folder) and root in (folder, folder.parent)):
             raise RaterSegError(
-                f"--output: the result for '{p}' would go to '{out / name}', the folder "
-                "the image is in (its rater_maps/rater_estimates would then read as raters "
-                "of that case); choose a folder apart from the inputs")
+                f"--output: the result for '{p}' would go to '{out / name}', in or beside "
+                "the image's own folder, where its rater_maps/rater_estimates would read as "
+                "raters (or as a case) the next time it is fused; choose a folder apart "
+                "from the inputs")
     _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
           f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
           f"device {device}", args.quiet)

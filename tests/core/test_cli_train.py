@@ -208,9 +208,15 @@ def test_predict_case_and_cohort_folders_and_images_of_one_name(unet_model, npz,
     # writing the results into the cohort would put rater_maps.* inside each case folder
     code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1", "-o",
                          tmp_path / "cohort", "--device", "cpu"], capsys)
-    assert "the folder the image is in" in _error(code, err)
+    assert "in or beside the image's own folder" in _error(code, err)
+    # the image file given directly, into its case folder or beside it in the cohort
+    for out in (tmp_path / "cohort" / "case1", tmp_path / "cohort"):
+        code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1" / "image.png",
+                             "-o", out, "--device", "cpu"], capsys)
+        assert "in or beside the image's own folder" in _error(code, err)
     assert sorted(p.name for p in (tmp_path / "cohort" / "case1").iterdir()) == [
         "image.png", "rater1.png", "rater2.png", "rater3.png"]
+    assert sorted(p.name for p in (tmp_path / "cohort").iterdir()) == ["case0", "case1", "case2"]
     (tmp_path / "cohort" / "case0" / "image.png").unlink()
     code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case0", "-o",
                          tmp_path / "none", "--device", "cpu"], capsys)

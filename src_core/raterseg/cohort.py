@@ -258,12 +258,12 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
     from ._device import resolve_device
     from .datasets import scan_cohort
     from .io import _write_text
+    from .methods._base import _whole
 
-    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+    if not (_whole(workers) and workers >= 1):
         raise RaterSegError(f"workers: expected an integer >= 1, got {workers!r}")
     workers = int(workers)
-    if threads is not None and (isinstance(threads, bool) or int(threads) != threads
-                                or threads < 1):
+    if threads is not None and not (_whole(threads) and threads >= 1):
         raise RaterSegError(f"threads: expected an integer >= 1 or None, got {threads!r}")
     # start the worker server first: it imports torch while this process checks the arguments
     context = _context() if workers > 1 else None

@@ -201,6 +201,11 @@ def test_bad_arguments_exit_2_before_any_work(cohort, tmp_path, capsys):
         assert code == 2, (argv, err)
         assert len(err.strip().splitlines()) == 1 and match in err, err
         assert not (tmp_path / "o").exists()
+    # the API names the argument for any bad value (threads="x" was a bare ValueError)
+    for kw in ({"threads": "x"}, {"threads": float("nan")}, {"workers": "2"}, {"threads": 0}):
+        with pytest.raises(rs.RaterSegError, match=next(iter(kw))):
+            fuse_cohort(root, tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
 
 
 def test_output_inside_the_cohort_is_not_taken_for_cases(cohort, tmp_path):

@@ -81,8 +81,13 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
         return False
     if arr.dtype.kind == "f":
         from raterseg import RaterSegError
-        from raterseg.datasets import is_0_255_mask, rounded_labels
+        from raterseg.datasets import LABEL_ROUNDOFF, is_0_255_mask, rounded_labels
 
+        # a sample first: a scan (fractional values) is told apart without full-size copies
+        flat = arr.reshape(-1)
+        sample = flat[:: max(1, flat.size // 65536)]
+        if not (np.abs(sample - np.round(sample)) <= LABEL_ROUNDOFF).all():
+            return False
         try:
             arr = rounded_labels(arr, "labels")
         except RaterSegError:  # fractional or non-finite values: an image

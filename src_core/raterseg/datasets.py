@@ -222,7 +222,7 @@ def rounded_labels(arr: np.ndarray, where: str) -> np.ndarray:
         bad = ~(np.abs(arr - whole) <= LABEL_ROUNDOFF)  # NaN and inf fail the comparison
     if bad.any():
         raise RaterSegError(f"{where}: expected integer class labels, got the value "
-                            f"{arr[bad].flat[0]}")
+                            f"{arr.flat[int(np.argmax(bad))]}")
     return whole
 
 

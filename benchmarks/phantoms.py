@@ -37,7 +37,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from _common import ROOT, cpu_model
 
 PARTS = ("samples", "left_right", "cm_2d", "cm_3d")
@@ -80,18 +79,10 @@ def part_samples() -> dict:
 
 
 def half_good_half_bad(seed: int, size: int = 80):
-    """As in tests/core/test_spatial_staple.py: rater 0 is nearly perfect on the left half
-    and over-segments by 6 voxels on the right; raters 1-3 are middling everywhere (under
-    by 2, over by 2, 10 % flips)."""
+    """``synth.split_quality_case``, as tests/core/test_spatial_staple.py uses it."""
     from raterseg import synth
 
-    _, truth = synth.phantom_2d((size, size), seed=seed)
-    half = size // 2
-    a = synth.simulate_rater(truth, "good", 0.5, seed=1)
-    a[:, half:] = synth.simulate_rater(truth, "over", 6)[:, half:]
-    others = [synth.simulate_rater(truth, "under", 2), synth.simulate_rater(truth, "over", 2),
-              synth.simulate_rater(truth, "flip", 0.1, seed=6)]
-    return np.stack([a] + others), truth
+    return synth.split_quality_case(seed, size)
 
 
 def part_left_right() -> dict:

@@ -43,6 +43,7 @@ __all__ = [
     "sample_case",
     "simulate_rater",
     "simulate_raters",
+    "split_quality_case",
 ]
 
 KINDS = ("good", "over", "under", "wrong", "blank", "flip")
@@ -419,3 +420,20 @@ def load_mnist(path: str | os.PathLike, n: int | None = None,
         raise RaterSegError(f"path: expected an idx file of images (N, H, W), got shape {raw.shape}")
     images = raw.astype(np.float32) / 255.0
     return images, (images > 0.5).astype(np.int16)
+
+
+def split_quality_case(seed: int = 0, size: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D case for spatially varying rater quality (what spatial STAPLE is for): rater 0
+    is nearly perfect on the left half (boundary noise 0.5) and over-segments by 6 pixels
+    on the right; raters 1-3 are middling everywhere (under by 2, over by 2, 10 % flips).
+
+    Returns:
+        ``(raters, truth)``: int16 ``(4, size, size)`` and ``(size, size)``.
+    """
+    _, truth = phantom_2d((size, size), seed=seed)
+    half = size // 2
+    a = simulate_rater(truth, "good", 0.5, seed=1)
+    a[:, half:] = simulate_rater(truth, "over", 6)[:, half:]
+    others = [simulate_rater(truth, "under", 2), simulate_rater(truth, "over", 2),
+              simulate_rater(truth, "flip", 0.1, seed=6)]
+    return np.stack([a] + others).astype(np.int16), truth

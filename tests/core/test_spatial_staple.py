@@ -13,14 +13,8 @@ from raterseg.metrics import dice
 
 def half_good_half_bad(seed: int, size: int = 80):
     """Rater 0 is nearly perfect on the left half and over-segments by 6 voxels on the
-    right; raters 1-3 are middling everywhere (under by 2, over by 2, 10 % flips)."""
-    _, truth = synth.phantom_2d((size, size), seed=seed)
-    half = size // 2
-    a = synth.simulate_rater(truth, "good", 0.5, seed=1)
-    a[:, half:] = synth.simulate_rater(truth, "over", 6)[:, half:]
-    others = [synth.simulate_rater(truth, "under", 2), synth.simulate_rater(truth, "over", 2),
-              synth.simulate_rater(truth, "flip", 0.1, seed=6)]
-    return np.stack([a] + others), truth
+    right; raters 1-3 are middling everywhere (synth.split_quality_case)."""
+    return synth.split_quality_case(seed, size)
 
 
 @pytest.fixture(scope="module")

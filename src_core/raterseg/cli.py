@@ -283,22 +283,37 @@ def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | No
         RaterSegError: only an image in it, or several arrays that are not one rater each.
     """
     from .datasets import _as_labels
-    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, npz_headers, read_array, read_npz
+    from .io import (
+        NPZ_IMAGE_KEYS,
+        NPZ_LABEL_KEYS,
+        npz_data_keys,
+        npz_headers,
+        read_array,
+        read_npz,
+    )
 
     keys = list(read_npz(path, argname="RATER"))
     heads = npz_headers(path)
     image_key = next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
     label_keys = [k for k in NPZ_LABEL_KEYS if k in keys]
     label_key = label_keys[0] if label_keys else None
-    # side arrays (rater names, spacings, ids) are no rater
+    # side arrays (rater names, spacings, ids, an affine) are no rater
+    data = set(npz_data_keys(keys, heads)) if heads else set(keys)
     others = [k for k in keys if k not in NPZ_IMAGE_KEYS and k not in NPZ_LABEL_KEYS
-              and (k not in heads or (len(heads[k][0]) >= 2 and (
-                  np.issubdtype(heads[k][1], np.number) or heads[k][1] == bool)))]
-    if label_key is not None and (others or len(label_keys) > 1):
-        raise RaterSegError(
-            f"RATER: '{path}' holds {label_keys} and other arrays {others}: expected one "
-            f"(R, *S) array under {label_key!r}, or one array per rater with names of their "
-            f"own (not {list(NPZ_LABEL_KEYS)}); give the raters as separate files otherwise")
+              and k in data]
+    if label_key is not None:
+        # another array named like raters ('mask_bob' beside 'mask', 'seg2', 'rater_b')
+        # makes it unclear which arrays are the raters; anything else beside the raters
+        # (an image 'vol', a 'truth', an 'affine') is left alone
+        stems = {k.rstrip("s") for k in NPZ_LABEL_KEYS} | {"rater"}
+        rivals = [k for k in others if any(k.lower().startswith(t) for t in stems)]
+        if rivals or len(label_keys) > 1:
+            raise RaterSegError(
+                f"RATER: '{path}' holds {label_keys} and other rater-like arrays {rivals}: "
+                f"expected one (R, *S) array under {label_key!r}, or one array per rater "
+                f"with names of their own (not {list(NPZ_LABEL_KEYS)}); give the raters as "
+                "separate files otherwise")
+        others = []
     if label_key is None and not others:
         raise RaterSegError(f"RATER: expected raters in '{path}' (an (R, *S) array under "
                             f"'raters'), got only {keys}")
@@ -339,13 +354,23 @@ def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | No
 def _read_rater_file(path: str) -> tuple[np.ndarray, dict]:
     """One rater's labels from a file or folder; of an ``.npz``, its rater array."""
     from .datasets import _as_labels, read_labels
-    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, is_supported, read_array, read_npz
+    from .io import (
+        NPZ_IMAGE_KEYS,
+        NPZ_LABEL_KEYS,
+        is_supported,
+        npz_data_keys,
+        npz_headers,
+        read_array,
+        read_npz,
+    )
 
     p = Path(path)
     if not (p.is_file() and is_supported(p) and p.name.lower().endswith(".npz")):
         return read_labels(p)
     keys = list(read_npz(p, argname="RATER"))
-    candidates = [k for k in keys if k not in NPZ_IMAGE_KEYS]
+    heads = npz_headers(p)
+    data = set(npz_data_keys(keys, heads)) if heads else set(keys)
+    candidates = [k for k in keys if k not in NPZ_IMAGE_KEYS and k in data]  # no side arrays
     if not any(k in keys for k in NPZ_LABEL_KEYS) and len(candidates) != 1:
         raise RaterSegError(f"RATER: expected one rater in '{p}', got the arrays {keys}"
                             + ("; give it alone to fuse one rater per array" if candidates

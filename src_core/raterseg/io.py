@@ -15,7 +15,10 @@ Formats, chosen by the file name's ending:
 ``.tif``, ``.tiff``       TIFF (tifffile), axes as stored: (H, W), (D, H, W), ...;
                           RGB TIFFs (interleaved samples) as PNG colour: grey in RGB
                           reads as one channel, other colour images channels first
-                          (C, H, W); RGB in separate planes stays (C, H, W). Spacing: the
+                          (C, H, W); RGB in separate planes stays (C, H, W). Files that
+                          tifffile wrote with its defaults (any (..., 3|4) array is "RGB"
+                          there) are read as stored, except a uint8 (H, W, 3|4) read as
+                          an image (a photo). Spacing: the
                           XResolution/YResolution tags for (y, x) (cm units in mm; dpi
                           ignored; ImageJ files in their own unit, with ImageJ's z spacing).
 ``.npy``                  numpy, read with ``allow_pickle=False``.
@@ -62,6 +65,7 @@ __all__ = [
     "Case",
     "file_format",
     "is_supported",
+    "npz_data_keys",
     "npz_key",
     "read_array",
     "read_case",
@@ -97,8 +101,7 @@ def npz_key(keys: Sequence[str], *, labels: bool = False,
     ``vol`` and ``masks`` is read as its image ``vol``); with ``labels`` a label key, then
     the first array that is not an image (an archive holding ``image`` and ``raters`` is
     read as its raters). Else the first array. With ``arrays`` (each key's shape and
-    dtype), side arrays (names, spacings, ids: not numeric, or fewer than 2 dimensions)
-    are passed over while an image-like array exists.
+    dtype), side arrays (:func:`npz_data_keys`) are passed over while another exists.
 
     Raises:
         RaterSegError: ``keys`` is empty.
@@ -106,14 +109,26 @@ def npz_key(keys: Sequence[str], *, labels: bool = False,
     if not keys:
         raise RaterSegError("key: expected at least one array in the archive, got none")
     if arrays is not None:
-        usable = [k for k in keys if k in arrays and len(arrays[k][0]) >= 2
-                  and (np.issubdtype(arrays[k][1], np.number) or arrays[k][1] == bool)]
-        keys = usable or list(keys)
+        keys = npz_data_keys(keys, arrays) or list(keys)
     if labels:
         order = [*NPZ_LABEL_KEYS, *(k for k in keys if k not in NPZ_IMAGE_KEYS)]
     else:
         order = [*NPZ_IMAGE_KEYS, *(k for k in keys if k not in NPZ_LABEL_KEYS)]
     return next((k for k in order if k in keys), keys[0])
+
+
+def npz_data_keys(keys: Sequence[str],
+                  arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> list[str]:
+    """The keys that hold images or label maps rather than side data: numeric arrays of at
+    least 2 dimensions and at least 1/16 the size of the largest (names, ids, a spacing or
+    a 4×4 affine stored beside a volume are side data)."""
+    def size(k: str) -> int:
+        return int(np.prod(arrays[k][0]))
+
+    numeric = [k for k in keys if k in arrays and len(arrays[k][0]) >= 2
+               and (np.issubdtype(arrays[k][1], np.number) or arrays[k][1] == bool)]
+    largest = max((size(k) for k in numeric), default=0)
+    return [k for k in numeric if size(k) * 16 >= largest]
 
 
 def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -197,7 +212,7 @@ def read_array(path: str | os.PathLike, *, key: str | None = None, labels: bool 
         raise RaterSegError(f"{argname}: no such file '{p}'")
     if p.is_dir():
         raise RaterSegError(f"{argname}: expected a {fmt} file, got the folder '{p}'")
-    readers = {"nifti": _read_nifti, "tiff": _read_tiff, "png": _read_2d, "jpeg": _read_2d,
+    readers = {"nifti": _read_nifti, "tiff": lambda p: _read_tiff(p, labels), "png": _read_2d, "jpeg": _read_2d,
                "npy": lambda p: _read_npy(p, argname),
                "npz": lambda p: _read_npz(p, key, argname, labels)}
     try:
@@ -271,7 +286,7 @@ def _tiff_pixel_size(page, imagej: bool) -> tuple[float, float] | None:
     return sizes[0] * factor, sizes[1] * factor
 
 
-def _read_tiff(p: Path):
+def _read_tiff(p: Path, labels: bool = False):
     import tifffile
 
     with tifffile.TiffFile(str(p)) as tif:
@@ -287,13 +302,17 @@ def _read_tiff(p: Path):
             json_spacing = None
         # Interleaved colour samples (as scanners, Fiji and image editors write RGB) are
         # read as PNG colour is: grey in RGB is one channel, else channels first (C, *S).
-        # Not so a file of tifffile's own "shaped" kind, unless write_array marked it as
-        # colour: tifffile stores any array (..., 3|4) as RGB by default, and such a file
-        # is a mask or volume whose last axis happens to be 3 or 4. RGB in separate planes
-        # is left (C, H, W) as stored (tifffile writes any (3|4, H, W) array so, too).
+        # A file of tifffile's own "shaped" kind is colour only when write_array marked it
+        # so, or when an image (not labels) is read and it holds one uint8 picture
+        # (H, W, 3|4), a photo: tifffile stores any array (..., 3|4) as RGB by default,
+        # and a label file like that is a mask or volume whose last axis is 3 or 4. RGB in
+        # separate planes is left (C, H, W) as stored (tifffile writes any (3|4, H, W)
+        # array so, too).
         samples_last = (int(getattr(page, "photometric", 0) or 0) in _TIFF_COLOUR
                         and axes.endswith("S") and len(axes) == arr.ndim)
-        colour = samples_last and (tif.shaped_metadata is None or bool(shaped.get("rgb")))
+        photo = not labels and arr.ndim == 3 and arr.dtype == np.uint8 and len(tif.pages) == 1
+        colour = samples_last and (tif.shaped_metadata is None or bool(shaped.get("rgb"))
+                                   or photo)
         if colour:
             arr, meta = _colour_planes(arr)
             if json_spacing is not None:  # written for (..., C): the samples axis has none

@@ -576,6 +576,28 @@ def test_npz_of_raters_fuses_like_the_npy_stack(tmp_path, capsys):
     assert "needs the image" in _one_error_line(code, err)
 
 
+def test_npz_raters_beside_an_image_an_affine_or_a_truth(tmp_path, capsys):
+    # archives users make: the label array is the raters, the rest is left alone
+    r = _square_raters()
+    img = np.random.default_rng(0).random(r.shape[1:]).astype(np.float32)
+    cases = {"vol_seg": {"vol": img, "seg": r[0]},
+             "seg_affine": {"seg": r[0], "affine": np.eye(4)},
+             "raters_truth": {"raters": r, "truth": r[0]}}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        code, out, err = _run(["fuse", tmp_path / f"{name}.npz", "-m", "majority_vote", "-o",
+                               tmp_path / name], capsys)
+        assert code == 0, (name, err)
+        n = 3 if name == "raters_truth" else 1
+        assert f"fused {n} rater" in out, (name, out)
+    # several rater files, each with a spacing beside its mask
+    for i in range(3):
+        np.savez(tmp_path / f"r{i}.npz", data=r[i], spacing=np.array([0.5, 0.5]))
+    code, out, err = _run(["fuse", *(tmp_path / f"r{i}.npz" for i in range(3)), "-o",
+                           tmp_path / "three"], capsys)
+    assert code == 0 and "fused 3 raters" in out, err
+
+
 def test_npz_arrays_that_are_not_one_rater_each_are_refused(tmp_path, capsys):
     r = _square_raters()
     np.savez(tmp_path / "shapes.npz", alice=r[0], bob=r[1, :5])
@@ -589,7 +611,7 @@ def test_npz_arrays_that_are_not_one_rater_each_are_refused(tmp_path, capsys):
         ([tmp_path / "shapes.npz"], r"one rater each .*'alice' \(12, 10\).*'bob' \(5, 10\)"),
         ([tmp_path / "image.npz"], r"expected raters in .*image.npz.*got only \['image'\]"),
         ([tmp_path / "two.npz", tmp_path / "carol.npy"], r"one rater in .*two.npz.*alice"),
-        ([tmp_path / "mixed.npz"], r"holds \['mask'\] and other arrays \['mask_bob'\]"),
+        ([tmp_path / "mixed.npz"], r"holds \['mask'\] and other rater-like arrays \['mask_bob'\]"),
     ]:
         code, _, err = _run(["fuse", *argv, "-o", tmp_path / "o"], capsys)
         assert re.search(match, _one_error_line(code, err)), err

@@ -105,8 +105,14 @@ def test_npz_key_selection(tmp_path, rng):
     np.savez(tmp_path / "s.npz", zeta=c, alpha=a)
     # the first array that can be an image (2D or more): zeta (4,) is a side array
     np.testing.assert_array_equal(rio.read_array(tmp_path / "s.npz")[0], a)
-    np.savez(tmp_path / "t.npz", zeta=c, beta=c)
-    np.testing.assert_array_equal(rio.read_array(tmp_path / "t.npz")[0], c)  # else the first
+    np.savez(tmp_path / "t.npz", zeta=c, beta=c[::-1])
+    assert rio.read_array(tmp_path / "t.npz")[1]["key"] == "zeta"  # else the first
+    # a 4x4 affine beside a volume is side data too
+    vol = rng.random((6, 20, 20))
+    np.savez(tmp_path / "aff.npz", affine=np.eye(4), data=vol)
+    np.testing.assert_array_equal(rio.read_array(tmp_path / "aff.npz")[0], vol)
+    np.savez(tmp_path / "seg_aff.npz", seg=rng.integers(0, 2, (20, 20)), affine=np.eye(4))
+    assert rio.read_array(tmp_path / "seg_aff.npz")[1]["key"] == "seg"
     with pytest.raises(RaterSegError, match=r"key: .*did you mean 'raters'"):
         rio.read_array(tmp_path / "r.npz", key="rater")
 
@@ -572,6 +578,14 @@ def test_rgb_tiff_reads_as_png_colour_does(tmp_path, rng):
     blank = np.zeros((5, 6, 3), np.int16)
     tifffile.imwrite(tmp_path / "blank.tif", blank)
     assert ds.read_labels(tmp_path / "blank.tif")[0].shape == (5, 6, 3)
+    # an RGB photo written with tifffile (as stored: photometric RGB and a shape, exactly as
+    # a (H, W, 3) mask would be): colour when read as an image, as stored as labels
+    tifffile.imwrite(tmp_path / "photo_tf.tif", colour, photometric="rgb")
+    np.testing.assert_array_equal(ds.read_image(tmp_path / "photo_tf.tif")[0],
+                                  np.moveaxis(colour, -1, 0))
+    lab3 = rng.integers(0, 3, (10, 12, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "lab3.tif", lab3)
+    np.testing.assert_array_equal(ds.read_labels(tmp_path / "lab3.tif")[0], lab3)
     # an RGB image written by raterseg (napari's RGB layer) is colour, its spacing on (y, x)
     rio.write_array(tmp_path / "photo.tif", colour, {"rgb": True, "spacing": (0.5, 0.25)})
     with tifffile.TiffFile(tmp_path / "photo.tif") as tif:
@@ -602,9 +616,9 @@ def test_tiff_resolution_tags_give_the_in_plane_spacing(tmp_path):
         0, 255, (8, 10, 3), dtype=np.uint8), photometric="rgb", resolution=(40.0, 20.0),
         resolutionunit="CENTIMETER", metadata=None)
     assert rio.read_array(tmp_path / "c.tif")[1]["spacing"] == pytest.approx((1.0, 0.5, 0.25))
-    # the same written by tifffile's default (read as stored, (8, 10, 3)): the tags still
-    # describe y and x, the first two axes
-    tifffile.imwrite(tmp_path / "c3.tif", np.zeros((8, 10, 3), np.uint8), resolution=(40.0, 20.0),
+    # an int16 (8, 10, 3) written with tifffile's default (photometric RGB; read as stored,
+    # no photo): the tags still describe y and x, the first two axes
+    tifffile.imwrite(tmp_path / "c3.tif", np.zeros((8, 10, 3), np.int16), resolution=(40.0, 20.0),
                      resolutionunit="CENTIMETER")
     assert rio.read_array(tmp_path / "c3.tif")[1]["spacing"] == pytest.approx((0.5, 0.25, 1.0))
     # through a case folder into the NIfTI outputs

@@ -553,6 +553,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
 
     from ._device import resolve_device
     from .api import create
+    from .methods._base import silent_raters_as_nan
     from .methods._patterns import VOXEL_FIELDS, PatternHistogram, output_tables, pattern_histogram
 
     m = create(method, num_classes=num_classes, device=device, seed=seed, **params)
@@ -650,8 +651,7 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
     names = _rater_names(srcs)
     cm = fit.fields.get("rater_confusion")
     if cm is not None:  # a rater all -1 has no matrix, as in memory (unannotated_as_nan)
-        cm = np.array(cm, dtype=np.float32, copy=True)
-        cm[(pats < 0).all(axis=1)] = np.nan
+        cm = silent_raters_as_nan(cm, (pats < 0).all(axis=1))
     csv_path = out_dir / CONFUSION_FILE
     if cm is not None:  # as raterseg fuse writes it
         _write_text(csv_path, rater_confusion_csv(cm, names), "output_dir")

@@ -930,11 +930,9 @@ def _case_image(folder: Path) -> Path | None:
     Raises:
         RaterSegError: several of them.
     """
-    from .datasets import _IMAGE_STEMS, _entries, _stem
-    from .io import is_supported
+    from .datasets import _case_paths, _entries
 
-    found = [e for e in _entries(folder) if _stem(e).lower() in _IMAGE_STEMS
-             and (e.is_dir() or is_supported(e))]
+    found = _case_paths(_entries(folder))[0]
     if len(found) > 1:
         raise RaterSegError(f"IMG: expected one image in the case folder '{folder}', got "
                             f"{[e.name for e in found]}")
@@ -987,20 +985,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     _set_threads(args)
     # every image is read and checked before anything is written
     found = _predict_inputs(args.images)
-    inputs = [(p, *read_image(p, argname="IMG")) for p, _ in found]
-    for p, image, _ in inputs:
-        if not np.isfinite(image).all():
-            raise RaterSegError(f"IMG ('{p}'): contains NaN or infinite values")
-    device = resolve_device(args.device)
-    model = load_method(args.model, device=args.device)
-    batches = [_as_batch(model, image, str(p),
-                         image.shape[0] if meta.get("channels_moved_first") else None)
-               for p, image, meta in inputs]
     # one output folder per image, named by the file (or case folder); where names clash,
     # by the folder above it (a/image.nii.gz, b/image.nii.gz: a, b)
     sources = [source for _, source in found]
     names = distinct_names(sources, [_stem(q) or "image" for q in sources], sep="_")
-    for (p, _, _), name in zip(inputs, names):  # never write into an input's own folder
+    for (p, _), name in zip(found, names):  # never write into an input's own folder
         where = Path(p).resolve()
         folder = where if where.is_dir() else where.parent
         target, root = (out / name).resolve(), out.resolve()
@@ -1012,6 +1001,15 @@ def _run_predict(args: argparse.Namespace) -> int:
                 "the image's own folder, where its rater_maps/rater_estimates would read as "
                 "raters (or as a case) the next time it is fused; choose a folder apart "
                 "from the inputs")
+    inputs = [(p, *read_image(p, argname="IMG")) for p, _ in found]
+    for p, image, _ in inputs:
+        if not np.isfinite(image).all():
+            raise RaterSegError(f"IMG ('{p}'): contains NaN or infinite values")
+    device = resolve_device(args.device)
+    model = load_method(args.model, device=args.device)
+    batches = [_as_batch(model, image, str(p),
+                         image.shape[0] if meta.get("channels_moved_first") else None)
+               for p, image, meta in inputs]
     _info(f"raterseg predict: {len(inputs)} image{'s' * (len(inputs) != 1)} with a "
           f"{model.name!r} model ({model.num_classes} classes, {model.num_raters} raters), "
           f"device {device}", args.quiet)

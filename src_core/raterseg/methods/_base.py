@@ -221,16 +221,22 @@ def unannotated_as_nan(result: FusionResult, stack: RaterStack) -> FusionResult:
     """``result`` with NaN as the confusion matrix of each rater who annotated no voxel of
     the case (all -1): nothing was observed of that rater, so no matrix is defined (methods
     would otherwise report their initial value, the identity, as a perfect rater)."""
-    cm = result.rater_confusion
-    if cm is None or stack.batched:
+    if result.rater_confusion is None or stack.batched:
         return result
     R = stack.num_raters
-    silent = stack.labels.reshape(R, -1).max(axis=1) < 0
-    if silent.any():
-        cm = np.array(cm, dtype=np.float32, copy=True)
-        cm[silent] = np.nan
-        result.rater_confusion = cm
+    result.rater_confusion = silent_raters_as_nan(result.rater_confusion,
+                                                  stack.labels.reshape(R, -1).max(axis=1) < 0)
     return result
+
+
+def silent_raters_as_nan(cm: np.ndarray, silent: np.ndarray) -> np.ndarray:
+    """``cm`` ``(R, L, L)`` with NaN rows for the raters where ``silent`` ``(R,)`` is true
+    (a copy when any is; ``cm`` itself otherwise)."""
+    if not np.any(silent):
+        return cm
+    cm = np.array(cm, dtype=np.float32, copy=True)
+    cm[np.asarray(silent)] = np.nan
+    return cm
 
 
 class FusionMethod:

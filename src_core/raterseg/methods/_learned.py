@@ -47,6 +47,7 @@ from ..types import (
     TrainingEvent,
     as_rater_stack,
     check_image,
+    labels_present,
 )
 from ._base import (
     FusionMethod,
@@ -86,7 +87,7 @@ def _compact_classes(stack: RaterStack) -> tuple[np.ndarray | None, RaterStack]:
     occurs, or fewer than two do."""
     L = stack.num_classes
     lab = stack.labels
-    values = np.flatnonzero(np.bincount(lab[lab >= 0], minlength=L))
+    values = np.flatnonzero(labels_present(lab, L - 1))
     if len(values) == L or len(values) < 2:
         return None, stack
     lut = np.full(L + 1, -1, lab.dtype)  # index L: the -1 of missing labels wraps there
@@ -113,8 +114,7 @@ def _expand_classes(out: dict[str, np.ndarray], values: np.ndarray | None,
         out["rater_estimates"] = full
     cm = out.get("rater_confusion")  # (R, K, K)
     if cm is not None:
-        full = np.zeros((cm.shape[0], L, L), np.float32)
-        full[:, :, :] = np.nan
+        full = np.full((cm.shape[0], L, L), np.nan, np.float32)
         full[:, :, values] = 0.0
         full[np.ix_(np.arange(cm.shape[0]), values, values)] = cm
         out["rater_confusion"] = full

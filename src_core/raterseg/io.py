@@ -212,7 +212,8 @@ def read_array(path: str | os.PathLike, *, key: str | None = None, labels: bool 
         raise RaterSegError(f"{argname}: no such file '{p}'")
     if p.is_dir():
         raise RaterSegError(f"{argname}: expected a {fmt} file, got the folder '{p}'")
-    readers = {"nifti": _read_nifti, "tiff": lambda p: _read_tiff(p, labels), "png": _read_2d, "jpeg": _read_2d,
+    readers = {"nifti": _read_nifti, "tiff": lambda p: _read_tiff(p, labels),
+               "png": _read_2d, "jpeg": _read_2d,
                "npy": lambda p: _read_npy(p, argname),
                "npz": lambda p: _read_npz(p, key, argname, labels)}
     try:

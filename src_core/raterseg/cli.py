@@ -993,14 +993,16 @@ def _run_predict(args: argparse.Namespace) -> int:
         where = Path(p).resolve()
         folder = where if where.is_dir() else where.parent
         target, root = (out / name).resolve(), out.resolve()
-        # into the image's folder, or, for a case folder, into it or beside it in the
-        # cohort, where rater_maps.* would read as raters or the new folder as a case
-        if target == folder or (_looks_like_case(folder) and root in (folder, folder.parent)):
+        # into the image's folder, or, for a case folder, into it or into any folder that
+        # holds it (its cohort, or a cohort of sites), where rater_maps.* would read as
+        # raters or the new folder as a case
+        if target == folder or (_looks_like_case(folder)
+                                and (root == folder or root in folder.parents)):
             raise RaterSegError(
                 f"--output: the result for '{p}' would go to '{out / name}', in or beside "
-                "the image's own folder, where its rater_maps/rater_estimates would read as "
-                "raters (or as a case) the next time it is fused; choose a folder apart "
-                "from the inputs")
+                "the image's own folder or in a folder that holds it, where its "
+                "rater_maps/rater_estimates would read as raters (or as a case) the next "
+                "time it is fused; choose a folder apart from the inputs")
     inputs = [(p, *read_image(p, argname="IMG")) for p, _ in found]
     for p, image, _ in inputs:
         if not np.isfinite(image).all():

@@ -209,6 +209,12 @@ def test_predict_case_and_cohort_folders_and_images_of_one_name(unet_model, npz,
     code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1", "-o",
                          tmp_path / "cohort", "--device", "cpu"], capsys)
     assert "in or beside the image's own folder" in _error(code, err)
+    # nor into a folder further up (a cohort of sites: cohort/site/case), where the new
+    # case1/ with its rater_maps.* would be taken for a case of that folder
+    code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1", "-o",
+                         tmp_path, "--device", "cpu"], capsys)
+    assert "in or beside the image's own folder" in _error(code, err)
+    assert not (tmp_path / "case1").exists()
     # the image file given directly, into its case folder or beside it in the cohort
     for out in (tmp_path / "cohort" / "case1", tmp_path / "cohort"):
         code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case1" / "image.png",

@@ -127,6 +127,30 @@ def as_labels(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+UNANNOTATED_RGBA = (0.5, 0.5, 0.5, 0.45)  # -1 in a Labels layer: grey, mostly see-through
+
+
+def unannotated_grey(labels: np.ndarray, kwargs: dict) -> dict:
+    """``kwargs`` for a Labels layer of ``labels``, with a colormap that shows -1 (a voxel
+    the rater left unannotated; in a chunked truth, undecided) as a faint grey veil.
+
+    napari's default colormap colours -1 like any label (pink), so an unannotated region
+    would look drawn; transparent, it would look like background. Every other label keeps
+    napari's default colour (the cyclic map of 49 colours a Labels layer starts with).
+    ``kwargs`` is returned as it is when ``labels`` has no negative value."""
+    if labels.size == 0 or int(labels.min()) >= 0:
+        return kwargs
+    from napari.utils.colormaps import label_colormap
+
+    top = max(int(labels.max()), 0)
+    cyclic = label_colormap(49, 0.5, background_value=0)  # a Labels layer's default
+    rgba = cyclic.map(np.arange(1, top + 2))
+    colours = {k + 1: tuple(c) for k, c in enumerate(rgba[:-1])}
+    # labels painted later, above the largest, get one colour
+    colormap = {None: tuple(rgba[-1]), -1: UNANNOTATED_RGBA, 0: "transparent", **colours}
+    return {**kwargs, "colormap": colormap}
+
+
 def _scale(meta: dict, ndim: int) -> tuple[float, ...]:
     spacing = tuple(float(s) for s in (meta.get("spacing") or ()))
     spacing = (1.0,) * max(0, ndim - len(spacing)) + spacing
@@ -142,7 +166,8 @@ def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
                                          "metadata": {IO_META_KEY: meta}}, "image"
     kwargs = {"name": name, "scale": _scale(meta, arr.ndim), "metadata": {IO_META_KEY: meta}}
     if looks_like_labels(arr, name):
-        return as_labels(arr), kwargs, "labels"
+        labels = as_labels(arr)
+        return labels, unannotated_grey(labels, kwargs), "labels"
     return arr, kwargs, "image"
 
 
@@ -167,9 +192,10 @@ def read_files(path: Any) -> list[LayerData]:
 def _rater_layers(raters: np.ndarray, names: Sequence[str], scale: tuple[float, ...],
                   meta: dict) -> list[LayerData]:
     """One Labels layer per rater, named after the rater; ``raters`` is ``(R, *S)``."""
-    return [(raters[r], {"name": str(names[r]), "scale": scale,
-                         "metadata": {IO_META_KEY: meta, "rater": str(names[r])}}, "labels")
-            for r in range(raters.shape[0])]
+    return [(raters[r], unannotated_grey(
+                raters[r], {"name": str(names[r]), "scale": scale,
+                            "metadata": {IO_META_KEY: meta, "rater": str(names[r])}}),
+             "labels") for r in range(raters.shape[0])]
 
 
 def read_npz(path: str) -> list[LayerData]:

@@ -178,6 +178,33 @@ def test_case_folder_gives_image_and_one_layer_per_rater(tmp_path):
         assert kw["scale"] == pytest.approx((3.0, 0.8, 0.8))
 
 
+def test_unannotated_voxels_show_grey_in_the_viewer(make_napari_viewer, tmp_path):
+    """A rater file marks what the rater left out as -1; napari's default colormap would
+    paint it like a label (pink), so the region would look drawn."""
+    _, lab = _blob((6, 10, 12))
+    partial = lab.astype(np.int16) * 2  # classes 0 and 2 ...
+    partial[:, :, 6:] = -1  # ... and the right half not annotated
+    case = tmp_path / "case"
+    case.mkdir()
+    nib.save(nib.Nifti1Image(partial.T, np.eye(4)), case / "rater_ann.nii.gz")
+    nib.save(nib.Nifti1Image(lab.T, np.eye(4)), case / "rater_ben.nii.gz")
+    viewer = make_napari_viewer()
+    ann, ben = viewer.open(str(case), plugin="napari-raterseg")
+    np.testing.assert_array_equal(ann.data, partial)  # the data are unchanged
+    colours = ann.colormap.map(np.array([-1, 0, 2]))
+    assert colours[1, 3] == 0  # background: transparent
+    grey = colours[0]  # not annotated: a faint grey, neither a label colour nor background
+    assert grey[0] == grey[1] == grey[2] and 0 < grey[3] < 0.5
+    # the drawn labels keep the colour any Labels layer gives them
+    plain = viewer.add_labels(np.array([[0, 1, 2]], np.int16))
+    np.testing.assert_allclose(colours[2], plain.colormap.map(np.array([2]))[0])
+    np.testing.assert_allclose(ben.colormap.map(np.array([1])),
+                               plain.colormap.map(np.array([1])))
+    # the same for a single labels file opened on its own
+    (layer,) = viewer.open(str(case / "rater_ann.nii.gz"), plugin="napari-raterseg")
+    np.testing.assert_allclose(layer.colormap.map(np.array([-1]))[0], grey)
+
+
 def test_case_reader_declines_files_and_plain_folders(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "image.npy").write_bytes(b"")

@@ -63,8 +63,9 @@ def _stem(path: str) -> str:
     return Path(path).stem
 
 
-def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
-    """Whether an array read from a file is a label map rather than an image.
+def labels_or_none(arr: np.ndarray, name: str = "") -> np.ndarray | None:
+    """The label map in an array read from a file (as :func:`as_labels` gives it), or None
+    when the array is an image.
 
     Bool arrays are labels. Integer arrays with values in ``-1..255`` are labels when
     the file name says so (``mask``, ``label``, ``seg``, ``rater``, …) or when they hold
@@ -75,10 +76,10 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
     mask, whatever the file is called).
     """
     if arr.dtype == bool:
-        return True
+        return as_labels(arr)
     hinted = any(h in name.lower() for h in _LABEL_HINTS)
     if arr.size == 0:
-        return False
+        return None
     if arr.dtype.kind == "f":
         from raterseg import RaterSegError
         from raterseg.datasets import LABEL_ROUNDOFF, is_0_255_mask, rounded_labels
@@ -87,23 +88,24 @@ def looks_like_labels(arr: np.ndarray, name: str = "") -> bool:
         flat = arr.reshape(-1)
         sample = flat[:: max(1, flat.size // 65536)]
         if not (np.abs(sample - np.round(sample)) <= LABEL_ROUNDOFF).all():
-            return False
+            return None
         try:
-            arr = rounded_labels(arr, "labels")
+            arr = rounded_labels(arr, "labels")  # rounded once, here
         except RaterSegError:  # fractional or non-finite values: an image
-            return False
+            return None
         binary = (arr.max() == 1 and bool(((arr == 0) | (arr == 1)).all())) or is_0_255_mask(arr)
         if not (hinted or binary):
-            return False
+            return None
     elif not np.issubdtype(arr.dtype, np.integer):
-        return False
+        return None
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1 or hi > 255:
-        return False
-    if hinted:
-        return True
-    step = max(1, arr.size // 1_000_000)  # a sample is enough to see many values
-    return np.unique(arr.reshape(-1)[::step]).size <= _MAX_LABELS
+        return None
+    if not hinted:
+        step = max(1, arr.size // 1_000_000)  # a sample is enough to see many values
+        if np.unique(arr.reshape(-1)[::step]).size > _MAX_LABELS:
+            return None
+    return as_labels(arr.astype(np.int16) if arr.dtype.kind == "f" else arr)
 
 
 def as_labels(arr: np.ndarray) -> np.ndarray:
@@ -165,8 +167,8 @@ def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
                                          "scale": _scale(meta, arr.ndim - 1),
                                          "metadata": {IO_META_KEY: meta}}, "image"
     kwargs = {"name": name, "scale": _scale(meta, arr.ndim), "metadata": {IO_META_KEY: meta}}
-    if looks_like_labels(arr, name):
-        labels = as_labels(arr)
+    labels = labels_or_none(arr, name)
+    if labels is not None:
         return labels, unannotated_grey(labels, kwargs), "labels"
     return arr, kwargs, "image"
 

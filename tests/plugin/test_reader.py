@@ -223,17 +223,25 @@ def test_corrupt_file_raises_a_clear_error(tmp_path):
 
 
 def test_labels_heuristic():
-    assert rd.looks_like_labels(np.zeros((4, 4), bool))
-    assert rd.looks_like_labels(np.arange(16).reshape(4, 4) % 3)
-    assert not rd.looks_like_labels(np.arange(4096).reshape(64, 64).astype(np.int16))
-    assert not rd.looks_like_labels(np.zeros((4, 4), np.float32))
+    def labels(arr, name=""):
+        return rd.labels_or_none(arr, name) is not None
+
+    assert labels(np.zeros((4, 4), bool))
+    assert labels(np.arange(16).reshape(4, 4) % 3)
+    assert not labels(np.arange(4096).reshape(64, 64).astype(np.int16))
+    assert not labels(np.zeros((4, 4), np.float32))
     # a float file holding only 0/1 or 0/255 is a binary mask whatever its name (ITK tools)
     binary = (np.arange(16).reshape(4, 4) % 2).astype(np.float32)
-    assert rd.looks_like_labels(binary, "float1") and rd.looks_like_labels(binary * 255, "f")
-    assert not rd.looks_like_labels(binary * 2, "f") and not rd.looks_like_labels(binary + 1, "f")
+    assert labels(binary, "float1") and labels(binary * 255, "f")
+    assert not labels(binary * 2, "f") and not labels(binary + 1, "f")
     many = (np.arange(4096).reshape(64, 64) % 200).astype(np.uint8)
-    assert not rd.looks_like_labels(many, "ct")
-    assert rd.looks_like_labels(many, "liver_mask")
+    assert not labels(many, "ct")
+    assert labels(many, "liver_mask")
+    # what comes back is the label map: 0/255 as 0/1, round-off floats as whole numbers
+    np.testing.assert_array_equal(rd.labels_or_none(binary * 255, "f"), binary)
+    got = rd.labels_or_none(binary * np.float32(0.99999994), "seg")
+    assert got.dtype.kind == "i"
+    np.testing.assert_array_equal(got, binary)
 
 
 def test_rater_files_saved_as_float_or_0_255_open_as_binary_labels(make_napari_viewer, tmp_path):

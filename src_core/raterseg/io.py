@@ -414,8 +414,9 @@ def _read_npz(p: Path, key: str | None, argname: str = "path", labels: bool = Fa
     keys = list(read_npz(p, argname=argname))
     if not keys:
         raise RaterSegError(f"{argname}: expected at least one array in '{p}', got none")
-    if key is None:
-        key = npz_key(keys, labels=labels, arrays=npz_headers(p))
+    if key is None:  # the headers are read only where there is a choice to make
+        key = keys[0] if len(keys) == 1 else npz_key(keys, labels=labels,
+                                                      arrays=npz_headers(p))
     return read_npz(p, [key], argname=argname)[key], {"key": key, "keys": keys}
 
 

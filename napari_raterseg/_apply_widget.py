@@ -11,7 +11,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ._controls import RunControls, cancel_when_undocked, notify_error
+from ._controls import RunControls, cancel_when_undocked, notify_error, refresh_keeping_layer
 from ._layers import FusionInputs, add_result_layers, image_inputs, layer_kind
 from ._worker import FusionJob
 
@@ -66,7 +66,8 @@ class ApplyModelWidget(QWidget):
         cancel_when_undocked(self, self.controls)
         self.controls.done.connect(lambda _: self.controls.run_button.setEnabled(
             self.model is not None))
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+        layer_events = napari_viewer.layers.events
+        for event in (layer_events.inserted, layer_events.removed, layer_events.renamed):
             event.connect(self.reset_choices)
 
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -74,7 +75,7 @@ class ApplyModelWidget(QWidget):
                 and "method" not in (lyr.metadata or {})]
 
     def reset_choices(self, _event: Any = None) -> None:
-        self.image.reset_choices()
+        refresh_keeping_layer(self.image)
 
     def load_model(self) -> None:
         """Load the model at ``model_path``; a bad file is a notification."""

@@ -19,6 +19,18 @@ from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBox
 from ._worker import FusionJob, JobOutcome, start_job
 
 
+def refresh_keeping_layer(combo: Any) -> Any:
+    """Refresh a magicgui ComboBox of layers, keeping the chosen layer (the same object)
+    when it is still offered. magicgui matches choices by their text, so after a rename
+    (napari refreshes docked widgets then) it would drop the choice or pick another layer.
+    Returns the choice before the refresh."""
+    before = combo.value
+    combo.reset_choices()
+    if before is not None and any(before is c for c in combo.choices):
+        combo.value = before
+    return before
+
+
 def notify_error(exc: BaseException) -> None:
     """Show ``exc`` as a napari notification (never raises)."""
     from napari.utils.notifications import notification_manager, show_error

@@ -17,7 +17,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
 
-from ._controls import RunControls, cancel_when_undocked, notify_error
+from ._controls import RunControls, cancel_when_undocked, notify_error, refresh_keeping_layer
 from ._form import ParamForm
 from ._layers import FusionInputs, add_result_layers, gather_inputs, layer_kind
 from ._result_panel import ResultPanel
@@ -105,8 +105,9 @@ class FuseRatersWidget(QWidget):
         self.method.changed.connect(self._rebuild_form)
         self.controls.run_requested.connect(self.run)
         cancel_when_undocked(self, self.controls)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed,
-                      napari_viewer.layers.events.moved):
+        layer_events = napari_viewer.layers.events
+        for event in (layer_events.inserted, layer_events.removed, layer_events.moved,
+                      layer_events.renamed):
             event.connect(self.reset_choices)
         self._rebuild_form()
         self.reset_choices()
@@ -123,8 +124,7 @@ class FuseRatersWidget(QWidget):
         """Refresh the layer lists; Labels layers new to the viewer are selected as raters,
         except fusion results (which are Labels too)."""
         previous = list(self.raters.value)
-        had_image = self.image.value
-        self.image.reset_choices()
+        had_image = refresh_keeping_layer(self.image)
         self.raters.reset_choices()
         current = [lyr for _, lyr in self._rater_choices()]
         new = [lyr for lyr in current if id(lyr) not in self._known_labels

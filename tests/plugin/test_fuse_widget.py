@@ -264,3 +264,33 @@ def test_closing_the_dock_mid_run_cancels_the_job(make_napari_viewer, qtbot):
         dock.destroyOnClose()  # what the dock's "x" button does
     assert blocker.args[0].cancelled
     assert [lyr.name for lyr in viewer.layers] == names
+
+
+def test_renaming_the_chosen_image_keeps_it_chosen_in_both_docks(make_napari_viewer, qtbot):
+    """napari refreshes docked widgets' lists when a layer is renamed; matching by text,
+    the Fuse dock fell back to no image (its next run was named 'raters …' and refused
+    learned methods) and the Apply dock to another image (Predict on the wrong image)."""
+    from napari_raterseg._apply_widget import ApplyModelWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.float32), name="other image")
+    img = viewer.add_image(np.random.default_rng(0).random((16, 16), np.float32), name="img")
+    for r in range(2):
+        lab = np.zeros((16, 16), np.uint8)
+        lab[4:12, 4 + r:12] = 1
+        viewer.add_labels(lab, name=f"rater {r}")
+    fuse, apply_ = FuseRatersWidget(viewer), ApplyModelWidget(viewer)
+    viewer.window.add_dock_widget(fuse)
+    viewer.window.add_dock_widget(apply_)
+    fuse.image.value = img
+    apply_.image.value = img
+    img.name = "patient 7"
+    assert fuse.image.value is img and apply_.image.value is img
+    assert fuse.image.native.currentText() == "patient 7"
+    fuse.method.value = "majority_vote"
+    assert _run(qtbot, fuse).error is None
+    assert "patient 7 truth [majority_vote]" in viewer.layers
+    # a chosen "no image" stays so too
+    fuse.image.value = None
+    viewer.layers["rater 0"].name = "rater zero"
+    assert fuse.image.value is None

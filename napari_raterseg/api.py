@@ -8,7 +8,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._layers import add_result_layers, gather_inputs, layer_kind
@@ -25,7 +25,7 @@ def _layer(viewer: Any, layer: Any, argname: str) -> Any:
     return viewer.layers[layer]
 
 
-def fuse_layers(viewer: Any, image: Any, raters: Sequence[Any] | None = None,
+def fuse_layers(viewer: Any, image: Any, raters: Sequence[Any] | str | None = None,
                 method: str = "staple", *, device: Any = None, seed: int = 0,
                 progress: Any = None, **params: Any):
     """Fuse rater Labels layers and add the results to ``viewer`` (blocking; same layers,
@@ -34,8 +34,8 @@ def fuse_layers(viewer: Any, image: Any, raters: Sequence[Any] | None = None,
     Args:
         viewer: a napari Viewer.
         image: the Image layer (or its name), or None for classical methods.
-        raters: the rater Labels layers (or names); None takes every Labels layer that is
-            not itself a fusion result.
+        raters: the rater Labels layers (or names); one layer or one name is one rater;
+            None takes every Labels layer that is not itself a fusion result.
         method: a name from ``raterseg.available_methods()``.
         device, seed, progress, **params: as for :func:`raterseg.fuse`.
 
@@ -51,6 +51,8 @@ def fuse_layers(viewer: Any, image: Any, raters: Sequence[Any] | None = None,
     if raters is None:
         raters = [lyr for lyr in viewer.layers if layer_kind(lyr) == "labels"
                   and "method" not in (lyr.metadata or {})]
+    elif isinstance(raters, str) or not isinstance(raters, Iterable):
+        raters = [raters]  # one name or one layer (a str would be split into characters)
     rater_layers = [_layer(viewer, r, "raters") for r in raters]
     inputs = gather_inputs(image_layer, rater_layers)
     result = rs.fuse(inputs.raters, image=inputs.image, method=method, device=device, seed=seed,

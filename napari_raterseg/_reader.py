@@ -1,4 +1,4 @@
-"""Readers: NIfTI, TIFF, NPY/NPZ, case folders and the LIDC-IDRI-slices layout.
+"""Readers: NIfTI, TIFF, PNG, NPY/NPZ, case folders and the LIDC-IDRI-slices layout.
 
 Thin wrappers over :mod:`raterseg.io` / :mod:`raterseg.datasets`: they turn the
 arrays into napari layer-data tuples, the file's voxel spacing into the layers'
@@ -31,6 +31,8 @@ ReaderFunction = Callable[[Any], list[LayerData]]
 _NIFTI = (".nii", ".nii.gz")
 _TIFF = (".tif", ".tiff")
 _NUMPY = (".npy", ".npz")
+_PNG = (".png",)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _single_path(path: Any) -> str | None:
@@ -121,7 +123,8 @@ def as_labels(arr: np.ndarray) -> np.ndarray:
     from raterseg.datasets import is_0_255_mask, rounded_labels
 
     if arr.dtype == bool:
-        return arr.view(np.uint8)  # freshly read: a view is safe and saves a copy
+        # a copy, not a view: Pillow's bool arrays (1-bit PNGs) hold True as the byte 255
+        return arr.astype(np.uint8)
     if arr.dtype.kind == "f":
         arr = rounded_labels(arr, "labels").astype(np.int16)
     if is_0_255_mask(arr):
@@ -173,8 +176,30 @@ def _array_layer(arr: np.ndarray, meta: dict, name: str) -> LayerData:
     return arr, kwargs, "image"
 
 
+def _png_colours(path: str, layer: LayerData) -> LayerData:
+    """An indexed-colour (palette) PNG that is not a label map, in its colours.
+
+    The core reads a palette PNG as its colour indices (an indexed mask's classes); for a
+    photo saved with a palette (a quantised PNG) the indices would show as grey noise, so
+    it becomes an RGB(A) image as napari's own reader shows it."""
+    if layer[2] != "image" or layer[1].get("rgb"):
+        return layer
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode not in ("P", "PA"):
+            return layer
+        has_alpha = img.mode == "PA" or "transparency" in img.info or (
+            img.palette is not None and img.palette.mode == "RGBA")
+        rgb = np.array(img.convert("RGBA" if has_alpha else "RGB"))
+    kwargs = dict(layer[1], rgb=True)
+    return rgb, kwargs, "image"
+
+
 def read_files(path: Any) -> list[LayerData]:
-    """Read NIfTI / TIFF / NPY files (one layer each) and NPZ archives (see :func:`read_npz`).
+    """Read NIfTI / TIFF / PNG / NPY files (one layer each) and NPZ archives (see
+    :func:`read_npz`). A PNG mask (0/255 or 0/1) is a Labels layer (0/1), as the core
+    reads it; a photo is an image (RGB in colour).
 
     Raises:
         RaterSegError: a file that is not what its name says.
@@ -187,7 +212,10 @@ def read_files(path: Any) -> list[LayerData]:
             layers.extend(read_npz(p))
             continue
         arr, meta = read_array(p)
-        layers.append(_array_layer(arr, meta, _stem(p)))
+        layer = _array_layer(arr, meta, _stem(p))
+        if meta.get("format") == "png":
+            layer = _png_colours(p, layer)
+        layers.append(layer)
     return layers
 
 
@@ -306,6 +334,23 @@ def get_nifti_reader(path: Any) -> ReaderFunction | None:
 def get_tiff_reader(path: Any) -> ReaderFunction | None:
     """``.tif`` / ``.tiff`` files (ImageJ z-spacing becomes the layer scale)."""
     return read_files if _all_end_with(path, _TIFF) else None
+
+
+def _is_png(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def get_png_reader(path: Any) -> ReaderFunction | None:
+    """``.png`` files (2D): a mask (0/255 or 0/1, or few values) → a Labels layer, a photo or
+    scan → an image (RGB in colour). Files that do not hold a PNG are left to other
+    readers."""
+    if not _all_end_with(path, _PNG):
+        return None
+    return read_files if all(_is_png(p) for p in _paths(path)) else None
 
 
 def get_numpy_reader(path: Any) -> ReaderFunction | None:

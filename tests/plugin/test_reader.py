@@ -1,4 +1,4 @@
-"""Readers on real files: the LIDC-IDRI-slices folder, NIfTI written by nibabel, TIFF,
+"""Readers on real files: the LIDC-IDRI-slices folder, NIfTI written by nibabel, TIFF, PNG,
 NPY/NPZ and a case folder; each returns None for paths it does not handle."""
 
 from __future__ import annotations
@@ -118,6 +118,61 @@ def test_tiff_image_and_labels(tmp_path):
     data, kw, kind = layers["seg"]
     assert kind == "labels"
     np.testing.assert_array_equal(data, lab)
+
+
+# -- PNG -------------------------------------------------------------------------------
+
+
+def test_png_masks_open_as_labels_and_photos_as_images(make_napari_viewer, tmp_path):
+    # Masks saved by image tools (0/255 grey, 1-bit, 0/1) opened as Image layers (napari's
+    # own reader) could not be picked as raters; the CLI reads them as 0/1 labels.
+    from PIL import Image
+
+    from napari_raterseg.api import fuse_layers
+
+    img, lab = _blob((40, 50))
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    Image.fromarray(lab * np.uint8(255)).save(tmp_path / "a.png")
+    Image.fromarray(np.roll(lab, 2, 0).astype(bool)).save(tmp_path / "b.png")  # 1-bit
+    Image.fromarray(np.roll(lab, -2, 1)).save(tmp_path / "c.png")  # 0/1
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(photo).convert("P", palette=Image.ADAPTIVE, colors=200).save(
+        tmp_path / "indexed.png")  # a quantised photo: a palette of colours
+    viewer = make_napari_viewer()
+    layers = {}
+    for name in ("a", "b", "c", "slice", "photo", "indexed"):
+        (layer,) = viewer.open(str(tmp_path / f"{name}.png"), plugin="napari-raterseg")
+        layers[name] = layer
+    for name, expected in (("a", lab), ("b", np.roll(lab, 2, 0)), ("c", np.roll(lab, -2, 1))):
+        assert layers[name]._type_string == "labels", name
+        np.testing.assert_array_equal(layers[name].data, expected)  # 0/1, not 0/255
+    assert layers["slice"]._type_string == "image" and not layers["slice"].rgb
+    assert layers["photo"]._type_string == "image" and layers["photo"].rgb
+    np.testing.assert_array_equal(layers["photo"].data, photo)
+    indexed = layers["indexed"]  # shown in its colours, not as grey palette indices
+    assert indexed._type_string == "image" and indexed.rgb and indexed.data.shape == (40, 50, 3)
+    assert np.abs(indexed.data.astype(int) - photo).mean() < 40
+    # the masks are raters: a binary fusion, on the slice
+    res = fuse_layers(viewer, "slice", ["a", "b", "c"], "majority_vote")
+    assert res.probabilities.shape == (2, 40, 50)
+
+
+def test_png_reader_declines_what_it_cannot_read(tmp_path):
+    from PIL import Image
+
+    _, lab = _blob((8, 8))
+    Image.fromarray(lab * np.uint8(255)).save(tmp_path / "mask.png")
+    Image.fromarray(lab * np.uint8(255)).save(tmp_path / "really_a.png", format="JPEG")
+    (tmp_path / "folder.png").mkdir()
+    assert rd.get_png_reader(str(tmp_path / "mask.png")) is not None
+    assert rd.get_png_reader([str(tmp_path / "mask.png")] * 2) is not None
+    assert rd.get_png_reader(str(tmp_path / "really_a.png")) is None  # a JPEG named .png
+    assert rd.get_png_reader(str(tmp_path / "folder.png")) is None
+    assert rd.get_png_reader(str(tmp_path / "missing.png")) is None
+    assert rd.get_png_reader(str(tmp_path / "mask.jpg")) is None
+    assert rd.get_png_reader([str(tmp_path / "mask.png"), str(tmp_path / "really_a.png")]) is None
 
 
 # -- NPY / NPZ -------------------------------------------------------------------------

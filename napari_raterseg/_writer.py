@@ -1,4 +1,5 @@
-"""Writers: a Labels or Image layer to NIfTI or TIFF, atomically.
+"""Writers: a Labels or Image layer to NIfTI or TIFF, atomically; several layers at once
+to a folder of NIfTI files, one per layer (:func:`write_layers`).
 
 The file is written to a temporary name beside the target and renamed over it
 (:func:`raterseg.io.write_array`), so an interrupted save never leaves a
@@ -10,6 +11,8 @@ voxel size. Labels stay integers.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,3 +65,82 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 def write_image(path: str, data: Any, meta: dict) -> list[str]:
     """Write an Image layer to ``.nii``/``.nii.gz``/``.tif``/``.tiff`` (see :func:`write_labels`)."""
     return _write(path, data, meta, labels=False)
+
+
+_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+#: Names Windows refuses for a file, whatever its ending.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+             *(f"LPT{i}" for i in range(1, 10))}
+_MAX_NAME_BYTES = 120  # well below 255 with the ending and the temporary file's additions
+
+
+def safe_file_name(name: str) -> str:
+    """A layer name as a file name (without ending) that every common file system takes:
+    path separators, ``: * ? " < > |`` and control characters become ``_``; leading dots
+    (hidden files) and trailing dots or spaces go; Windows device names (``CON``, ...) get
+    a leading ``_``; long names are cut. Spaces and brackets stay: ``img truth [staple]``."""
+    safe = _UNSAFE_CHARS.sub("_", str(name)).strip().lstrip(".").rstrip(". ")
+    safe = safe.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", "ignore").rstrip(". ")
+    if not safe:
+        return "layer"
+    return f"_{safe}" if safe.split(".")[0].upper() in _RESERVED else safe
+
+
+def _folder_for(path: str) -> Path:
+    """The folder :func:`write_layers` writes into: ``path`` without a ``.nii.gz`` /
+    ``.nii`` ending (a folder named ``results.nii.gz`` would pass for a NIfTI file)."""
+    p = Path(path)
+    for suffix in (".nii.gz", ".nii"):
+        if p.name.lower().endswith(suffix) and len(p.name) > len(suffix):
+            return p.with_name(p.name[: -len(suffix)])
+    return p
+
+
+def write_layers(path: str, layers: list[tuple[Any, dict, str]]) -> list[str]:
+    """Write Labels and Image layers into the folder ``path`` (a ``.nii.gz`` / ``.nii``
+    ending is dropped: ``results.nii.gz`` → ``results/``), one ``.nii.gz`` per layer named
+    after the layer (:func:`safe_file_name`), each as :func:`write_labels` /
+    :func:`write_image` write it: atomically, with the geometry of the file the layer (or
+    the image it was fused from) came from. Files of the same names are replaced; other
+    files in the folder are left alone.
+
+    Args:
+        path: the folder (created if needed).
+        layers: napari layer-data tuples ``(data, meta, layer_type)``.
+
+    Returns:
+        The written file paths, in the order of ``layers``.
+
+    Raises:
+        RaterSegError: ``path`` is a file (or cannot be created or written); two layers
+            whose names give the same file name; a layer that is not Labels or Image;
+            a failed write. Everything but a failed write is checked before any file is
+            written.
+    """
+    from raterseg import RaterSegError
+    from raterseg.io import check_output_folder
+
+    folder = _folder_for(path)
+    targets: list[Path] = []
+    seen: dict[str, str] = {}
+    for _, meta, kind in layers:
+        name = str((meta or {}).get("name", ""))
+        if kind not in ("labels", "image"):
+            raise RaterSegError(f"layers: expected Labels or Image layers (saved as NIfTI), "
+                                f"got the {kind} layer '{name}'")
+        file_name = f"{safe_file_name(name)}.nii.gz"
+        key = file_name.casefold()  # 'Truth' and 'truth' are one file on macOS and Windows
+        if key in seen:
+            raise RaterSegError(f"layers: '{seen[key]}' and '{name}' would both be saved as "
+                                f"'{file_name}'; rename one of the layers")
+        seen[key] = name
+        targets.append(folder / file_name)
+    check_output_folder(folder, "path")
+    for target in targets:
+        if target.is_dir():
+            raise RaterSegError(f"path: expected '{target.name}' in '{folder}' to be a file "
+                                "(or absent), got a folder")
+    written: list[str] = []
+    for (data, meta, kind), target in zip(layers, targets):
+        written += _write(str(target), data, meta, labels=kind == "labels")
+    return written

@@ -2,7 +2,9 @@
 
 The model is read with :func:`raterseg.load` (safetensors + JSON; nothing is
 unpickled). Prediction runs in a thread worker with Cancel, like fusion, and adds
-``"<image> truth [method]"``, probability and uncertainty layers (replaced on re-run).
+``"<image> truth [<method> model]"``, probability and uncertainty layers (replaced on
+re-run; apart from the Fuse dock's ``[<method>]`` layers of the same image, so a model's
+prediction and a fusion of that case can be compared).
 """
 
 from __future__ import annotations
@@ -116,6 +118,6 @@ class ApplyModelWidget(QWidget):
                             f"{self.model.name}: predicting…")
 
     def _show(self, result: Any, inputs: FusionInputs) -> None:
-        add_result_layers(self.viewer, result, inputs)
+        add_result_layers(self.viewer, result, inputs, tag=f"{result.method} model")
         self.last_result = result
         self.controls.status.setText(f"{result.method}: done; layers added.")

@@ -38,7 +38,9 @@ class FusionInputs:
         raters: int ``(R, *S)``, a copy of the rater layers' data.
         image: float ``(*S)`` or ``(C, *S)`` (a copy), or None.
         rater_names: the rater layers' names, in order.
-        base_name: prefix of the result layers' names (the image layer's name).
+        base_name: prefix of the result layers' names: the image layer's name; without
+            an image the first rater layer's name and how many more (``"A rater 0 +2"``),
+            so that fusing another rater set does not replace these results.
         scale, translate: spatial calibration of the result layers (length ``len(S)``).
         io_meta: the geometry of the file the image (else first rater) was read from,
             passed on to the result layers so that saving them keeps it.
@@ -138,7 +140,8 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
     raters = np.stack(arrays)  # a copy: the layers are never touched
     image = None
     ref = rater_layers[0]
-    base = "raters"
+    more = len(rater_layers) - 1
+    base = f"{ref.name} +{more}" if more else ref.name
     if image_layer is not None:
         if layer_kind(image_layer) != "image":
             raise RaterSegError(
@@ -177,6 +180,8 @@ def result_layer_data(result: Any, base_name: str, method: str, *,
                       io_meta: dict | None = None,
                       axis_labels: Sequence[str] | None = None) -> list[tuple]:
     """napari layer-data tuples ``(data, kwargs, type)`` for a one-case FusionResult.
+    ``method`` is the tag in brackets (``m``): the method's name for a fusion, ``"<name>
+    model"`` for a saved model's prediction; the layers' metadata name ``result.method``.
 
     - ``"<base> truth [m]"``: Labels ``(*S)``.
     - ``"<base> probability [m]"``: Image, p(foreground) ``(*S)`` for two classes,
@@ -202,7 +207,7 @@ def result_layer_data(result: Any, base_name: str, method: str, *,
     multi, maps = result.probabilities.shape[0] > 2, result.rater_maps is not None
     first = "class / rater" if multi and maps else "class" if multi else "rater"
     lead["axis_labels"] = (first, *spatial)
-    meta = {"method": method, "params": dict(result.params)}
+    meta = {"method": result.method, "params": dict(result.params)}
     if io_meta:
         meta[IO_META_KEY] = io_meta
     out: list[tuple] = [
@@ -268,12 +273,15 @@ def add_or_replace_layers(viewer: Any, layer_data: Sequence[tuple], base_name: s
     return layers
 
 
-def add_result_layers(viewer: Any, result: Any, inputs: FusionInputs) -> list[Any]:
-    """Add (or replace) the layers of ``result``, calibrated like the input layers."""
-    data = result_layer_data(result, inputs.base_name, result.method, scale=inputs.scale,
+def add_result_layers(viewer: Any, result: Any, inputs: FusionInputs,
+                      tag: str | None = None) -> list[Any]:
+    """Add (or replace) the layers of ``result``, calibrated like the input layers, named
+    ``"<base> <kind> [<tag>]"`` (``tag``: the method's name unless given)."""
+    tag = tag or result.method
+    data = result_layer_data(result, inputs.base_name, tag, scale=inputs.scale,
                              translate=inputs.translate, io_meta=inputs.io_meta,
                              axis_labels=inputs.axis_labels)
-    return add_or_replace_layers(viewer, data, inputs.base_name, result.method)
+    return add_or_replace_layers(viewer, data, inputs.base_name, tag)
 
 
 def image_inputs(image_layer: Any) -> FusionInputs:

@@ -56,10 +56,10 @@ def test_fuse_layers_rater_maps_have_rater_axis_first(make_napari_viewer):
         noisy = np.where(rng.random(truth.shape) < 0.05, 1 - truth, truth)
         viewer.add_labels(noisy.astype(np.int16), name=f"r{r}", scale=(2.0, 2.0))
     fuse_layers(viewer, None, None, "spatial_staple", window=5)
-    maps = viewer.layers["raters rater maps [spatial_staple]"]
+    maps = viewer.layers["r0 +2 rater maps [spatial_staple]"]
     assert maps.data.shape == (3, 24, 24)
     np.testing.assert_allclose(maps.scale, (1.0, 2.0, 2.0))
-    np.testing.assert_allclose(viewer.layers["raters truth [spatial_staple]"].scale, (2.0, 2.0))
+    np.testing.assert_allclose(viewer.layers["r0 +2 truth [spatial_staple]"].scale, (2.0, 2.0))
     # the slider of the rater axis is named as such (napari's default would be "-3")
     assert viewer.dims.axis_labels[0] == "rater"
 

@@ -34,15 +34,20 @@ def test_apply_model_predicts_on_image_layer(make_napari_viewer, qtbot, saved_mo
     assert widget.model is not None
     assert widget.model_info.text() == f"{method}: 2D images, 1 channel(s), 2 classes, 2 raters"
     assert widget.image.value is layer
+    # the Fuse dock's result of the same method on this image (fused on the case itself)
+    fused = viewer.add_labels(np.ones(image.shape, np.uint8), name=f"new scan truth [{method}]",
+                              metadata={"method": method})
     with qtbot.waitSignal(widget.controls.done, timeout=60_000) as blocker:
         widget.controls.run_button.click()
     assert blocker.args[0].error is None
-    truth = viewer.layers[f"new scan truth [{method}]"]
+    # the prediction is added beside it: both can be compared (it was replaced)
+    assert viewer.layers[f"new scan truth [{method}]"] is fused and fused.data.all()
+    truth = viewer.layers[f"new scan truth [{method} model]"]
     assert truth._type_string == "labels" and truth.data.shape == image.shape
     np.testing.assert_allclose(truth.scale, (0.5, 0.5))
     expect = rs.load(path).predict(image[None])
     np.testing.assert_array_equal(truth.data, expect.truth[0])
-    assert viewer.layers[f"new scan uncertainty [{method}]"].data.shape == image.shape
+    assert viewer.layers[f"new scan uncertainty [{method} model]"].data.shape == image.shape
     np.testing.assert_array_equal(layer.data, before)
 
 
@@ -56,7 +61,7 @@ def test_apply_model_predicts_a_volume_slice_by_slice(make_napari_viewer, qtbot,
     widget.load_button.click()
     with qtbot.waitSignal(widget.controls.done, timeout=60_000):
         widget.controls.run_button.click()
-    truth = viewer.layers[f"vol truth [{method}]"].data
+    truth = viewer.layers[f"vol truth [{method} model]"].data
     assert truth.shape == volume.shape
     model = rs.load(path)
     np.testing.assert_array_equal(truth[1], model.predict(volume[1][None]).truth[0])
@@ -107,7 +112,7 @@ def test_apply_model_on_a_multichannel_image_layer(make_napari_viewer, qtbot, tm
     with qtbot.waitSignal(widget.controls.done, timeout=60_000) as blocker:
         widget.controls.run_button.click()
     assert blocker.args[0].error is None
-    truth = viewer.layers[f"two channels truth [{learned[0]}]"]
+    truth = viewer.layers[f"two channels truth [{learned[0]} model]"]
     assert truth.data.shape == (32, 32)
     np.testing.assert_allclose(truth.scale, (0.5, 0.5))
     np.testing.assert_array_equal(truth.data, model.predict(images[:1]).truth[0])

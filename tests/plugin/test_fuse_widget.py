@@ -113,9 +113,16 @@ def test_rerun_without_image_keeps_no_image_and_replaces_layers(sample_3d_viewer
     _run(qtbot, widget)
     assert widget.image.value is None
     names = [lyr.name for lyr in viewer.layers]
-    assert "raters truth [majority_vote]" in names
+    assert "rater 1 (good) +3 truth [majority_vote]" in names
     _run(qtbot, widget)
     assert [lyr.name for lyr in viewer.layers] == names
+    # another rater set fused without an image gets its own layers; the first set's stay
+    widget.raters.value = [viewer.layers[n] for n in RATERS[2:]]
+    _run(qtbot, widget)
+    assert "rater 3 (under) +1 truth [majority_vote]" in viewer.layers
+    first = viewer.layers["rater 1 (good) +3 truth [majority_vote]"].data
+    every = np.stack([viewer.layers[n].data for n in RATERS])
+    np.testing.assert_array_equal(first, rs.fuse(every, method="majority_vote").truth)
     # An image opened later is still picked up.
     new = viewer.add_image(np.zeros(SHAPE, np.float32), name="second scan")
     assert widget.image.value is new

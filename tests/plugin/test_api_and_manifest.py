@@ -20,7 +20,11 @@ def test_manifest_is_valid_and_every_command_imports():
     assert manifest.name == "napari-raterseg"
     manifest.validate_imports()  # raises if any python_name does not resolve
     contrib = manifest.contributions
-    assert len(contrib.readers) == 5 and len(contrib.writers) == 2
+    patterns = {p for r in contrib.readers for p in r.filename_patterns}
+    assert {"*.nii.gz", "*.tif", "*.tiff", "*.npy", "*.npz", "*.png"} <= patterns
+    # one writer for a Labels layer, one for an Image layer, one for several of them
+    assert sorted(tuple(w.layer_types) for w in contrib.writers) == [
+        ("image",), ("image*", "labels*"), ("labels",)]
     assert {s.key for s in contrib.sample_data} == {"phantom_2d", "phantom_3d"}
     assert {w.display_name for w in contrib.widgets} == {"Fuse raters", "Apply model"}
     # The package resource napari finds is the same file (a relative symlink).

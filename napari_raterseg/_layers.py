@@ -79,7 +79,9 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
     """Copy the arrays a fusion needs out of the layers and check that they fit together.
 
     Args:
-        image_layer: a napari Image layer of shape ``S`` (or RGB ``(*S, 3|4)``), or None.
+        image_layer: a napari Image layer of shape ``S`` (or RGB ``(*S, 3|4)``; with 3D
+            raters also ``(C, *S)``), or None. A volume with 2D raters is refused: napari
+            shows it as a volume, not as channels.
         rater_layers: napari Labels layers, all of shape ``S`` (2D or 3D).
 
     A rater layer holding only 0 and 255 (an image mask converted to labels) is fused as
@@ -149,12 +151,23 @@ def gather_inputs(image_layer: Any | None, rater_layers: Sequence[Any]) -> Fusio
                 f"{image_layer.name!r}"
             )
         img = _layer_array(image_layer, "image")
-        if getattr(image_layer, "rgb", False):
+        rgb = getattr(image_layer, "rgb", False)
+        if rgb:
             img = np.moveaxis(img, -1, 0)  # (*S, C) -> (C, *S), channels first
+        with_channels = "(C, " + ", ".join(str(n) for n in spatial) + ")"
         if img.shape[-len(spatial):] != spatial or img.ndim > len(spatial) + 1:
             raise RaterSegError(
-                f"image: expected shape {spatial} (the rater layers' shape) or (C, *{spatial}), "
-                f"got {img.shape} for image layer {image_layer.name!r}"
+                f"image: expected shape {spatial} (the rater layers' shape) or {with_channels} "
+                f"(channels first), got {img.shape} for image layer {image_layer.name!r}"
+            )
+        if not rgb and len(spatial) == 2 and img.ndim == 3:
+            # napari shows a (D, H, W) Image layer as a volume: with raters drawn on one
+            # slice, its slices would be fused as the channels of one 2D image
+            raise RaterSegError(
+                f"image: layer {image_layer.name!r} is a volume {img.shape} and the rater "
+                f"layers are 2D {spatial}; draw the raters as 3D Labels layers of shape "
+                f"{img.shape}, or pick a 2D image (a multi-channel 2D image: RGB, or "
+                "raterseg.fuse from the console)"
             )
         image = np.array(img, copy=True)
         ref = image_layer

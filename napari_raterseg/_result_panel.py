@@ -21,9 +21,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-#: Columns of the rater table: (key in raterseg.metrics.rater_table's dicts, header).
-RATER_COLUMNS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
-                 ("dice", "Dice"))
+#: Columns of the rater table: (key in raterseg.metrics.rater_table's dicts, header,
+#: tooltip); as the command line's fuse table.
+RATER_COLUMNS = (
+    ("sensitivity", "sensitivity", ("Share of the truth's foreground (any label > 0) the rater "
+                                   "labelled foreground, on the voxels it annotated")),
+    ("specificity", "specificity", ("Share of the truth's background (0) the rater labelled "
+                                   "background, on the voxels it annotated")),
+    ("dice", "Dice", ("Dice with the truth, on the voxels the rater annotated; with more than "
+                     "two classes the mean over the labels 1.. present")),
+    ("annotated", "annotated", ("Share of the voxels the rater labelled (not -1, "
+                               "unannotated); the other columns count only these")),
+)
 
 _LOW = np.array([255, 255, 255], float)
 _HIGH = np.array([8, 48, 107], float)
@@ -68,7 +77,9 @@ class ResultPanel(QWidget):
         self.title = QLabel("No result yet")
         self.title.setWordWrap(True)
         self.rater_table = QTableWidget(0, len(RATER_COLUMNS))
-        self.rater_table.setHorizontalHeaderLabels([h for _, h in RATER_COLUMNS])
+        self.rater_table.setHorizontalHeaderLabels([h for _, h, _ in RATER_COLUMNS])
+        for c, (_, _, tip) in enumerate(RATER_COLUMNS):
+            self.rater_table.horizontalHeaderItem(c).setToolTip(tip)
         self.confusion_label = QLabel("Rater confusion p(rater says i | truth j)")
         self.confusion_table = QTableWidget(0, 0)
         for table in (self.rater_table, self.confusion_table):
@@ -87,20 +98,24 @@ class ResultPanel(QWidget):
         self.confusion_table.setColumnCount(0)
 
     def show_result(self, title: str, rater_names: Sequence[str], rows: Sequence[dict],
-                    rater_confusion: np.ndarray | None) -> None:
+                    rater_confusion: np.ndarray | None, num_classes: int = 2) -> None:
         """Fill both tables.
 
         Args:
-            title: a line above the tables (method and image).
+            title: a line above the tables (method and image), followed by what the
+                rater table measures (:func:`raterseg.metrics.rater_table_caption`).
             rater_names: one name per rater (the rater layers' names).
             rows: one dict per rater with the keys of :data:`RATER_COLUMNS`.
             rater_confusion: ``(R, L, L)``, ``[r, i, j] = p(rater r says i | truth j)``, or None.
+            num_classes: the result's number of classes (what the columns measure).
         """
-        self.title.setText(f"{title}: each rater vs the fused truth")
+        from raterseg.metrics import rater_table_caption
+
+        self.title.setText(f"{title}. {rater_table_caption(num_classes)}")
         self.rater_table.setRowCount(len(rows))
         self.rater_table.setVerticalHeaderLabels(list(rater_names))
         for r, row in enumerate(rows):
-            for c, (key, _) in enumerate(RATER_COLUMNS):
+            for c, (key, _, _) in enumerate(RATER_COLUMNS):
                 self.rater_table.setItem(r, c, _item(_fmt(row.get(key, float("nan")))))
         self._show_confusion(rater_names, rater_confusion)
         for table in (self.rater_table, self.confusion_table):

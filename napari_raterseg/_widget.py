@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ._controls import RunControls, cancel_when_undocked, notify_error, refresh_keeping_layer
@@ -149,7 +150,7 @@ class FuseRatersWidget(QWidget):
             self._form_holder.removeWidget(self.form.native)
             self.form.native.setParent(None)
             self.form.native.deleteLater()
-        self.form = ParamForm(cls.params())
+        self.form = ParamForm(cls.params(), method=self.method.value)
         self._form_holder.addWidget(self.form.native)
         doc = (cls.__doc__ or "").strip().splitlines()
         kind = "learned (trains on this image)" if cls.learned else "classical"
@@ -162,6 +163,8 @@ class FuseRatersWidget(QWidget):
         Raises:
             RaterSegError: a bad selection (see :func:`gather_inputs`).
         """
+        if not self.raters.value:
+            self._refuse_masks_opened_as_images()
         inputs = gather_inputs(self.image.value, self.raters.value)
         device = None if self.device.value == "auto" else self.device.value
         job = FusionJob(inputs.raters, inputs.image, method=self.method.value,
@@ -169,6 +172,25 @@ class FuseRatersWidget(QWidget):
                         seed=int(self.seed.value),
                         summarize=lambda result: _rater_rows(inputs.raters, result))
         return job, inputs
+
+    def _refuse_masks_opened_as_images(self) -> None:
+        """With no rater selected: name the Image layers that hold masks (a PNG or TIFF mask
+        opened by napari's own reader), which the raters list cannot offer."""
+        from raterseg import RaterSegError
+
+        from ._reader import labels_or_none
+
+        masks = [lyr.name for lyr in self.viewer.layers
+                 if layer_kind(lyr) == "image" and not is_result_layer(lyr)
+                 and not getattr(lyr, "rgb", False) and not getattr(lyr, "multiscale", False)
+                 and labels_or_none(np.asarray(lyr.data), lyr.name) is not None]
+        if masks:
+            listing = ", ".join(repr(n) for n in masks)
+            raise RaterSegError(
+                "raters: expected at least one Labels layer, got none selected; "
+                f"{listing} {'holds' if len(masks) == 1 else 'hold'} label values but "
+                f"{'is an Image layer' if len(masks) == 1 else 'are Image layers'}: "
+                "right-click in the layer list and choose 'Convert to Labels'")
 
     def run(self) -> None:
         """Start fusing the selected layers (returns at once; results arrive later)."""
@@ -190,5 +212,5 @@ class FuseRatersWidget(QWidget):
         add_result_layers(self.viewer, result, inputs)
         self.last_result = result
         self.results.show_result(f"{result.method} on {inputs.base_name}", inputs.rater_names,
-                                 rows, result.rater_confusion)
+                                 rows, result.rater_confusion, result.num_classes)
         self.controls.status.setText(f"{result.method}: done; layers added.")

@@ -187,14 +187,6 @@ def _rater_rows(raters: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]
     return rater_table(raters, truth)
 
 
-def _rater_table_title(num_classes: int) -> str:
-    """What :func:`_rater_rows`' columns measure, in the table's title."""
-    if num_classes <= 2:
-        return "Each rater against the fused truth (label 1 vs 0):"
-    return (f"Each rater against the fused truth (sensitivity and specificity: any label > 0 "
-            f"vs 0; Dice: mean over labels 1..{num_classes - 1}, those present):")
-
-
 def _add_threads(p) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (torch.set_num_threads: torch's intra-op threads, which "
@@ -477,6 +469,7 @@ def _run_fuse(args: argparse.Namespace) -> int:
 
     from ._device import resolve_device
     from .io import write_result
+    from .metrics import rater_table_caption
     from .types import as_rater_stack, check_image
 
     params = _parse_sets(args.params)
@@ -511,11 +504,11 @@ def _run_fuse(args: argparse.Namespace) -> int:
     rows = []
     for name, row in zip(names, _rater_rows(raters, res.truth)):
         rows.append([name, _fmt(row.get("sensitivity")), _fmt(row.get("specificity")),
-                     _fmt(row.get("dice"))])
+                     _fmt(row.get("dice")), _fmt(row.get("annotated"))])
     print(f"{args.method}: fused {len(names)} rater{'s' * (len(names) != 1)} ({res.num_classes} classes, shape "
           f"{tuple(res.truth.shape)}) in {seconds:.2f} s")
-    print(_rater_table_title(res.num_classes))
-    print(_table(rows, ["rater", "sensitivity", "specificity", "Dice"]))
+    print(rater_table_caption(res.num_classes))
+    print(_table(rows, ["rater", "sensitivity", "specificity", "Dice", "annotated"]))
     print(f"wrote {', '.join(p.name for p in written.values())} to {Path(args.output)}/")
     return 0
 

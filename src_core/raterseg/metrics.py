@@ -343,6 +343,17 @@ def entropy_mae(prob_a, prob_b, axis: int | None = None, batched: bool = False) 
     return float(np.mean(np.abs(ha - hb)))
 
 
+def rater_table_caption(num_classes: int) -> str:
+    """What :func:`rater_table`'s columns measure, for a table's title (the CLI's and the
+    napari dock's)."""
+    if num_classes <= 2:
+        what = "label 1 vs 0"
+    else:
+        what = (f"sensitivity and specificity: any label > 0 vs 0; Dice: mean over labels "
+                f"1..{num_classes - 1}, those present")
+    return f"Each rater against the fused truth, on the voxels it annotated ({what}):"
+
+
 def rater_table(raters, truth, num_classes: int | None = None) -> list[dict[str, Any]]:
     """Each rater against a truth: one dict per rater.
 

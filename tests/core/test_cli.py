@@ -700,6 +700,18 @@ def test_rater_table_title_says_what_is_measured(tmp_path, capsys):
     code, out, err = _run(["fuse", tmp_path / "b.npy", "-m", "mean", "-o", tmp_path / "p", "-q"],
                           capsys)
     assert code == 0 and "(label 1 vs 0)" in out and "mean over" not in out
+    # a rater who left a quarter unannotated shows it: its other numbers are 1.000 too
+    part = (raters > 0).astype(np.int16)
+    part[1, :, 6:] = -1
+    np.save(tmp_path / "c.npy", part)
+    code, out, err = _run(["fuse", tmp_path / "c.npy", "-m", "majority_vote", "-o",
+                           tmp_path / "q", "-q"], capsys)
+    assert code == 0, err
+    header = next(ln for ln in out.splitlines() if ln.startswith("rater "))
+    assert header.split()[-1] == "annotated"
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("rater")}
+    assert rows["rater2"] == ["1.000", "1.000", "1.000", "0.750"], out
+    assert rows["rater1"][-1] == "1.000"
 
 
 def test_messages_name_the_command_line_options(case_dir, tmp_path, capsys):

@@ -301,3 +301,62 @@ def test_renaming_the_chosen_image_keeps_it_chosen_in_both_docks(make_napari_vie
     fuse.image.value = None
     viewer.layers["rater 0"].name = "rater zero"
     assert fuse.image.value is None
+
+
+def _not_started(widget, notifications) -> str:
+    """Press Run on a selection that is refused; the message the user sees."""
+    widget.controls.run_button.click()
+    assert not widget.controls.busy
+    errors = [n for n in notifications if n.severity == "error"]
+    assert errors and widget.controls.status.text().startswith("Not started")
+    return str(errors[-1].message)
+
+
+def test_refused_selections_say_what_to_do(make_napari_viewer, notifications):
+    viewer = make_napari_viewer()
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    # masks opened by napari's own PNG/TIFF reader are Image layers: the raters list is empty
+    viewer.add_image(np.random.default_rng(0).random((16, 16)), name="slice")
+    viewer.add_image(mask, name="mask a")
+    viewer.add_image(np.roll(mask, 1, 0), name="mask b")
+    widget = FuseRatersWidget(viewer)
+    assert widget.raters.value == []
+    msg = _not_started(widget, notifications)
+    assert "'mask a', 'mask b'" in msg and "Convert to Labels" in msg and "slice" not in msg
+    # a volume with raters drawn on one 2D slice: its slices are not fused as channels
+    vol = viewer.add_image(np.zeros((8, 16, 16), np.float32), name="ct")
+    rater = viewer.add_labels((mask > 0).astype(np.uint8), name="slice rater")
+    widget.image.value, widget.raters.value = vol, [rater]
+    msg = _not_started(widget, notifications)
+    assert "'ct' is a volume (8, 16, 16)" in msg and "3D Labels layers" in msg
+    # an image that fits in no way: the shapes a user would recognise
+    rater3d = viewer.add_labels(np.zeros((4, 16, 16), np.uint8), name="rater 3d")
+    widget.image.value = viewer.layers["slice"]
+    widget.raters.value = [rater3d]
+    msg = _not_started(widget, notifications)
+    assert "(4, 16, 16) (the rater layers' shape) or (C, 4, 16, 16)" in msg
+    assert not any("truth" in lyr.name for lyr in viewer.layers)
+
+
+def test_rater_table_shows_how_much_each_rater_annotated(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    full = np.zeros((16, 16), np.int16)
+    full[4:12, 4:12] = 1
+    partial = full.copy()
+    partial[:, 12:] = -1  # the right quarter not annotated; the rest agrees with the truth
+    for name, lab in (("full", full), ("partial", partial), ("third", full)):
+        viewer.add_labels(lab, name=name)
+    widget = FuseRatersWidget(viewer)
+    widget.method.value = "majority_vote"
+    assert _run(qtbot, widget).error is None
+    table = widget.results.rater_table
+    heads = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    assert heads == ["sensitivity", "specificity", "Dice", "annotated"]
+    rows = {table.verticalHeaderItem(r).text(): [table.item(r, c).text()
+                                                 for c in range(table.columnCount())]
+            for r in range(table.rowCount())}
+    assert rows["full"] == ["1.000", "1.000", "1.000", "1.000"]
+    assert rows["partial"] == ["1.000", "1.000", "1.000", "0.750"]
+    assert "on the voxels it annotated" in widget.results.title.text()
+    assert "-1" in table.horizontalHeaderItem(3).toolTip()

@@ -13,7 +13,6 @@ while typing); other values go to the core, which checks them the same way.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 _BIG = 10**9
@@ -53,29 +52,21 @@ def parse_float(info: Any, text: str, method: str | None = None) -> float | None
     """The float a float field's ``text`` stands for; None for an empty optional field.
 
     Raises:
-        RaterSegError: not a finite number, or outside the parameter's ``low``/``high``;
-            the message names the parameter (and ``method`` when given).
+        RaterSegError: not a finite number, or outside the parameter's ``low``/``high``
+            (the core's check, :func:`raterseg.methods._base.coerce_param`); the message
+            names the parameter (and ``method`` when given).
     """
     from raterseg import RaterSegError
+    from raterseg.methods._base import coerce_param
 
-    where = f"{info.name} (parameter of {method!r})" if method else info.name
     text = str(text).strip()
     if not text:
         if info.default is None:
             return None
+        where = f"{info.name} (parameter of {method!r})" if method else info.name
         raise RaterSegError(f"{where}: expected a number (default {float_text(info.default)}), "
                             "got an empty field")
-    try:
-        value = float(text)
-    except ValueError:
-        raise RaterSegError(f"{where}: expected a number such as 0.001 or 1e-4, "
-                            f"got {text!r}") from None
-    if not math.isfinite(value):
-        raise RaterSegError(f"{where}: expected a finite number, got {text!r}")
-    if (info.low is not None and value < info.low) or \
-            (info.high is not None and value > info.high):
-        raise RaterSegError(f"{where}: expected a value {_range_text(info)}, got {text}")
-    return value
+    return coerce_param(info, text, method)
 
 
 def make_param_widget(info: Any):

@@ -120,6 +120,15 @@ def test_unknown_parameter_suggests_closest():
     assert msg.endswith("did you mean 'lr'?")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "-inf"])
+def test_a_float_parameter_must_be_finite(value):
+    # NaN fails every comparison, so it passed the range check: staple(tolerance=nan) never
+    # stopped early, cm(lr=nan) trained a network of NaNs
+    _expect_error(lambda: rs.create("staple", tolerance=value), "tolerance",
+                  match="expected a finite number")
+    _expect_error(lambda: rs.create("cm", lr=value), "lr", match="expected a finite number")
+
+
 def test_parameter_value_outside_its_choices():
     raters = _raters()
     msg = _expect_error(lambda: rs.fuse(raters, method="majority_vote", tie="lowset"), "tie",

@@ -64,9 +64,14 @@ def config_params(cfg_cls) -> list[ParamInfo]:
     return out
 
 
-def _coerce(info: ParamInfo, value: Any, method: str) -> Any:
-    """Convert ``value`` (possibly a CLI string) to the field's type and check it."""
-    where = f"{info.name} (parameter of {method!r})"
+def coerce_param(info: ParamInfo, value: Any, method: str | None) -> Any:
+    """Convert ``value`` (possibly a CLI or form string) to the field's type and check it:
+    its type, choices, ``low``/``high``, and that a float is finite (NaN passed every range).
+
+    Raises:
+        RaterSegError: naming the parameter (and ``method`` when given).
+    """
+    where = f"{info.name} (parameter of {method!r})" if method else info.name
     t = info.type
     try:
         if isinstance(value, str) and t is not str:
@@ -100,6 +105,8 @@ def _coerce(info: ParamInfo, value: Any, method: str) -> Any:
         raise RaterSegError(
             f"{where}: expected {t.__name__}, got {value!r} ({type(value).__name__})"
         ) from None
+    if t is float and not np.isfinite(value):
+        raise RaterSegError(f"{where}: expected a finite number, got {value!r}")
     if info.choices is not None and value not in info.choices:
         raise RaterSegError(
             f"{where}: expected one of {list(info.choices)}, got {value!r}"
@@ -121,7 +128,7 @@ def make_config(cfg_cls, method: str, params: dict[str, Any]):
                 f"{key}: not a parameter of method {method!r}; expected one of "
                 f"{sorted(infos) or 'none'}{suggest(key, infos)}"
             )
-    values = {k: _coerce(infos[k], v, method) for k, v in params.items()}
+    values = {k: coerce_param(infos[k], v, method) for k, v in params.items()}
     return cfg_cls(**values)
 
 

@@ -790,7 +790,7 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
                             f"got the folder '{args.output}'")
     # checked on every process before training (rank 0 creates the folder only at the end)
     _check_output_folder(out.absolute().parent)
-    images, raters, ids = load_training_set(args.data)
+    images, raters, ids, rater_names = load_training_set(args.data)
     top = int(raters.max()) if raters.size else 0
     if args.num_classes is not None and top >= args.num_classes:  # before any progress line
         raise RaterSegError(f"DATA: expected labels in 0..{args.num_classes - 1} (--num-classes "
@@ -813,6 +813,7 @@ def _train_and_save(args: argparse.Namespace, device) -> int:
     except OSError as exc:
         raise RaterSegError(f"--output: cannot create the folder '{out.parent}' "
                             f"({exc.strerror or exc})") from None
+    method.rater_names_ = rater_names  # predict names the raters' outputs after them
     method.save(out)
     _distributed.barrier()
     history = getattr(method, "history_", [])
@@ -1014,7 +1015,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         for i, ((_, _, meta), (batch, slices), name) in enumerate(zip(inputs, batches, names)):
             t0 = time.perf_counter()
             res = _predict_one(model, batch, slices)
-            write_result(out / name, res, meta)
+            write_result(out / name, res, meta, rater_names=model.rater_names_)
             fg = float((res.truth > 0).mean())
             rows.append([name, "x".join(map(str, res.truth.shape)), f"{fg:.4f}",
                          f"{float(res.uncertainty.mean()):.4f}",

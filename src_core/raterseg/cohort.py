@@ -424,15 +424,17 @@ def summary_csv(rows: list[dict]) -> str:
 # -- stacking a cohort for training ----------------------------------------------------
 
 
-def load_training_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_training_set(path: str | os.PathLike
+                      ) -> tuple[np.ndarray, np.ndarray, list[str], list[str] | None]:
     """Images and raters for ``fit`` from an ``.npz`` dataset or a cohort folder.
 
     A cohort's raters are matched across cases by name (``rater1`` is the same person in
     every case); a rater absent from a case is a map of -1 there.
 
     Returns:
-        ``(images, raters, ids)``: ``images`` ``(N, C, *S)`` (npz: as stored, ``(N, *S)``
-        allowed), ``raters`` int ``(N, R, *S)``, ``ids`` N case names.
+        ``(images, raters, ids, rater_names)``: ``images`` ``(N, C, *S)`` (npz: as stored,
+        ``(N, *S)`` allowed), ``raters`` int ``(N, R, *S)``, ``ids`` N case names,
+        ``rater_names`` the R raters' names of a cohort folder (None for an ``.npz``).
 
     Raises:
         RaterSegError: not an ``.npz`` file or a folder, a case without an image, cases
@@ -447,7 +449,7 @@ def load_training_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
         ds = load_npz_dataset(p, argname="DATA")
         ids = [str(i) for i in ds.ids] if ds.ids is not None else \
             [f"case{i}" for i in range(ds.raters.shape[0])]
-        return ds.images, ds.raters, ids
+        return ds.images, ds.raters, ids, None
     cases = []
     for case in iter_cohort(p):
         if case.image is None:
@@ -476,4 +478,4 @@ def load_training_set(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
         for r, n in enumerate(c.rater_names):
             raters[i, index[n]] = c.raters[r]
     images = np.stack([img for _, img in cases])
-    return images, raters, [c.name for c, _ in cases]
+    return images, raters, [c.name for c, _ in cases], names

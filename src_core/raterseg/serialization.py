@@ -6,7 +6,8 @@ a JSON header, raw tensor bytes). The header's ``__metadata__`` holds one entry,
 version, the method's registered name, its configuration, ``seed``, and the fitted
 facts (``num_classes``, ``num_raters``, ``in_channels``, ``data_ndim``, ``class_values``:
 the labels the network outputs when some never occurred in training, else null,
-``history``), and
+``rater_names``: the raters' names when training knew them (``raterseg train`` on a
+cohort folder), else null, ``history``), and
 the SHA-256 of the weights, checked on loading (corrupted bytes under an intact header).
 Any safetensors reader can open it; ``python -m json.tool`` can show the config.
 

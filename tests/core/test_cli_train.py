@@ -101,7 +101,8 @@ def test_train_cohort_folder_with_cm_and_predict_rater_maps(tmp_path, capsys):
         image, raters, _ = synth.sample_case(dims=2, num_raters=2 + (i > 0), seed=i,
                                              shape=(32, 32))
         for r in range(raters.shape[0]):
-            rio.write_array(tmp_path / "c" / f"case{i}" / f"rater{r + 1}.nii.gz", raters[r])
+            name = ("alice", "bob", "carol")[r]
+            rio.write_array(tmp_path / "c" / f"case{i}" / f"rater_{name}.nii.gz", raters[r])
         rio.write_array(tmp_path / "c" / f"case{i}" / "image.nii.gz", image)
     code, _, err = _run(["train", tmp_path / "c", "-m", "cm", *TINY, "-o",
                            tmp_path / "cm.safetensors"], capsys)
@@ -114,7 +115,14 @@ def test_train_cohort_folder_with_cm_and_predict_rater_maps(tmp_path, capsys):
     assert code == 0, err
     maps, _ = rio.read_array(tmp_path / "p" / "image" / "rater_maps.nii.gz")
     assert maps.shape == (3, 32, 32) and 0 <= maps.min() and maps.max() <= 1
-    assert (tmp_path / "p" / "image" / "rater_confusion.csv").read_text().count("\n") == 1 + 3 * 4
+    table = (tmp_path / "p" / "image" / "rater_confusion.csv").read_text()
+    assert table.count("\n") == 1 + 3 * 4
+    # the raters keep the names train matched them by (they were rater1..3)
+    assert [ln.split(",")[0] for ln in table.splitlines()[1::4]] == [
+        "rater_alice", "rater_bob", "rater_carol"]
+    summary = json.loads((tmp_path / "p" / "image" / "summary.json").read_text())
+    assert summary["rater_names"] == ["rater_alice", "rater_bob", "rater_carol"]
+    assert m.rater_names_ == ["rater_alice", "rater_bob", "rater_carol"]
 
 
 def test_train_lidc_masks_key_with_progress(npz, tmp_path, capsys):

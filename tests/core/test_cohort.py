@@ -219,9 +219,9 @@ def test_output_inside_the_cohort_is_not_taken_for_cases(cohort, tmp_path):
 def test_load_training_set_matches_raters_by_name(tmp_path):
     _write_cohort(tmp_path / "a", [(2, (16, 16), 3), (2, (16, 16), 2)])
     (tmp_path / "a" / "case2" / "rater2.nii.gz").rename(tmp_path / "a" / "case2" / "rater3.nii.gz")
-    images, raters, ids = load_training_set(tmp_path / "a")
+    images, raters, ids, names = load_training_set(tmp_path / "a")
     assert ids == ["case1", "case2"] and images.shape == (2, 1, 16, 16)
-    assert raters.shape == (2, 3, 16, 16)
+    assert raters.shape == (2, 3, 16, 16) and names == ["rater1", "rater2", "rater3"]
     assert (raters[1, 1] == -1).all() and (raters[1, 2] >= 0).all()  # rater2 absent in case2
     case2 = rio.read_case(tmp_path / "a" / "case2")
     np.testing.assert_array_equal(raters[1, 2], case2.raters[1])

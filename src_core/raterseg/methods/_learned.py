@@ -248,6 +248,7 @@ class LearnedMethod(FusionMethod):
         self.num_classes, self.num_raters = L, R
         self.in_channels_, self.data_ndim_ = C, len(stack.spatial_shape)
         self.history_ = history
+        self.rater_names_ = None  # names of the raters trained on: set by whoever knows them
         self.network_ = network
 
     def _run_training(self, network, samples, device, *,
@@ -394,11 +395,18 @@ class LearnedMethod(FusionMethod):
         return {"num_classes": self.num_classes, "num_raters": self.num_raters,
                 "in_channels": self.in_channels_, "data_ndim": self.data_ndim_,
                 "class_values": None if values is None else [int(v) for v in values],
+                "rater_names": getattr(self, "rater_names_", None),
                 "history": self.history_}
 
     def _restore(self, meta: dict[str, Any], tensors: dict) -> None:
         values = meta.get("class_values")
         L = int(meta["num_classes"])
+        names = meta.get("rater_names")
+        if names is not None and (not isinstance(names, list) or len(names) != int(
+                meta["num_raters"]) or not all(isinstance(n, str) for n in names)):
+            raise RaterSegError(f"path: the model's rater_names {names!r} are not "
+                                f"{meta['num_raters']} names")
+        self.rater_names_ = names
         if values is not None:
             values = np.asarray(values, dtype=np.int64)
             if values.ndim != 1 or len(values) < 2 or np.any(np.diff(values) <= 0) or \

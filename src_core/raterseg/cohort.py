@@ -88,11 +88,26 @@ def _input_changes(old: list, new: list[dict]) -> str:
     return f"inputs changed ({', '.join(items[:5])}{more})"
 
 
+def _given(method: str, params: dict) -> dict:
+    """``params`` less the entries at ``method``'s default (compared as JSON values, so a
+    marker's ``[3, 3]`` is the default ``(3, 3)``); ``params`` itself for an unknown method."""
+    import raterseg as rs
+
+    from .io import _jsonable
+
+    try:
+        defaults = {i.name: _jsonable(i.default) for i in rs.get_method(method).params()}
+    except RaterSegError:
+        return params
+    return {k: v for k, v in params.items() if k not in defaults or defaults[k] != _jsonable(v)}
+
+
 def _earlier_result(case_out: Path, method: str, params: dict, settings: dict,
                     inputs: list[dict], force: bool = False) -> tuple[dict | None, str | None]:
     """What ``case_out`` already holds, from its marker (read once).
 
     Args:
+        params: the parameters given, less those at their default.
         inputs: the case's input files now (:func:`_inputs`).
         force: never report a finished result as done.
 
@@ -116,12 +131,14 @@ def _earlier_result(case_out: Path, method: str, params: dict, settings: dict,
     if not isinstance(row, dict) or row.get("status") != "fused":
         return None, None
     old_params, old_settings = row.get("params") or {}, row.get("settings") or {}
+    if isinstance(old_params, dict):  # earlier versions recorded parameters at their default
+        old_params = _given(str(row.get("method")), old_params)
     text = str(row.get("method"))
     if old_params:
         text += f" {json.dumps(old_params, sort_keys=True)}"
     changed = [f"{k} {old_settings.get(k)}" for k in sorted(settings)
                if old_settings.get(k) != settings.get(k)]
-    same_run = row.get("method") == method and row.get("params") == _jsonable(params) \
+    same_run = row.get("method") == method and old_params == _jsonable(params) \
         and row.get("settings") == settings
     old_inputs = row.get("inputs")
     if not isinstance(old_inputs, list):
@@ -289,7 +306,9 @@ def fuse_cohort(cohort_dir: str | os.PathLike, out_dir: str | os.PathLike, metho
                 "error": why} for d, why in not_cases
                if outside(d) and not (d.resolve() in inside.parents)]
     settings = {"num_classes": num_classes, "seed": seed}
-    params = {k: v for k, v in m.params_dict.items() if k in params}  # coerced values
+    # the parameters given, coerced, less those given at their default: '--set
+    # max_iterations=10000' is the run without it, and a result of either is reused
+    params = _given(method, {k: v for k, v in m.params_dict.items() if k in params})
     rows: dict[str, dict] = {}
     todo: list[tuple[Path, str]] = []
     replaced: dict[str, str] = {}  # case: the result this run overwrites, and why

@@ -108,6 +108,16 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(cohort, fused, tm
     assert [r["case"] for r in rows if r["status"] == "fused"] == ["case2", "case5"]
     assert (out / "case5" / "uncertainty.nii.gz").is_file()
     assert (out / "case1" / "truth.nii.gz").stat().st_mtime_ns == mtimes["case1"]
+    # a parameter given at its default is the same run: nothing redone (it redid every case)
+    rows = fuse_cohort(root, out, "staple", max_iterations=10000, tolerance="0")
+    assert [r["status"] for r in rows] == ["skipped"] * len(names)
+    for n in names:  # a marker that recorded a default (earlier versions did) matches too
+        marker = json.loads((out / n / MARKER).read_text())
+        marker["params"] = {"max_iterations": 10000}
+        (out / n / MARKER).write_text(json.dumps(marker))
+    rows = fuse_cohort(root, out, "staple")
+    assert [r["status"] for r in rows] == ["skipped"] * len(names)
+    assert (out / "case1" / "truth.nii.gz").stat().st_mtime_ns == mtimes["case1"]
     # another method or parameter is not "finished": everything is redone
     rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
     assert [r["status"] for r in rows] == ["fused"] * len(names)

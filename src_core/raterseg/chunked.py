@@ -666,8 +666,8 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
             "num_raters": R, "raters": [s.name for s in srcs], "rater_names": names,
             "format": output_format, "source": nifti.name if output_format == "nii" else None,
             "spacing": _spacing(nifti, len(shape)) if nifti is not None else None,
-            "class_voxels": {str(k if k < L else -1): int(v)
-                             for k, v in enumerate(class_voxels) if v},
+            "class_voxels": {str(k if k < L else -1): int(v)  # every class; -1 if any
+                             for k, v in enumerate(class_voxels) if v or k < L},
             "files": {k: f"{k}{ext}" for k in OUTPUT_NAMES},
             "rater_confusion": None if cm is None else _jsonable(cm),  # NaN as null
             "history": fit.fields.get("history", [])}

@@ -726,6 +726,10 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
         _write_text(written["rater_confusion"], rater_confusion_csv(cm, names), "outdir")
     truth = np.asarray(result.truth)
     labels, counts = np.unique(truth, return_counts=True)
+    # every class, 0 where none was fused (a script reads class_voxels["2"] of each case);
+    # -1 (undecided) only where some voxel is
+    class_voxels = dict.fromkeys(range(int(result.probabilities.shape[0])), 0)
+    class_voxels.update((int(k), int(v)) for k, v in zip(labels, counts))
     summary = {
         "method": result.method,
         "params": result.params,
@@ -733,7 +737,7 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
         "spatial_shape": list(truth.shape),
         "source": (meta or {}).get("path"),  # the file whose geometry the outputs carry
         "spacing": (meta or {}).get("spacing"),
-        "class_voxels": {int(k): int(v) for k, v in zip(labels, counts)},
+        "class_voxels": class_voxels,
         "rater_names": names,
         "rater_confusion": cm,
         "history": result.history,

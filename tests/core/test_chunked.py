@@ -578,4 +578,9 @@ def test_fusion_json_counts_undecided_voxels_and_names_raters_like_fuse(tmp_path
     labels, counts = np.unique(ref.truth, return_counts=True)
     assert -1 in labels
     assert meta["class_voxels"] == {str(k): int(v) for k, v in zip(labels, counts)}
+    # a class no voxel was fused to is listed with 0, as raterseg fuse lists it
+    rs.fuse_chunked(paths, tmp_path / "three", method="majority_vote", num_classes=3,
+                    chunk_voxels=5000)
+    three = json.loads((tmp_path / "three" / "fusion.json").read_text())["class_voxels"]
+    assert three["2"] == 0 and sum(three.values()) == ref.truth.size
     assert meta["rater_names"] == ["alice", "bob"]

@@ -219,6 +219,12 @@ def test_write_result_files_geometry_and_summary(tmp_path, rng):
     np.testing.assert_allclose(summary["rater_confusion"], res.rater_confusion, rtol=1e-6)
     assert summary["class_voxels"] == {"0": int((res.truth == 0).sum()),
                                        "1": int((res.truth == 1).sum())}
+    # a class the fusion never chose is listed with 0 voxels (it was left out: a KeyError
+    # for a script reading each case's class volumes)
+    three = rs.fuse(res.truth[None], method="majority_vote", num_classes=3)
+    counts = json.loads(rio.write_result(tmp_path / "three", three)["summary"].read_text())
+    counts = counts["class_voxels"]
+    assert counts == {"0": int((res.truth == 0).sum()), "1": int((res.truth == 1).sum()), "2": 0}
     lines = written["rater_confusion"].read_text().splitlines()
     assert lines[0] == "rater,said,true,probability" and len(lines) == 1 + 3 * 2 * 2
     assert _leftovers(tmp_path / "out") == []

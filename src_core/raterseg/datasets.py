@@ -111,21 +111,30 @@ def _stem(path: Path) -> str:
 
 def distinct_names(paths: Sequence[str | os.PathLike], names: list[str],
                     sep: str = "/") -> list[str]:
-    """``names`` (one per path) made distinct: names that several paths share become their
+    """``names`` (one per path) made distinct: names that several files share become their
     parent folder's name (alice/mask.nii.gz, bob/mask.nii.gz: alice, bob), else
-    ``parent<sep>name``, else get a number (``name_2``)."""
+    ``parent<sep>name``, else the same with more of the folders above (site A and B's
+    case00/image.nii.gz: ``A<sep>case00``), else get a number (``name_2``). A folder (a
+    case folder, named by itself) always keeps its name after its parents': site A/case00
+    and B/case00 are ``A<sep>case00``, ``B<sep>case00`` (A and B would name whole sites)."""
     def shared(ns: list[str]) -> set[str]:
         return {n for n in ns if ns.count(n) > 1}
 
     clash = shared(names)
     if not clash:
         return list(names)
-    parents = [Path(os.path.abspath(p)).parent.name for p in paths]
-    for make in (lambda n, parent: parent, lambda n, parent: f"{parent}{sep}{n}"):
-        trial = [make(n, parent) if n in clash and parent else n
-                 for n, parent in zip(names, parents)]
-        if not shared(trial):
-            return trial
+    above = [Path(os.path.abspath(p)).parent.parts[1:] for p in paths]  # folder names
+    folders = [Path(p).is_dir() for p in paths]
+
+    def trial(depth: int, with_name: bool) -> list[str]:
+        return [sep.join([*up[-depth:], *([n] if with_name or folder else [])])
+                if n in clash and up else n for n, up, folder in zip(names, above, folders)]
+
+    for depth in (1, 2, 3):
+        for with_name in (False, True):
+            names_tried = trial(depth, with_name)
+            if not shared(names_tried):
+                return names_tried
     out: list[str] = []
     for n in names:
         name, k = n, 2

@@ -675,7 +675,7 @@ def test_raters_sharing_a_file_name_are_named_by_their_folders(case_dir, capsys)
     assert summary["rater_names"] == ["alice", "bob", "carol"]
 
 
-def test_distinct_names():
+def test_distinct_names(tmp_path):
     from raterseg.datasets import distinct_names as _distinct_names
 
     assert _distinct_names(["a/x.nii", "b/y.nii"], ["x", "y"]) == ["x", "y"]
@@ -685,6 +685,15 @@ def test_distinct_names():
         ["a/m", "b/m", "a"]
     # one folder: numbered
     assert _distinct_names(["a/m.nii", "a/m.nii.gz"], ["m", "m"], sep="_") == ["m", "m_2"]
+    # case folders of two sites sharing a case name keep it (the site alone named one case)
+    cases = [tmp_path / "A" / "case00", tmp_path / "A" / "case01", tmp_path / "B" / "case00"]
+    for c in cases:
+        c.mkdir(parents=True)
+    assert _distinct_names(cases, ["case00", "case01", "case00"], sep="_") == \
+        ["A_case00", "case01", "B_case00"]
+    # their images: the case folder's name clashes too, so the site's is added
+    images = [c / "image.nii.gz" for c in (cases[0], cases[2])]
+    assert _distinct_names(images, ["image", "image"], sep="_") == ["A_case00", "B_case00"]
 
 
 def test_rater_table_title_says_what_is_measured(tmp_path, capsys):

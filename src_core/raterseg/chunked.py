@@ -202,7 +202,8 @@ def _source_from_path(path: Path, where: str) -> list[_Source]:
             raise RaterSegError(f"{where}: {path} is not a NIfTI image")
         return [_NiftiSource(img, str(path))]
     raise RaterSegError(
-        f"{where}: expected .npy or .nii/.nii.gz files for chunked fusion, got {path.name!r}")
+        f"{where}: expected .npy or .nii/.nii.gz files for chunked fusion, got "
+        f"{'the folder' if path.is_dir() else 'the file'} '{path}'")
 
 
 def _open_raters(raters: Any) -> list[_Source]:

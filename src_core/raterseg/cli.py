@@ -513,6 +513,24 @@ def _run_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chunked_case_raters(folder: Path) -> list[Path]:
+    """The rater files of a case folder, for ``fuse CASE_FOLDER --chunked`` (its image is
+    not needed: chunked fusion runs classical methods).
+
+    Raises:
+        RaterSegError: no rater files, or raters stored as folders of slices.
+    """
+    from .datasets import _case_paths, _entries
+
+    raters = _case_paths(_entries(folder))[1]
+    if not raters or any(r.is_dir() for r in raters):
+        how = "raters stored as folders of slices" if raters else "no rater* files"
+        raise RaterSegError(
+            f"RATER: --chunked reads one file per rater (.nii, .nii.gz or .npy); the case "
+            f"folder '{folder}' has {how}")
+    return raters
+
+
 def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
     """``raterseg fuse --chunked``: :func:`raterseg.fuse_chunked` on the rater files."""
     import raterseg as rs
@@ -526,6 +544,8 @@ def _run_fuse_chunked(args: argparse.Namespace, params: dict[str, str]) -> int:
         raise RaterSegError(f"--chunk-voxels: expected a positive number of voxels, got "
                             f"{args.chunk_voxels}")
     paths = args.raters[0] if len(args.raters) == 1 else list(args.raters)
+    if len(args.raters) == 1 and Path(paths).is_dir():
+        paths = _chunked_case_raters(Path(paths))
     _info(f"raterseg fuse --chunked: method {args.method}, writing to {Path(args.output)}/",
           args.quiet)
     chunk_voxels = CHUNK_VOXELS if args.chunk_voxels is None else args.chunk_voxels

@@ -132,6 +132,22 @@ def test_fuse_case_folder_and_python_m(case_dir):
     assert "raterseg fuse: 3 raters" in out.stderr
 
 
+def test_fuse_case_folder_chunked(case_dir, capsys):
+    # the case-folder form of fuse works in slabs too (it was refused as "got 'case03'")
+    folder, raters = case_dir
+    code, _, err = _run(["fuse", folder, "--chunked", "-m", "staple", "-o", folder / "slabs",
+                           "-q"], capsys)
+    assert code == 0, err
+    truth, meta = rio.read_array(folder / "slabs" / "truth.nii")
+    np.testing.assert_array_equal(truth, rs.fuse(raters, method="staple").truth)
+    assert meta["spacing"] == pytest.approx(SPACING)  # the raters' geometry
+    summary = json.loads((folder / "slabs" / "fusion.json").read_text())
+    assert summary["rater_names"] == ["rater1", "rater2", "rater3"]
+    (folder / "empty").mkdir()
+    code, _, err = _run(["fuse", folder / "empty", "--chunked", "-o", folder / "x"], capsys)
+    assert code == 2 and "has no rater* files" in err and str(folder / "empty") in err
+
+
 @pytest.mark.parametrize("method", rs.available_methods(learned=False))
 def test_fuse_every_classical_method(tmp_path, capsys, method):
     raters = np.zeros((3, 12, 12), np.int16)

@@ -1138,7 +1138,25 @@ def _run_fuse_dir(args: argparse.Namespace) -> int:
     print(f"{args.method}: {count['fused']} fused, {count['skipped']} already done, "
           f"{count['failed']} failed, of {cases} case{'s' * (cases != 1)}{ignored} in "
           f"{seconds:.1f} s; per-rater statistics in {Path(args.output) / 'summary.csv'}")
+    _warn_mixed_classes(rows)
     return 1 if count["failed"] else 0
+
+
+def _warn_mixed_classes(rows: list[dict]) -> None:
+    """Say on stderr when a cohort's cases were fused with different numbers of classes:
+    without --num-classes each case has its largest label + 1, so a lesion-free case gets
+    2-class outputs beside 3-class ones (train takes the cohort's largest label)."""
+    classes = {r["case"]: int(r["classes"]) for r in rows
+               if r["status"] in ("fused", "skipped") and r.get("classes") is not None}
+    if len(set(classes.values())) < 2:
+        return
+    top = max(classes.values())
+    fewer = [c for c, n in classes.items() if n < top]
+    listing = ", ".join(fewer[:5]) + (f" and {len(fewer) - 5} more" if len(fewer) > 5 else "")
+    print(f"raterseg fuse-dir: note: {len(fewer)} case{'s' * (len(fewer) != 1)} ({listing}) "
+          f"had fewer classes than the {top} of the others, so their probability maps and "
+          f"confusion matrices have fewer classes too; pass --num-classes {top} for one layout",
+          file=sys.stderr, flush=True)
 
 
 # -- entry point -----------------------------------------------------------------------

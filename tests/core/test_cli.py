@@ -792,3 +792,26 @@ def test_threads_option(case_dir, capsys, monkeypatch):
     for command in ("fuse", "fuse-dir", "train", "predict", "demo"):
         assert main([command, "--help"]) == 0
         assert "--threads N" in capsys.readouterr().out, command
+
+
+def test_fuse_dir_says_when_cases_have_fewer_classes(tmp_path, capsys):
+    # a case where nobody drew class 2 gets 2-class outputs beside 3-class ones (the default
+    # is per case); the run says so and how to get one layout
+    for i in range(3):
+        lab = np.zeros((3, 6, 8, 8), np.int16)
+        lab[:, 1:5, 2:6, 2:6] = 1
+        if i != 1:
+            lab[:, 2:4, 3:5, 3:5] = 2
+        for r in range(3):
+            rio.write_array(tmp_path / "c" / f"case{i}" / f"rater{r + 1}.nii.gz", lab[r])
+    code, _, err = _run(["fuse-dir", tmp_path / "c", "-m", "majority_vote", "-o",
+                         tmp_path / "o", "-q"], capsys)
+    assert code == 0
+    assert "1 case (case1) had fewer classes than the 3" in err and "--num-classes 3" in err
+    probs = [rio.read_array(tmp_path / "o" / f"case{i}" / "probabilities.nii.gz")[0].shape[0]
+             for i in range(3)]
+    assert probs == [3, 2, 3]
+    code, _, err = _run(["fuse-dir", tmp_path / "c", "-m", "majority_vote", "-o",
+                         tmp_path / "o3", "-q", "--num-classes", "3"], capsys)
+    assert code == 0 and "fewer classes" not in err
+    assert rio.read_array(tmp_path / "o3" / "case1" / "probabilities.nii.gz")[0].shape[0] == 3

@@ -150,8 +150,31 @@ def _earlier_result(case_out: Path, method: str, params: dict, settings: dict,
             return None, f"{text}, redo forced"
         files = row.get("files") or []
         complete = bool(files) and all((case_out / f).is_file() for f in files)
+        other = _result_written_since(case_out, method, params)
+        if complete and other:  # e.g. 'raterseg fuse CASE -m mean -o OUT/case'
+            return None, f"{text}, result since rewritten by {other}"
         return (row if complete else None), None
     return None, ", ".join([text, *changed])
+
+
+def _result_written_since(case_out: Path, method: str, params: dict) -> str | None:
+    """The method (and parameters) of the result in ``case_out`` when its summary.json is
+    not the one fuse-dir wrote for ``method`` with ``params``: a result fused there by hand
+    afterwards keeps fuse-dir's marker and, writing the same files, would pass as done."""
+    from .io import _jsonable
+
+    try:
+        summary = json.loads((case_out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no summary to compare: the file check decides
+    if not isinstance(summary, dict):
+        return None
+    theirs = summary.get("params") if isinstance(summary.get("params"), dict) else {}
+    theirs = _given(str(summary.get("method")), theirs)
+    if summary.get("method") == method and _jsonable(theirs) == _jsonable(params):
+        return None
+    shown = f" {json.dumps(theirs, sort_keys=True)}" if theirs else ""
+    return f"{summary.get('method')}{shown}"
 
 
 def _fuse_one(case_dir: str, name: str, out_dir: str, method: str, params: dict,

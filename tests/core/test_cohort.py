@@ -118,6 +118,15 @@ def test_rerun_skips_finished_cases_and_redoes_incomplete_ones(cohort, fused, tm
     rows = fuse_cohort(root, out, "staple")
     assert [r["status"] for r in rows] == ["skipped"] * len(names)
     assert (out / "case1" / "truth.nii.gz").stat().st_mtime_ns == mtimes["case1"]
+    # a case fused there again by hand with another method keeps the marker and the same
+    # file names: it is not taken for the staple result (it was skipped, summary.csv said
+    # staple of mean's files)
+    rio.write_result(out / "case1", rs.fuse(data["case1"], method="mean"))
+    rows = fuse_cohort(root, out, "staple")
+    assert [(r["case"], r.get("replaced")) for r in rows if r["status"] == "fused"] == [
+        ("case1", "staple, result since rewritten by mean")]
+    summary = json.loads((out / "case1" / "summary.json").read_text())
+    assert summary["method"] == "staple"
     # another method or parameter is not "finished": everything is redone
     rows = fuse_cohort(root, out, "majority_vote", tie="undecided")
     assert [r["status"] for r in rows] == ["fused"] * len(names)

@@ -376,8 +376,10 @@ def _match_image(image: np.ndarray, raters: np.ndarray, where: str) -> np.ndarra
             and image.shape != S:
         raters, S = raters[:, 0], S[1:]
     if image.shape != S and image.shape[1:] != S:
-        raise RaterSegError(f"image ('{where}'): expected shape {S} or (C, *{S}) to match the "
-                            f"raters, got {image.shape}")
+        channels = "(C, " + ", ".join(str(n) for n in S) + ")"
+        raise RaterSegError(f"image ('{where}'): expected shape {S} or {channels} to match the "
+                            f"raters, got {image.shape} (array order: a NIfTI file's (x, y, z) "
+                            "is read as (z, y, x))")
     return raters
 
 

@@ -177,7 +177,7 @@ def test_fuse_every_classical_method(tmp_path, capsys, method):
     (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "staple", "--set", "device=cpu",
                 "-o", d / "o"], "--set: device is set with the option --device"),
     (lambda d: ["fuse", d / "rater1.nii.gz", "--image", d / "small.npy", "-m", "mean",
-                "-o", d / "o"], r"image \('.*small.npy'\): expected shape \(5, 9, 11\).*\(4, 4\)"),
+                "-o", d / "o"], r"image \('.*small.npy'\): expected shape \(5, 9, 11\) or \(C, 5, 9, 11\).*\(4, 4\)"),
     (lambda d: ["fuse", d / "rater1.nii.gz", d / "small.npy", "-m", "mean", "-o", d / "o"],
      "raters: expected every rater's labels to have the same shape"),
     (lambda d: ["fuse", d / "rater1.nii.gz", "-m", "mean", "--num-classes", "1", "-o", d / "o"],

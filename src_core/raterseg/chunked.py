@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import check_same_grid, only_0_255, rounded_labels
-from .io import _jsonable, _write_text, check_output_folder, rater_confusion_csv
+from .io import CHUNKED_META, _jsonable, _write_text, check_output_folder, rater_confusion_csv
 from .types import (
     GREY_LEVEL_MAX,
     MISSING,
@@ -60,7 +60,7 @@ CHUNK_VOXELS = 1 << 23
 OUTPUT_NAMES = ("truth", "probabilities", "uncertainty", "disagreement")
 #: Output formats: file ending of each array.
 FORMATS = {"npy": ".npy", "nii": ".nii"}
-META_FILE = "fusion.json"
+META_FILE = CHUNKED_META
 #: Each rater's confusion matrix against the fused truth, in raterseg fuse's CSV layout.
 CONFUSION_FILE = "rater_confusion.csv"
 
@@ -577,6 +577,10 @@ def fuse_chunked(raters: Any, output_dir: str | os.PathLike, method: str = "stap
         raise RaterSegError("output_format: 'nii' needs 3D NIfTI raters (their geometry is "
                             f"copied); got {'shape ' + str(shape) if nifti else 'no NIfTI rater'}")
     _check_not_outputs(srcs, out_dir)
+    if (out_dir / "summary.json").is_file():  # raterseg.io.write_result's
+        raise RaterSegError(
+            f"output_dir: '{out_dir}' holds a result of raterseg fuse (summary.json); write "
+            "the chunked result to another folder, or remove that one first (the two would mix)")
     check_same_grid([(s.name, {"affine": s.affine}) for s in srcs if isinstance(s, _NiftiSource)],
                     "raters")
     R = len(srcs)

@@ -673,6 +673,11 @@ def rater_confusion_csv(cm: Any, names: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+#: The description file of a chunked result (:func:`raterseg.fuse_chunked`), which
+#: :func:`write_result` (``summary.json``) never writes beside.
+CHUNKED_META = "fusion.json"
+
+
 def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | None = None,
                  prefix: str = "", *, rater_names: list[str] | None = None,
                  suffix: str = ".nii.gz") -> dict[str, Path]:
@@ -694,19 +699,26 @@ def write_result(outdir: str | os.PathLike, result: FusionResult, meta: dict | N
     Writing into a folder that holds an earlier result replaces it: files of the same
     ``prefix`` and ``suffix`` that this result does not have (an earlier method's
     ``rater_maps``, say) are removed, so two results of the same prefix and suffix never
-    mix (a result written with another suffix, e.g. ``.tif``, is left as it is).
+    mix (a result written with another suffix, e.g. ``.tif``, is left as it is). A folder
+    holding a chunked result (:data:`CHUNKED_META`) is refused: the two would share
+    ``rater_confusion.csv`` and leave two methods' arrays side by side.
 
     Returns:
         ``{name: path}`` of every file written.
 
     Raises:
-        RaterSegError: ``outdir`` is a file, ``rater_names`` does not give one name per
-            rater, the arrays are in NIfTI's (x, y, z) order rather than ``meta``'s file's
-            (z, y, x) (checked before anything is written), or a write failed.
+        RaterSegError: ``outdir`` is a file or holds a chunked result, ``rater_names``
+            does not give one name per rater, the arrays are in NIfTI's (x, y, z) order
+            rather than ``meta``'s file's (z, y, x) (checked before anything is written),
+            or a write failed.
     """
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise RaterSegError(f"outdir: expected a folder, got the file '{out}'")
+    if (out / CHUNKED_META).is_file():
+        raise RaterSegError(
+            f"outdir: '{out}' holds a chunked fusion result ({CHUNKED_META}); write this one "
+            "to another folder, or remove that result first (the two would mix)")
     cm = result.rater_confusion
     n_r = next((a.shape[0] for a in (cm, result.rater_maps, result.rater_estimates)
                 if a is not None), None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import raterseg as rs
+from raterseg import io as rio
 from raterseg import synth
 
 FIELDS = ("truth", "probabilities", "uncertainty", "disagreement", "rater_confusion")
@@ -584,3 +585,18 @@ def test_fusion_json_counts_undecided_voxels_and_names_raters_like_fuse(tmp_path
     three = json.loads((tmp_path / "three" / "fusion.json").read_text())["class_voxels"]
     assert three["2"] == 0 and sum(three.values()) == ref.truth.size
     assert meta["rater_names"] == ["alice", "bob"]
+
+
+def test_in_memory_and_chunked_results_never_share_a_folder(tmp_path):
+    # both write rater_confusion.csv (and truth.nii vs truth.nii.gz): the second overwrote
+    # the first's CSV while the first's summary.json still pointed at it
+    raters = _raters_3d(missing=False)
+    rio.write_result(tmp_path / "mem", rs.fuse(raters, method="staple"))
+    before = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    with pytest.raises(rs.RaterSegError, match="output_dir: .*holds a result of raterseg fuse"):
+        rs.fuse_chunked(raters, tmp_path / "mem", method="majority_vote")
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == before
+    rs.fuse_chunked(raters, tmp_path / "slabs", method="majority_vote")
+    with pytest.raises(rs.RaterSegError, match="outdir: .*holds a chunked fusion result"):
+        rio.write_result(tmp_path / "slabs", rs.fuse(raters, method="staple"))
+    assert not (tmp_path / "slabs" / "summary.json").exists()

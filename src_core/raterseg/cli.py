@@ -962,7 +962,7 @@ def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
     Raises:
         RaterSegError: a folder holding rater files but no image.
     """
-    from .datasets import _entries
+    from .datasets import _entries, _looks_like_case
 
     inputs: list[tuple[Path, Path]] = []
     for g in map(Path, given):
@@ -980,6 +980,11 @@ def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
                      if n.is_dir() and (i := _case_image(n)) is not None]
         if cases:
             inputs.extend(cases)
+            found = {e for _, e in cases}
+            for e in subs:  # a case that lost its image is named, not silently left out
+                if e not in found and _looks_like_case(e):
+                    print(f"raterseg predict: case folder '{e}' left out: it holds rater "
+                          "files but no image (image.*)", file=sys.stderr, flush=True)
         elif any(e.name.lower().startswith("rater") for e in _entries(g)):
             raise RaterSegError(f"IMG: '{g}' holds rater files but no image (image.*): "
                                 "predict segments the image of a case folder")

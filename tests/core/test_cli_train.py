@@ -235,6 +235,12 @@ def test_predict_case_and_cohort_folders_and_images_of_one_name(unet_model, npz,
     code, _, err = _run(["predict", unet_model, tmp_path / "cohort" / "case0", "-o",
                          tmp_path / "none", "--device", "cpu"], capsys)
     assert "holds rater files but no image" in _error(code, err)
+    # in a cohort the other cases are segmented and the one left out is named (it was not)
+    code, _, err = _run(["predict", unet_model, tmp_path / "cohort", "-o", tmp_path / "rest",
+                         "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "rest").iterdir()) == ["case1", "case2"]
+    assert "case0' left out: it holds rater files but no image" in err
 
 
 def test_train_npz_mistakes_name_data(tmp_path, capsys):

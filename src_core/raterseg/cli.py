@@ -265,6 +265,16 @@ def _split_stack(labels: np.ndarray) -> np.ndarray:
     return np.stack([r // 255 if is_0_255_mask(r) else r for r in labels])
 
 
+def _npz_contents(path: Path) -> tuple[list[str], set[str]]:
+    """An ``.npz``'s array names, and those that hold data: rater names, spacings, ids or
+    an affine stored beside (:func:`raterseg.io.npz_data_keys`) are no rater."""
+    from .io import npz_data_keys, npz_headers, read_npz
+
+    keys = list(read_npz(path, argname="RATER"))
+    heads = npz_headers(path)
+    return keys, set(npz_data_keys(keys, heads)) if heads else set(keys)
+
+
 def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | None, dict]:
     """(raters, names, image or None, meta) from one ``.npz`` given alone: the (R, *S) array
     under a rater key (``raters``, ``labels``, ``masks``, ...) as R raters, as for ``.npy``;
@@ -275,22 +285,12 @@ def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | No
         RaterSegError: only an image in it, or several arrays that are not one rater each.
     """
     from .datasets import _as_labels
-    from .io import (
-        NPZ_IMAGE_KEYS,
-        NPZ_LABEL_KEYS,
-        npz_data_keys,
-        npz_headers,
-        read_array,
-        read_npz,
-    )
+    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, read_array, read_npz
 
-    keys = list(read_npz(path, argname="RATER"))
-    heads = npz_headers(path)
+    keys, data = _npz_contents(path)
     image_key = next((k for k in NPZ_IMAGE_KEYS if k in keys), None)
     label_keys = [k for k in NPZ_LABEL_KEYS if k in keys]
     label_key = label_keys[0] if label_keys else None
-    # side arrays (rater names, spacings, ids, an affine) are no rater
-    data = set(npz_data_keys(keys, heads)) if heads else set(keys)
     others = [k for k in keys if k not in NPZ_IMAGE_KEYS and k not in NPZ_LABEL_KEYS
               and k in data]
     if label_key is not None:
@@ -346,22 +346,12 @@ def _read_npz_raters(path: Path) -> tuple[np.ndarray, list[str], np.ndarray | No
 def _read_rater_file(path: str) -> tuple[np.ndarray, dict]:
     """One rater's labels from a file or folder; of an ``.npz``, its rater array."""
     from .datasets import _as_labels, read_labels
-    from .io import (
-        NPZ_IMAGE_KEYS,
-        NPZ_LABEL_KEYS,
-        is_supported,
-        npz_data_keys,
-        npz_headers,
-        read_array,
-        read_npz,
-    )
+    from .io import NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, is_supported, read_array
 
     p = Path(path)
     if not (p.is_file() and is_supported(p) and p.name.lower().endswith(".npz")):
         return read_labels(p)
-    keys = list(read_npz(p, argname="RATER"))
-    heads = npz_headers(p)
-    data = set(npz_data_keys(keys, heads)) if heads else set(keys)
+    keys, data = _npz_contents(p)
     candidates = [k for k in keys if k not in NPZ_IMAGE_KEYS and k in data]  # no side arrays
     if not any(k in keys for k in NPZ_LABEL_KEYS) and len(candidates) != 1:
         raise RaterSegError(f"RATER: expected one rater in '{p}', got the arrays {keys}"
@@ -985,7 +975,7 @@ def _predict_inputs(given: Sequence[str]) -> list[tuple[Path, Path]]:
                 if e not in found and _looks_like_case(e):
                     print(f"raterseg predict: case folder '{e}' left out: it holds rater "
                           "files but no image (image.*)", file=sys.stderr, flush=True)
-        elif any(e.name.lower().startswith("rater") for e in _entries(g)):
+        elif _looks_like_case(g):
             raise RaterSegError(f"IMG: '{g}' holds rater files but no image (image.*): "
                                 "predict segments the image of a case folder")
         else:

@@ -383,6 +383,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
         axes_reversed,
         check_same_grid,
         distinct_names,
+        outputs_geometry,
         read_case,
         read_image,
     )
@@ -445,11 +446,7 @@ def _read_inputs(paths: list[str], image_path: str | None):
                                 f"match the raters, got {image.shape} ({AXES_HINT})")
         raters = _match_image(image, raters, image_path)
         check_same_grid([(str(paths[0]), rater_meta), (image_path, image_meta)], "--image")
-        meta = image_meta
-        if image_meta.get("affine") is None and rater_meta.get("affine") is not None:
-            # an image without geometry (TIFF, .npy, PNG): the outputs keep the raters'
-            spatial = raters.ndim - 1
-            meta = {**rater_meta, "spacing": tuple(rater_meta["spacing"])[-spatial:]}
+        meta = outputs_geometry(image_meta, rater_meta, raters.ndim - 1)
     _note_axis_order(items, tuple(raters.shape[1:]))
     return raters, names, image, meta
 

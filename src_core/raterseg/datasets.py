@@ -202,13 +202,6 @@ def _as_labels(arr: np.ndarray, meta: dict, argname: str) -> np.ndarray:
     return _integer_labels(arr, where)
 
 
-def whole_numbers(arr: np.ndarray) -> bool:
-    """Whether every value of a float array is exactly a finite whole number (labels saved
-    as float). Label files are read with :func:`rounded_labels`, which also takes values
-    a float round-off away from a whole number."""
-    return bool(np.isfinite(arr).all() and (arr == np.round(arr)).all())
-
-
 #: Label files: a float value this close to a whole number is that number. Scaled or float
 #: files hold labels up to float round-off: a uint8 0/255 mask with ``scl_slope`` 1/255
 #: reads as 1.0000000591 (the slope is stored as float32), a float32 label 0.99999994.
@@ -390,6 +383,17 @@ def _is_lidc_nodule(p: Path) -> bool:
     return (p / "images").is_dir() and any(p.glob("mask-*"))
 
 
+def outputs_geometry(image_meta: dict, rater_meta: dict, ndim: int) -> dict:
+    """The ``meta`` whose geometry a case's outputs carry: the image's, unless its file has
+    none (TIFF, .npy, PNG) and the raters' (NIfTI) has; then the raters' affine and header
+    (the image's would be 1 mm at the origin), with the spacing of the ``ndim`` spatial
+    axes and the image's path as ``image_path``."""
+    if image_meta.get("affine") is not None or rater_meta.get("affine") is None:
+        return image_meta
+    return {**rater_meta, "image_path": image_meta.get("path"),
+            "spacing": tuple(rater_meta["spacing"])[-ndim:]}
+
+
 def read_case(folder: str | os.PathLike) -> Case:
     """Read a case folder (layout in the module docstring); an LIDC nodule folder works too.
 
@@ -422,12 +426,7 @@ def read_case(folder: str | os.PathLike) -> Case:
         raters = _match_image(image, raters, str(image_paths[0]))
         check_same_grid([(str(rater_paths[0]), metas[0]), (str(image_paths[0]), image_meta)],
                         "image")
-        if image_meta.get("affine") is None and metas[0].get("affine") is not None:
-            # an image without geometry (TIFF, .npy, PNG) and NIfTI raters: the outputs
-            # keep the raters' affine and header (the image's would be 1 mm at the origin)
-            meta["image_path"] = image_meta["path"]
-        else:
-            meta = image_meta
+        meta = outputs_geometry(image_meta, meta, raters.ndim - 1)
     meta["rater_paths"] = [str(e) for e in rater_paths]
     return Case(image=image, raters=raters, rater_names=names, meta=meta, name=p.name)
 

@@ -236,10 +236,9 @@ def read_npz(path: str) -> list[LayerData]:
     ``lidc_dev.npz``; each rater layer is then ``(N, *S)``, cases stacked like slices).
     Any other array becomes its own image or labels layer.
     """
-    from raterseg.io import read_array
+    from raterseg.io import read_array, read_npz
 
-    _, first = read_array(path)
-    keys = list(first.get("keys", []))
+    keys = list(read_npz(path))  # the names only (reading the first array for them read it twice)
     arrays = {k: read_array(path, key=k) for k in keys}
     stem = _stem(path)
     image_key = next((k for k in ("images", "image") if k in arrays), None)
@@ -251,7 +250,8 @@ def read_npz(path: str) -> list[LayerData]:
         if raters.dtype.kind == "f":
             from raterseg.datasets import rounded_labels
 
-            raters = rounded_labels(raters, f"{rater_key} ('{path}')")
+            # rounded here, for a message that names the array; as_labels then gets integers
+            raters = rounded_labels(raters, f"{rater_key} ('{path}')").astype(np.int16)
         raters = as_labels(raters)
         img = arrays[image_key][0] if image_key else None
         if img is not None and raters.ndim == img.ndim + 1 and raters.shape[2:] == img.shape[1:] \
